@@ -1,0 +1,75 @@
+"""The data and statistics assets materialize in-process with a real Dagster instance."""
+
+import dagster as dg
+import pytest
+
+from prism_assets import data, definitions, stats
+from resources.io_managers import ParquetIOManager, read_bundle
+
+ASSETS = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
+
+
+def _resources(tmp_path, source):
+    return {"prism_source": data.PrismSource(source=source, synthetic_users=300, synthetic_seed=3,
+                                             synthetic_dir=str(tmp_path / "synthetic")),
+            "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets"))}
+
+
+def _metadata(result, asset):
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    return event.materialization.metadata
+
+
+def test_definitions_load():
+    dg.Definitions.validate_loadable(definitions.defs)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([*ASSETS, *CHECKS], instance=instance, resources=_resources(tmp_path, "synthetic"))
+        yield result, tmp_path
+
+
+def test_pipeline_materializes_with_counts_and_passing_checks(synthetic_run):
+    result, tmp_path = synthetic_run
+    assert result.success
+    pairs_meta = _metadata(result, "within_model_pairs")
+    assert isinstance(pairs_meta["num_pairs"].value, int) and pairs_meta["num_pairs"].value > 1000
+    assert isinstance(pairs_meta["num_users"].value, int)
+    assert pairs_meta["dropped_score_tie"].value > 0
+    assert "synthetic" in pairs_meta["source"].value
+    raw_meta = _metadata(result, "raw_prism")
+    assert raw_meta["synthetic"].value is True and "SYNTHETIC" in raw_meta["synthetic_note"].value
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 3 and all(c.passed for c in checks)
+    fit_meta = _metadata(result, "ordered_logit_fit")
+    assert "| term" in fit_meta["coefficients"].value and len(fit_meta["quartile_boundaries"].value) == 3
+    stored = read_bundle(tmp_path / "assets" / "significant_splits")
+    assert stored["splits"]["split"].iloc[-1].endswith("_region")
+    assert stored["splits"]["null_control"].iloc[-1]
+    assert set(stored["membership"]["group"]) == {"A", "B"}
+
+
+def test_v3_preset_through_dagster_config(synthetic_run):
+    _, tmp_path = synthetic_run
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*ASSETS], instance=instance, resources=_resources(tmp_path, "synthetic"),
+            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
+        )
+    splits = result.output_for_node("significant_splits")["splits"]
+    assert list(splits["split"]) == ["S1_age", "S2_education", "S3_personalisation", "S4_safety",
+                                     "S5_factuality", "S6_helpfulness", "S7_diversity", "S8_region"]
+    assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
+
+
+def test_directory_source_and_a_clear_error_for_a_bad_source(small_synthetic_dir, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([data.raw_prism], instance=instance,
+                                resources=_resources(tmp_path, str(small_synthetic_dir)))
+        assert _metadata(result, "raw_prism")["source"].value.startswith("local directory")
+        with pytest.raises(ValueError, match="neither 'synthetic', 'hf' nor an existing directory"):
+            dg.materialize([data.raw_prism], instance=instance, resources=_resources(tmp_path, str(tmp_path / "nope")))
