@@ -4,22 +4,50 @@ The only module that reads environment variables. One switch per concern:
 - PRISM_SOURCE: "synthetic" (default), "hf" (HannahRoseKirk/prism-alignment on the Hub), or a
   directory holding PRISM's survey/conversations/utterances jsonl files;
 - PRISM_SYNTHETIC_USERS / PRISM_SYNTHETIC_SEED: size and seed of the synthetic PRISM;
-- PRISM_STORAGE: where asset outputs live (default storage/, beside DAGSTER_HOME's instance files).
+- PRISM_STORAGE: where asset outputs, run directories and models live (default storage/);
+- DPO_BASE_MODEL: "tiny" (default, built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a path;
+- DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …);
+- DPO_LAUNCHER: "local" (default); DPO_THREADS_PER_RUN: CPU threads of one local run.
 """
-
-from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import dagster as dg
 
-from prism_assets import data, stats
+from prism_assets import data, dpo, report, stats
 from resources.io_managers import ParquetIOManager
+from resources.launcher import LocalLauncher
 
 STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
 
-ASSETS = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+
+def _launcher():
+    kind = os.environ.get("DPO_LAUNCHER", "local")
+    if kind == "local":
+        threads = os.environ.get("DPO_THREADS_PER_RUN")
+        return LocalLauncher(threads_per_run=int(threads) if threads else None)
+    raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local'")
+
+
+def _recipe() -> dict:
+    name = os.environ.get("DPO_RECIPE", "tiny")
+    if name not in dpo.RECIPES:
+        raise ValueError(f"DPO_RECIPE={name!r}: expected one of {sorted(dpo.RECIPES)}")
+    return dpo.RECIPES[name]
+
+
+DPO_SETTINGS = dpo.DpoSettings(
+    base_model=os.environ.get("DPO_BASE_MODEL", "tiny"),
+    models_dir=str(STORAGE / "models"),
+    runs_dir=str(STORAGE / "runs"),
+    reports_dir=str(STORAGE / "reports"),
+    **_recipe(),
+)
+
+group_dpo_run = dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint())
+UNPARTITIONED = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+ASSETS = [*UNPARTITIONED, group_dpo_run, report.correspondence_table]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 RESOURCES = {
@@ -30,6 +58,8 @@ RESOURCES = {
         synthetic_dir=str(STORAGE / "synthetic_prism"),
     ),
     "io_manager": ParquetIOManager(base_dir=str(STORAGE / "assets")),
+    "dpo_settings": DPO_SETTINGS,
+    "launcher": _launcher(),
 }
 
 defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=RESOURCES)

@@ -9,6 +9,7 @@ their rule, predicted direction and group sizes in users and pairs.
 import dagster as dg
 import pandas as pd
 
+from prism_assets import partitions
 from prism_assets.data import markdown_table
 from prism_assets.prism import ordered_logit, splits as splits_lib
 
@@ -74,6 +75,16 @@ def split_tables(memberships: list[splits_lib.SplitMembership], pairs: pd.DataFr
     return pd.DataFrame(rows), pd.concat(members, ignore_index=True)
 
 
+def register_cells(instance: dg.DagsterInstance, split_names: list[str]) -> list[str]:
+    """Make the `cell` partitions exactly baseline + <split>.A/B of these splits (stale cells are removed)."""
+    cells = partitions.cells_for_splits(split_names)
+    existing = set(instance.get_dynamic_partitions(partitions.CELL))
+    for stale in sorted(existing - set(cells)):
+        instance.delete_dynamic_partition(partitions.CELL, stale)
+    instance.add_dynamic_partitions(partitions.CELL, [c for c in cells if c not in existing])
+    return cells
+
+
 @dg.asset(
     group_name="statistics", kinds={"pandas"}, code_version="1",
     description="Two-group user splits: one per covariate significant in the ordered logit (or the v3 preset's "
@@ -104,8 +115,11 @@ def significant_splits(context: dg.AssetExecutionContext, config: SplitsConfig, 
         context.log.warning(f"split {name} dropped: one of its groups has no pairs")
     table = table[~empty].reset_index(drop=True)
     membership = membership[membership["split"].isin(table["split"])].reset_index(drop=True)
+    cells = register_cells(context.instance, list(table["split"]))
+    context.log.info(f"DPO cells: {', '.join(cells)}")
     context.add_output_metadata({
         "splits": dg.MetadataValue.md(markdown_table(table.drop(columns=["rule"]), ".3g")),
+        "dpo_cells": dg.MetadataValue.json(cells),
         "num_splits": len(table),
         "dropped_splits_with_an_empty_group": dg.MetadataValue.json(dropped_splits),
         "split_names": dg.MetadataValue.json(list(table["split"])),

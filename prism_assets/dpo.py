@@ -1,0 +1,155 @@
+"""DPO assets: `group_dpo_run`, one DPO run per (cell, seed) partition, through a launcher resource.
+
+Owns the DPO settings (`DpoSettings`: base model and hyperparameters; their fingerprint is part of
+the asset's code version, so changing one marks every DPO partition unsynced and nothing upstream),
+the run directory layout (`<runs_dir>/<cell>/seed<seed>/`: config.json, pairs.parquet, then what the
+trainer and launcher write) and reading a finished run back: a missing or corrupt output fails the
+partition with an error naming the file.
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from prism_assets import partitions
+from prism_assets.training import tiny_model
+from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout
+from resources.launcher import RunLauncher
+
+CODE_VERSION = "1"
+TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "max_length",
+                   "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
+
+
+# `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
+RECIPES = {
+    "tiny": {},
+    "original": {"max_steps": 2000, "batch_size": 8, "beta": 0.1, "learning_rate": 5e-6, "logging_steps": 25,
+                 "max_length": 1024, "heldout_max_pairs": 256},
+}
+
+
+class DpoSettings(dg.ConfigurableResource):
+    """Base model and DPO hyperparameters shared by every run. Defaults: the tiny CPU model's settings."""
+
+    base_model: str = tiny_model.TINY       # "tiny" (built offline under models_dir), a hub id or a local path
+    models_dir: str = "storage/models"
+    runs_dir: str = "storage/runs"
+    reports_dir: str = "storage/reports"
+    python: str = sys.executable            # the interpreter that runs the trainer (on the cluster for SLURM)
+    max_steps: int = 30
+    batch_size: int = 8
+    beta: float = 0.1
+    learning_rate: float = 1e-3
+    logging_steps: int = 5
+    max_length: int = 256
+    heldout_fraction: float = 0.1
+    heldout_max_pairs: int = 64
+    balance_groups: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change what a run learns (not where it runs)."""
+        values = {name: getattr(self, name) for name in TRAINING_FIELDS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    def resolved_base_model(self) -> str:
+        if self.base_model == tiny_model.TINY:
+            return str(tiny_model.build_tiny_qwen2(Path(self.models_dir) / "tiny-qwen2").resolve())
+        return self.base_model
+
+
+def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None) -> pd.DataFrame:
+    """The pairs of one cell: all pairs for the baseline, else the pairs of the group's users."""
+    if split is None:
+        return pairs
+    membership = splits["membership"]
+    if split not in set(membership["split"]):
+        raise dg.Failure(f"split {split!r} is not in significant_splits (have {sorted(set(membership['split']))}); "
+                         "rematerialize significant_splits or drop the stale partition")
+    users = membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"]
+    return pairs[pairs["user_id"].isin(set(users))]
+
+
+def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: DpoSettings) -> int:
+    """Training pairs of the split's smaller group (after its held-out pairs are set aside)."""
+    sizes = []
+    for group in partitions.GROUPS:
+        train, _ = split_heldout(group_pairs(pairs, splits, split, group), settings.heldout_fraction,
+                                 settings.heldout_max_pairs)
+        sizes.append(len(train))
+    return min(sizes)
+
+
+def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    metrics_path, curve_path = run_dir / METRICS_FILE, run_dir / CURVE_FILE
+    for path in (metrics_path, curve_path):
+        if not path.exists():
+            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see stderr.log there)")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as error:
+        raise dg.Failure(f"{metrics_path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    try:
+        curve = pd.read_parquet(curve_path)
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise dg.Failure(f"{curve_path} cannot be read as parquet: {error}") from None
+    missing = [key for key in ("final_heldout_acc", "mean_heldout_acc_tail", "data_version") if key not in metrics]
+    if missing or curve.empty:
+        raise dg.Failure(f"{metrics_path} lacks {missing}" if missing else f"{curve_path} has no rows")
+    return metrics, curve
+
+
+def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
+        pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
+        description="One DPO fine-tuning run (TRL DPOTrainer) per partition: cell = baseline or <split>.<A|B> "
+                    "(the group's pairs), seed. Output: learning curve (held-out accuracy/margin every log step) "
+                    "and summary metrics.",
+    )
+    def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
+                      within_model_pairs: pd.DataFrame, significant_splits: dict) -> dg.Output:
+        keys = context.partition_key.keys_by_dimension
+        cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))
+        split, group = partitions.parse_cell(cell)
+        pairs = group_pairs(within_model_pairs, significant_splits, split, group)
+        run_dir = (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a rerun must never read a previous attempt's outputs
+        run_dir.mkdir(parents=True)
+        pairs.to_parquet(run_dir / "pairs.parquet", index=False)
+        balance = dpo_settings.balance_groups and split is not None
+        config = RunConfig(
+            base_model=dpo_settings.resolved_base_model(), pairs_path=str(run_dir / "pairs.parquet"),
+            output_dir=str(run_dir), seed=seed, max_steps=dpo_settings.max_steps, batch_size=dpo_settings.batch_size,
+            beta=dpo_settings.beta, learning_rate=dpo_settings.learning_rate, logging_steps=dpo_settings.logging_steps,
+            max_length=dpo_settings.max_length, heldout_fraction=dpo_settings.heldout_fraction,
+            heldout_max_pairs=dpo_settings.heldout_max_pairs, gradient_checkpointing=dpo_settings.gradient_checkpointing,
+            max_train_pairs=balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
+            device=dpo_settings.device, label={"cell": cell, "split": split, "group": group, "seed": seed},
+        )
+        config_path = run_dir / "config.json"
+        config_path.write_text(json.dumps(config.__dict__, indent=2))
+        context.log.info(f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}")
+        launcher.run(context=context, run_dir=str(run_dir),
+                     command=[dpo_settings.python, "-m", "prism_assets.training.dpo", "--config", str(config_path)])
+        metrics, curve = read_run_outputs(run_dir)
+        value = {"metrics": metrics, "curve": curve, "cell": cell, "split": split, "group": group, "seed": seed,
+                 "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text())}
+        metadata = {
+            **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+            "run_dir": dg.MetadataValue.path(str(run_dir)),
+            "num_pairs": len(pairs),
+            "base_model": dpo_settings.base_model,
+        }
+        # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
+        return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
+
+    return group_dpo_run

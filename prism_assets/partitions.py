@@ -1,0 +1,54 @@
+"""Partition definitions of the DPO runs and the one parser of their keys.
+
+`group_dpo_run` is partitioned by two dynamic dimensions: `cell` (`baseline`, or `<split>.<group>`
+such as `S1_age.A`) and `seed` (`0`, `1`, …). Dagster accepts any string as a dynamic key, so every
+key is validated here before it is registered or used: splits match `[A-Za-z0-9_-]+`, groups are A or
+B, seeds are non-negative integers. Imports nothing from the project.
+"""
+
+import re
+
+import dagster as dg
+
+CELL, SEED = "cell", "seed"
+BASELINE = "baseline"
+GROUPS = ("A", "B")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+cell_partitions = dg.DynamicPartitionsDefinition(name=CELL)
+seed_partitions = dg.DynamicPartitionsDefinition(name=SEED)
+dpo_partitions = dg.MultiPartitionsDefinition({CELL: cell_partitions, SEED: seed_partitions})
+
+
+def validate_split_name(split: str) -> str:
+    if not SPLIT_NAME.match(split) or split == BASELINE:
+        raise ValueError(f"invalid split name {split!r}: expected [A-Za-z0-9_-]+ and not {BASELINE!r}")
+    return split
+
+
+def cell_key(split: str, group: str) -> str:
+    if group not in GROUPS:
+        raise ValueError(f"invalid group {group!r} of split {split!r}: expected one of {GROUPS}")
+    return f"{validate_split_name(split)}.{group}"
+
+
+def parse_cell(cell: str) -> tuple[str | None, str | None]:
+    """(split, group) of a cell key; (None, None) for the baseline run on all pairs."""
+    if cell == BASELINE:
+        return None, None
+    split, dot, group = cell.rpartition(".")
+    if not dot:
+        raise ValueError(f"invalid cell key {cell!r}: expected {BASELINE!r} or '<split>.<A|B>'")
+    cell_key(split, group)
+    return split, group
+
+
+def seed_key(seed: int | str) -> str:
+    text = str(seed)
+    if not text.isdigit():
+        raise ValueError(f"invalid seed {seed!r}: expected a non-negative integer")
+    return str(int(text))
+
+
+def cells_for_splits(splits: list[str]) -> list[str]:
+    return [BASELINE, *(cell_key(split, group) for split in splits for group in GROUPS)]

@@ -1,0 +1,108 @@
+"""Does the DPO difference between a split's groups follow the direction the ordered logit predicted?
+
+Owns the statistics and the verdict rule of the correspondence table (README, "Reading the
+correspondence table"). For each split, metric and seed with both groups' runs: d = metric(A) −
+metric(B). Over seeds: mean and sign consistency (k of n seeds whose d has the predicted sign). The
+95% CI combines two noises: training noise across seeds (Student t, n − 1 df; no CI below two seeds)
+and, for held-out metrics, the sampling noise of each group's fixed held-out set, which no number of
+seeds averages away: half-width = sqrt((t·s/√n)² + (1.96·se_eval)²), se_eval² = se_A² + se_B² from the
+runs' held-out standard errors. The null control's |mean d| is the noise yardstick. Verdicts:
+- MATCH: the CI excludes 0 on the predicted side and |mean d| exceeds the null control's |mean d|;
+- MISMATCH: the CI excludes 0 on the opposite side;
+- INCONCLUSIVE: anything else (CI spans 0, fewer than two seeds, or not beyond the null's difference).
+The null control itself is "null OK" when its CI contains 0, "null NOT OK" when it excludes 0, and
+INCONCLUSIVE with fewer than two seeds.
+"""
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+PRIMARY_METRIC = "mean_heldout_acc_tail"
+METRICS = {
+    "mean_heldout_acc_tail": "held-out accuracy (tail mean), primary",
+    "mean_heldout_margin_tail": "held-out margin (tail mean)",
+    "mid_heldout_acc": "held-out accuracy, 10–40% of training",
+    "mean_pref_acc_tail": "train-batch accuracy (tail mean), the original metric",
+    "mean_margin_tail": "train-batch margin (tail mean), the original metric",
+    "mid_pref_acc": "train-batch accuracy, 10–40% of training",
+}
+# The held-out standard error (reported by each run) that goes with a held-out metric.
+EVAL_SE = {"mean_heldout_acc_tail": "heldout_acc_se", "mid_heldout_acc": "heldout_acc_se",
+           "mean_heldout_margin_tail": "heldout_margin_se"}
+MATCH, MISMATCH, INCONCLUSIVE = "MATCH", "MISMATCH", "INCONCLUSIVE"
+NULL_OK, NULL_NOT_OK = "null OK", "null NOT OK"
+
+
+def seed_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per split, metric and seed with both groups present: value_a, value_b, d = A − B, eval_se of d.
+
+    `runs`: one row per finished run with columns split, group, seed, every metric in METRICS and the
+    held-out standard errors named in EVAL_SE (missing ones count as 0).
+    """
+    grouped = runs[runs["split"].notna()]
+    frames = []
+    for metric in METRICS:
+        se_column = EVAL_SE.get(metric)
+        se = grouped[se_column] if se_column in grouped else pd.Series(0.0, index=grouped.index)
+        frames.append(grouped[["split", "group", "seed"]].assign(metric=metric, value=grouped[metric], se=se.fillna(0.0)))
+    long = pd.concat(frames, ignore_index=True)
+    wide = long.pivot_table(index=["split", "metric", "seed"], columns="group", values=["value", "se"]).reset_index()
+    wide.columns = [f"{a}_{b.lower()}" if b else a for a, b in wide.columns]
+    for column in ("value_a", "value_b", "se_a", "se_b"):
+        if column not in wide:
+            wide[column] = np.nan
+    wide = wide.dropna(subset=["value_a", "value_b"])
+    wide["d"] = wide["value_a"] - wide["value_b"]
+    wide["eval_se"] = np.sqrt(wide["se_a"] ** 2 + wide["se_b"] ** 2)
+    return wide[["split", "metric", "seed", "value_a", "value_b", "d", "eval_se"]].reset_index(drop=True)
+
+
+def mean_ci(values: np.ndarray, eval_se: float = 0.0) -> tuple[float, float, float]:
+    """(mean, ci_low, ci_high): seed noise (t, n − 1 df) and held-out sampling noise combined."""
+    mean = float(np.mean(values)) if len(values) else np.nan
+    if len(values) < 2:
+        return mean, np.nan, np.nan
+    seed_half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    half = float(np.hypot(seed_half, stats.norm.ppf(0.975) * eval_se))
+    return mean, mean - half, mean + half
+
+
+def verdict(predicted: str, ci_low: float, ci_high: float, mean: float, null_abs_mean: float) -> str:
+    if np.isnan(ci_low):
+        return INCONCLUSIVE
+    if predicted == "A≈B":
+        return NULL_OK if ci_low <= 0 <= ci_high else NULL_NOT_OK
+    sign = 1 if predicted == "A>B" else -1
+    if (sign > 0 and ci_low > 0) or (sign < 0 and ci_high < 0):
+        return MATCH if np.isnan(null_abs_mean) or abs(mean) > null_abs_mean else INCONCLUSIVE
+    if (sign > 0 and ci_high < 0) or (sign < 0 and ci_low > 0):
+        return MISMATCH
+    return INCONCLUSIVE
+
+
+def correspondence(diffs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    """One row per split and metric: predicted direction, per-seed d, mean ± CI, sign consistency, verdict."""
+    rows = []
+    null_splits = splits[splits["null_control"]]
+    null_name = null_splits["split"].iloc[0] if len(null_splits) else None
+    for metric in METRICS:
+        metric_diffs = diffs[diffs["metric"] == metric]
+        null_d = metric_diffs[metric_diffs["split"] == null_name]["d"].to_numpy()
+        null_abs_mean = abs(float(np.mean(null_d))) if len(null_d) else np.nan
+        for split in splits.itertuples():
+            d = metric_diffs[metric_diffs["split"] == split.split].sort_values("seed")
+            values = d["d"].to_numpy()
+            eval_se = float(d["eval_se"].mean()) if len(d) else 0.0
+            mean, low, high = mean_ci(values, eval_se)
+            sign = {"A>B": 1, "A<B": -1}.get(split.predicted, 1)
+            rows.append({
+                "split": split.split, "metric": metric, "predicted": split.predicted,
+                "null_control": bool(split.null_control), "n_seeds": len(values),
+                "per_seed_d": [round(float(v), 4) for v in values],
+                "mean_d": mean, "ci_low": low, "ci_high": high, "eval_se": eval_se,
+                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}",
+                "null_abs_mean_d": null_abs_mean,
+                "verdict": verdict(split.predicted, low, high, mean, np.nan if split.null_control else null_abs_mean),
+            })
+    return pd.DataFrame(rows)

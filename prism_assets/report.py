@@ -1,0 +1,119 @@
+"""Report asset: `correspondence_table`, built from every `group_dpo_run` partition that exists.
+
+Owns turning finished runs into what a researcher reads: the per-split table (predicted direction,
+per-seed A − B differences, mean ± 95% CI, sign consistency, the null control's difference, verdict) as
+markdown and parquet, and PNG learning curves of each split's groups (mean and min–max band over
+seeds) embedded in the materialization and written under the DPO settings' `reports_dir`.
+"""
+
+import base64
+import io
+from pathlib import Path
+
+import dagster as dg
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from prism_assets.data import markdown_table  # noqa: E402
+from prism_assets.dpo import DpoSettings  # noqa: E402
+from prism_assets.prism import correspondence  # noqa: E402
+
+
+class ReportConfig(dg.Config):
+    curve_metric: str = "heldout_acc"  # any curve column: heldout_acc, heldout_margin, pref_acc, margin, loss
+
+
+def runs_table(runs: dict) -> pd.DataFrame:
+    rows = [{"cell": run["cell"], "split": run["split"], "group": run["group"], "seed": int(run["seed"]),
+             **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]}}
+            for run in runs.values()]
+    return pd.DataFrame(rows)
+
+
+def curves_table(runs: dict) -> pd.DataFrame:
+    frames = [run["curve"].assign(cell=run["cell"], split=run["split"], group=run["group"], seed=int(run["seed"]))
+              for run in runs.values()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str) -> bytes:
+    names = list(splits["split"])
+    columns = min(4, max(1, len(names)))
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False, sharey=True)
+    for ax, split in zip(axes.flat, splits.itertuples()):
+        for group, color in (("A", "tab:blue"), ("B", "tab:orange")):
+            data = curves[(curves["split"] == split.split) & (curves["group"] == group)]
+            if data.empty:
+                continue
+            by_step = data.groupby("step")[metric]
+            mean = by_step.mean()
+            ax.plot(mean.index, mean.values, color=color, label=f"{group} (n={data['seed'].nunique()} seeds)")
+            ax.fill_between(mean.index, by_step.min().values, by_step.max().values, color=color, alpha=0.2)
+        ax.set_title(f"{split.split}  predicted {split.predicted}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(metric)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _format_table(table: pd.DataFrame) -> pd.DataFrame:
+    def ci(row):
+        if pd.isna(row["ci_low"]):
+            return f"{row['mean_d']:+.3f} (CI needs ≥ 2 seeds)"
+        return f"{row['mean_d']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+
+    return pd.DataFrame({
+        "split": table["split"], "predicted": table["predicted"],
+        "per-seed A−B": table["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
+        "mean A−B [95% CI]": table.apply(ci, axis=1), "sign k/n": table["sign_consistency"],
+        "verdict": table["verdict"],
+    })
+
+
+@dg.asset(
+    group_name="report", kinds={"pandas"}, code_version="1",
+    ins={"group_dpo_run": dg.AssetIn(metadata={"allow_missing_partitions": True})},
+    description="Per split: does the DPO difference between groups A and B (held-out accuracy primary) follow "
+                "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
+                "parquet and learning-curve plots.",
+)
+def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig, dpo_settings: DpoSettings,
+                         group_dpo_run: dict, significant_splits: dict) -> dict:
+    if not group_dpo_run:
+        raise dg.Failure("no group_dpo_run partition has been materialized yet")
+    splits = significant_splits["splits"]
+    runs = runs_table(group_dpo_run)
+    runs = runs[runs["split"].isna() | runs["split"].isin(set(splits["split"]))]
+    diffs = correspondence.seed_differences(runs)
+    table = correspondence.correspondence(diffs, splits)
+    primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
+    curves = curves_table(group_dpo_run)
+    png = learning_curve_plot(curves[curves["split"].notna()], splits, config.curve_metric)
+    reports = Path(dpo_settings.reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "learning_curves.png").write_bytes(png)
+    secondary = {metric: markdown_table(_format_table(table[table["metric"] == metric]))
+                 for metric in correspondence.METRICS if metric != correspondence.PRIMARY_METRIC}
+    context.add_output_metadata({
+        "correspondence": dg.MetadataValue.md(
+            f"**Primary metric: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}** "
+            f"({len(runs)} runs, seeds {sorted(runs['seed'].unique().tolist())})\n\n"
+            + markdown_table(_format_table(primary))),
+        "secondary_metrics": dg.MetadataValue.md("\n\n".join(f"**{correspondence.METRICS[m]}**\n\n{t}" for m, t in secondary.items())),
+        "learning_curves": dg.MetadataValue.md(
+            f"![learning curves](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
+        "num_runs": len(runs),
+        "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),
+    })
+    return {"table": table, "seed_differences": diffs, "runs": runs}

@@ -1,0 +1,207 @@
+"""The job-side DPO trainer: `python -m prism_assets.training.dpo --config run.json`.
+
+Owns one DPO run: it reads a JSON run config (base model, pairs file, optional user filter, seed,
+hyperparameters, output directory), splits the pairs into a fixed held-out set (chosen by a hash of
+pair_id, so every seed and every run sees the same held-out pairs) and training pairs, trains with
+TRL's DPOTrainer (fp32 master weights; bf16 autocast on CUDA, fp32 on CPU), evaluates held-out
+implicit-reward accuracy and margin at every logging step, and writes `run.json`, `curve.parquet` and
+`metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
+data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from prism_assets.training.metrics import summarize_curve
+from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout
+
+TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
+                   "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                   "grad_norm": "grad_norm", "learning_rate": "learning_rate"}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def curve_bytes(curve: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    curve.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+class Reporter:
+    """Progress and results through dagster-pipes when launched by Dagster, to stdout otherwise."""
+
+    def __init__(self):
+        from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+        launched_by_dagster = PipesEnvVarParamsLoader().is_dagster_pipes_process()
+        self._pipes_cm = open_dagster_pipes() if launched_by_dagster else None
+        self.pipes = self._pipes_cm.__enter__() if self._pipes_cm else None
+
+    def info(self, message: str) -> None:
+        if self.pipes:
+            self.pipes.log.info(message)
+        print(message, flush=True)
+
+    def report(self, metadata: dict, data_version: str) -> None:
+        if self.pipes:
+            self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._pipes_cm:
+            self._pipes_cm.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
+
+
+def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    pairs = pd.read_parquet(cfg.pairs_path)
+    missing = [c for c in ("pair_id", "prompt", "chosen", "rejected") if c not in pairs.columns]
+    if missing:
+        raise ValueError(f"{cfg.pairs_path}: pairs file lacks columns {missing}")
+    if cfg.user_ids is not None:
+        pairs = pairs[pairs["user_id"].isin(set(cfg.user_ids))]
+    train, heldout = split_heldout(pairs, cfg.heldout_fraction, cfg.heldout_max_pairs)
+    if cfg.max_train_pairs is not None:
+        train = train.head(cfg.max_train_pairs)
+    consumed = cfg.max_steps * cfg.batch_size
+    if len(train) > consumed:
+        # A run of max_steps batches sees `consumed` pairs, a uniform draw without replacement: draw them here
+        # (seeded) so that only they are tokenized; the trainer then shuffles them with the same seed.
+        train = train.sample(n=consumed, random_state=cfg.seed).reset_index(drop=True)
+    if len(train) < cfg.batch_size or heldout.empty:
+        raise ValueError(f"{cfg.pairs_path}: {len(train)} training and {len(heldout)} held-out pairs are too few "
+                         f"(batch size {cfg.batch_size})")
+    return train, heldout
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+class HeldoutEvaluator:
+    """Implicit-reward accuracy and margin of the policy on the held-out pairs, against the base model."""
+
+    def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
+        from prism_assets.training.logps import completion_logps, tokenize_completion
+
+        self._logps = completion_logps
+        self.beta, self.pad = cfg.beta, tokenizer.pad_token_id
+        prompts = [_messages(p) for p in heldout["prompt"]]
+        self.chosen = [tokenize_completion(tokenizer, p, c, cfg.max_length) for p, c in zip(prompts, heldout["chosen"])]
+        self.rejected = [tokenize_completion(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, heldout["rejected"])]
+        self.ref_chosen, self.ref_rejected = self._policy_logps(model)
+
+    def _policy_logps(self, model):
+        was_training = model.training
+        model.eval()
+        try:
+            return self._logps(model, self.chosen, self.pad), self._logps(model, self.rejected, self.pad)
+        finally:
+            model.train(was_training)
+
+    def evaluate(self, model) -> dict:
+        chosen, rejected = self._policy_logps(model)
+        margin = self.beta * ((chosen - self.ref_chosen) - (rejected - self.ref_rejected))
+        accuracy, n = float((margin > 0).float().mean()), len(margin)
+        return {"heldout_acc": accuracy, "heldout_margin": float(margin.mean()),
+                "heldout_acc_se": math.sqrt(accuracy * (1 - accuracy) / n),
+                "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0}
+
+
+def train(cfg: RunConfig, reporter: Reporter) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    set_seed(cfg.seed)
+    train_pairs, heldout = load_pairs(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    if use_cuda:
+        model.to("cuda")
+    initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+    evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
+    write_atomic(out / RUN_CONFIG_FILE, json.dumps({
+        **dataclasses.asdict(cfg), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
+        "device": "cuda" if use_cuda else "cpu", "torch": torch.__version__,
+    }, indent=2).encode())
+    reporter.info(f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
+                  f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}")
+
+    rows: list[dict] = []
+
+    class LogCurve(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if not logs or "loss" not in logs or "rewards/accuracies" not in logs:
+                return
+            row = {"step": int(state.global_step), **{new: float(logs[old]) for old, new in TRL_LOG_COLUMNS.items() if old in logs}}
+            row.update(evaluator.evaluate(model))
+            rows.append(row)
+            reporter.info(f"step {row['step']}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f} "
+                          f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
+
+    dataset = Dataset.from_dict({
+        "prompt": [_messages(p) for p in train_pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
+    })
+    args = DPOConfig(
+        output_dir=str(out / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
+        data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogCurve()])
+    trainer.remove_callback(PrinterCallback)  # LogCurve reports each logged step once, with held-out metrics
+    trainer.train()
+
+    curve = pd.DataFrame(rows)
+    metrics = summarize_curve(curve, cfg.max_steps)
+    delta = math.sqrt(sum(float((p.detach().cpu() - initial[n]).pow(2).sum()) for n, p in model.named_parameters()))
+    metrics.update({"param_delta_l2": delta, "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout)})
+    curve_data = curve_bytes(curve)
+    data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
+    write_atomic(out / CURVE_FILE, curve_data)
+    write_atomic(out / METRICS_FILE, json.dumps(
+        {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started}, indent=2).encode())
+    reporter.report({k: v for k, v in metrics.items() if v is not None}, data_version)
+    reporter.info(f"finished in {time.perf_counter() - started:.1f} s: heldout_acc {metrics['final_heldout_acc']:.3f}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prism_assets.training.dpo")
+    parser.add_argument("--config", required=True, help="path of the JSON run config")
+    args = parser.parse_args(argv)
+    cfg = RunConfig.from_json(args.config)
+    reporter = Reporter()
+    try:
+        train(cfg, reporter)
+    except BaseException as error:
+        reporter.close(error)
+        raise
+    reporter.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The one definition of a DPO run's summary metrics, computed from its learning curve.
+
+A curve has one row per logged step: `step`, the logging window's training `loss`, `margin`
+(rewards/margins) and `pref_acc` (rewards/accuracies) as TRL logs them, and the held-out
+`heldout_acc` / `heldout_margin` (implicit-reward accuracy and mean margin on the run's fixed held-out
+pairs, evaluated at that step). Summaries:
+- final_*: the last logged row;
+- mean_*_tail: the mean over the last 20% of logged rows (at least one row);
+- mid_*: the mean over rows with step in [10%, 40%] of max_steps, where differences may show before
+  curves converge (the nearest row when no row falls inside);
+- steps_to_60pct: the first logged step with pref_acc ≥ 0.6 (None when never reached);
+- heldout_acc_se / heldout_margin_se: the held-out set's sampling standard errors at the last row
+  (binomial for accuracy, s/√n for the margin), when the curve has them.
+"""
+
+import math
+
+import pandas as pd
+
+CURVE_METRICS = {"loss": "loss", "margin": "margin", "pref_acc": "pref_acc",
+                 "heldout_acc": "heldout_acc", "heldout_margin": "heldout_margin"}
+TAIL_FRACTION = 0.2
+MID_WINDOW = (0.10, 0.40)
+REQUIRED_COLUMNS = ("step", *CURVE_METRICS)
+SAMPLING_ERRORS = ("heldout_acc_se", "heldout_margin_se")
+
+
+def summarize_curve(curve: pd.DataFrame, max_steps: int) -> dict:
+    missing = [c for c in REQUIRED_COLUMNS if c not in curve.columns]
+    if missing:
+        raise ValueError(f"learning curve lacks columns {missing}")
+    if curve.empty:
+        raise ValueError("learning curve has no logged steps")
+    curve = curve.sort_values("step").reset_index(drop=True)
+    tail = curve.tail(max(1, math.ceil(TAIL_FRACTION * len(curve))))
+    low, high = (fraction * max_steps for fraction in MID_WINDOW)
+    mid = curve[(curve["step"] >= low) & (curve["step"] <= high)]
+    if mid.empty:
+        mid = curve.iloc[[int((curve["step"] - (low + high) / 2).abs().idxmin())]]
+    metrics: dict = {"logged_steps": len(curve), "last_step": int(curve["step"].iloc[-1])}
+    for name, column in CURVE_METRICS.items():
+        metrics[f"final_{name}"] = float(curve[column].iloc[-1])
+        metrics[f"mean_{name}_tail"] = float(tail[column].mean())
+        metrics[f"mid_{name}"] = float(mid[column].mean())
+    reached = curve[curve["pref_acc"] >= 0.6]
+    metrics["steps_to_60pct"] = int(reached["step"].iloc[0]) if len(reached) else None
+    for column in SAMPLING_ERRORS:
+        if column in curve.columns:
+            metrics[column] = float(curve[column].iloc[-1])
+    return metrics

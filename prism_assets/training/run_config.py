@@ -1,0 +1,65 @@
+"""A DPO run's configuration and its fixed held-out split: what both the asset and the trainer read.
+
+Owns the JSON run config (`RunConfig`, unknown or missing keys are errors), the names of the files a
+run writes into its directory, and the held-out rule: a pair is held out when the hash of its pair_id
+falls in the first `heldout_fraction` of the hash range (at most `heldout_max_pairs`, lowest hashes
+first), so every seed, every group and the baseline agree on which pairs are never trained on.
+Imports neither torch nor Dagster.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metrics.json"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    base_model: str
+    pairs_path: str
+    output_dir: str
+    seed: int
+    user_ids: list[str] | None = None       # train on these users' pairs only (None: all pairs in the file)
+    max_steps: int = 2000
+    batch_size: int = 8
+    beta: float = 0.1
+    learning_rate: float = 5e-6
+    logging_steps: int = 25
+    max_length: int = 1024
+    heldout_fraction: float = 0.1
+    heldout_max_pairs: int = 256
+    max_train_pairs: int | None = None      # balance_groups: both groups of a split train on this many pairs
+    gradient_checkpointing: bool = False
+    device: str = "auto"                    # "auto", "cpu" or "cuda"
+    label: dict = dataclasses.field(default_factory=dict)  # cell / split / group, for humans
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RunConfig":
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown run config keys {unknown}; known: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ValueError(f"{path}: run config lacks {missing}")
+        return cls(**raw)
+
+
+def pair_hash(pair_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(str(pair_id).encode()).digest()[:8], "big")
+
+
+def split_heldout(pairs: pd.DataFrame, fraction: float, max_pairs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out): held-out = pairs whose pair_id hash falls in the first `fraction`, at most max_pairs."""
+    ordered = pairs.reset_index(drop=True)
+    ordered = ordered.assign(_hash=ordered["pair_id"].map(pair_hash)).sort_values("_hash")
+    in_heldout = ordered["_hash"] < fraction * 2**64
+    heldout = ordered[in_heldout].head(max_pairs)
+    train = ordered.drop(index=heldout.index)
+    return train.drop(columns="_hash").reset_index(drop=True), heldout.drop(columns="_hash").reset_index(drop=True)

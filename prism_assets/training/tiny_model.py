@@ -1,0 +1,90 @@
+"""The embedded default base model: a tiny Qwen2 and its tokenizer, built offline and deterministically.
+
+Owns `build_tiny_qwen2(directory)`: a byte-level BPE tokenizer trained with Qwen2's own pre-tokenizer
+pipeline (so `AutoTokenizer`, which loads it as `Qwen2Tokenizer`, gives the same ids as the trained
+tokenizer), Qwen's chat template with <|im_start|>/<|im_end|>, and a 2-layer Qwen2 (hidden 64) with
+seeded weights. It loads through the same `AutoModelForCausalLM`/`AutoTokenizer` path as
+`Qwen/Qwen2.5-0.5B-Instruct`, so the whole pipeline runs on a CPU in minutes.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+TINY = "tiny"
+VOCAB_SIZE = 2048
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2's pre-tokenizer split pattern (tokenization_qwen2.PRETOKENIZE_REGEX).
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    """Training text: the synthetic PRISM's vocabulary, chat roles and plain English punctuation."""
+    from prism_assets.prism import synthetic
+
+    lines = [*synthetic.SENTENCES, *synthetic.FOLLOW_UPS, *synthetic.OPENERS.values(),
+             *(frame for frames in synthetic.STYLE_FRAMES.values() for frame in frames)]
+    texts = [line.format(topic=topic, body="") for line in lines for topic in synthetic.TOPICS]
+    texts += ["user", "assistant", "system", "The quick brown fox jumps over the lazy dog. 0123456789"]
+    return texts
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model and tokenizer to `directory` (idempotent: an existing build is reused)."""
+    directory = Path(directory)
+    if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
+        return directory
+    staging = directory.with_name(directory.name + ".building")
+    staging.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    tokenizer.save_pretrained(staging)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(staging)
+    # AutoTokenizer must load it as Qwen2Tokenizer, the class the real model uses.
+    tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    staging.replace(directory)
+    return directory
+
+
+def fingerprint(directory: str | Path) -> str:
+    """A hash of the model directory's files: what a run's config records as the base model's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*")):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

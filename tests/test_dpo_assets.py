@@ -1,0 +1,126 @@
+"""group_dpo_run partitions and correspondence_table through a real Dagster instance and the local launcher."""
+
+import json
+
+import dagster as dg
+import pytest
+
+from prism_assets import data, dpo, partitions, report, stats
+from resources.io_managers import ParquetIOManager
+from resources.launcher import LocalLauncher
+
+UPSTREAM = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+
+
+def _definitions(tmp_path, users=300, **settings):
+    dpo_settings = dpo.DpoSettings(models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"),
+                                   reports_dir=str(tmp_path / "reports"), **settings)
+    assets = [*UPSTREAM, dpo.build_group_dpo_run(dpo_settings.fingerprint()), report.correspondence_table]
+    resources = {
+        "prism_source": data.PrismSource(synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")),
+        "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
+        "dpo_settings": dpo_settings,
+        "launcher": LocalLauncher(threads_per_run=1),
+    }
+    return assets, resources
+
+
+def _materialize_partition(assets, resources, instance, cell, seed, **kwargs):
+    key = dg.MultiPartitionKey({partitions.CELL: cell, partitions.SEED: str(seed)})
+    return dg.materialize(assets, selection=[dg.AssetKey("group_dpo_run")], partition_key=key, instance=instance,
+                          resources=resources, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def v3_instance(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("dpo")
+    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
+    with dg.instance_for_test() as instance:
+        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        instance.add_dynamic_partitions(partitions.SEED, ["0"])
+        yield tmp_path, assets, resources, instance
+
+
+def test_significant_splits_registers_the_cells(v3_instance):
+    _, _, _, instance = v3_instance
+    cells = instance.get_dynamic_partitions(partitions.CELL)
+    assert cells[0] == "baseline" and len(cells) == 17 and "S8_region.B" in cells
+
+
+def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
+    tmp_path, assets, resources, instance = v3_instance
+    result = _materialize_partition(assets, resources, instance, "S8_region.A", 0)
+    [event] = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    run_dir = tmp_path / "runs" / "S8_region.A" / "seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metadata["final_heldout_acc"].value == metrics["final_heldout_acc"]
+    assert metadata["run_dir"].value == str(run_dir)
+    assert event.materialization.tags["dagster/data_version"] == metrics["data_version"]
+    assert (run_dir / "pipes_messages.jsonl").read_text().count("report_asset_materialization") == 1
+    assert "step 6/6" in "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
+
+
+def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
+    tmp_path, _, _, instance = v3_instance
+    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model"))
+    result = _materialize_partition(assets, resources, instance, "S1_age.B", 0, raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert "the trainer exited with code 1" in message and "no-such-model" in message
+
+
+def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
+    with pytest.raises(dg.Failure, match="left no metrics.json"):
+        dpo.read_run_outputs(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"final_heldout_acc": 0.5,')
+    (tmp_path / "curve.parquet").write_bytes(b"not parquet")
+    with pytest.raises(dg.Failure, match=r"metrics.json is not valid JSON"):
+        dpo.read_run_outputs(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"final_heldout_acc": 0.5, "mean_heldout_acc_tail": 0.5, "data_version": "x"}')
+    with pytest.raises(dg.Failure, match=r"curve.parquet cannot be read as parquet"):
+        dpo.read_run_outputs(tmp_path)
+
+
+def test_training_settings_change_the_dpo_code_version_and_nothing_upstream(tmp_path):
+    base = dpo.DpoSettings()
+    assert dpo.DpoSettings(learning_rate=5e-6).fingerprint() != base.fingerprint()
+    assert dpo.DpoSettings(max_steps=2000).fingerprint() != base.fingerprint()
+    assert dpo.DpoSettings(runs_dir="/elsewhere", python="/opt/py").fingerprint() == base.fingerprint()
+    def code_versions(settings):
+        assets = [*UPSTREAM, dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table]
+        return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
+
+    before, after = code_versions(base), code_versions(dpo.DpoSettings(beta=0.2))
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {"group_dpo_run"}
+
+
+@pytest.mark.slow
+def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_path):
+    """v3 splits on a synthetic PRISM whose 18–34-year-olds choose their style consistently: S1_age (predicted
+    A>B) must come out MATCH on held-out accuracy over three seeds, and the region null control OK."""
+    assets, resources = _definitions(tmp_path, users=1500)
+    with dg.instance_for_test() as instance:
+        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        instance.add_dynamic_partitions(partitions.SEED, ["0", "1", "2"])
+        for cell in ("S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"):
+            for seed in range(3):
+                assert _materialize_partition(assets, resources, instance, cell, seed).success
+        result = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
+                                resources=resources)
+    table = result.output_for_node("correspondence_table")["table"]
+    primary = table[table["metric"] == "mean_heldout_acc_tail"].set_index("split")
+    shown = ["per_seed_d", "mean_d", "ci_low", "ci_high", "eval_se", "null_abs_mean_d"]
+    assert primary.loc["S1_age", "verdict"] == "MATCH", primary.loc[["S1_age", "S8_region"], shown].to_dict("records")
+    assert primary.loc["S8_region", "verdict"] == "null OK", primary.loc["S8_region"].to_dict()
+    assert primary.loc["S1_age", "sign_consistency"] == "3/3"
+    assert primary.loc["S2_education", "n_seeds"] == 0 and primary.loc["S2_education", "verdict"] == "INCONCLUSIVE"
+    assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 10_000
+    [event] = result.get_asset_materialization_events()
+    assert "| S1_age" in event.materialization.metadata["correspondence"].value

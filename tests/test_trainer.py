@@ -1,0 +1,93 @@
+"""The job-side DPO trainer on the tiny model: complete outputs, determinism, real parameter updates."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from prism_assets.training.metrics import summarize_curve
+from prism_assets.training.run_config import RunConfig, split_heldout
+from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
+
+
+def _train(tmp_path, name, model, pairs, **overrides):
+    out = tmp_path / name
+    config = {"base_model": str(model), "pairs_path": str(pairs), "output_dir": str(out), "seed": 0,
+              "max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128,
+              "heldout_max_pairs": 16, **overrides}
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / f"{name}.json")],
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir, small_pairs_path):
+    tmp_path = tmp_path_factory.mktemp("trainer")
+    return tmp_path, _train(tmp_path, "a", tiny_model_dir, small_pairs_path)
+
+
+def test_trainer_writes_complete_consistent_outputs(first_run):
+    _, out = first_run
+    curve = pd.read_parquet(out / "curve.parquet")
+    metrics = json.loads((out / "metrics.json").read_text())
+    ran = json.loads((out / "run.json").read_text())
+    assert list(curve["step"]) == [2, 4, 6]
+    assert {"loss", "margin", "pref_acc", "heldout_acc", "heldout_margin"} <= set(curve.columns)
+    assert curve["heldout_acc"].between(0, 1).all()
+    summary = summarize_curve(curve, max_steps=6)
+    assert all(metrics[k] == v for k, v in summary.items())
+    assert ran["seed"] == 0 and ran["num_heldout_pairs"] == 16 and ran["device"] == "cpu"
+    assert metrics["num_train_pairs"] == 6 * 8  # only the pairs 6 steps of batch 8 consume are drawn
+    assert len(metrics["data_version"]) == 24
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_same_seed_same_numbers(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, out = first_run
+    again = _train(tmp_path, "b", tiny_model_dir, small_pairs_path)
+    assert pd.read_parquet(out / "curve.parquet").equals(pd.read_parquet(again / "curve.parquet"))
+    assert json.loads((out / "metrics.json").read_text())["data_version"] == \
+        json.loads((again / "metrics.json").read_text())["data_version"]
+
+
+def test_parameters_change_at_the_original_learning_rate(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, _ = first_run
+    out = _train(tmp_path, "lr", tiny_model_dir, small_pairs_path, learning_rate=5e-6, max_steps=4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Adam moves each parameter by ≈ lr per step: 4 steps × 5e-6 over ~1e5 parameters ≈ 6e-3 in L2.
+    assert 1e-3 < metrics["param_delta_l2"] < 1e-1
+
+
+def test_heldout_pairs_are_the_same_whatever_the_seed_or_subset(small_pairs_path):
+    pairs = pd.read_parquet(small_pairs_path)
+    _, heldout = split_heldout(pairs, 0.1, 1000)
+    _, heldout_of_half = split_heldout(pairs.iloc[: len(pairs) // 2], 0.1, 1000)
+    assert set(heldout_of_half["pair_id"]) <= set(heldout["pair_id"])
+    train, heldout = split_heldout(pairs, 0.1, 20)
+    assert len(heldout) == 20 and not set(train["pair_id"]) & set(heldout["pair_id"])
+
+
+def test_unknown_or_missing_config_keys_are_named(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "sed": 1}))
+    with pytest.raises(ValueError, match=r"unknown run config keys \['sed'\]"):
+        RunConfig.from_json(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o"}))
+    with pytest.raises(ValueError, match=r"lacks \['seed'\]"):
+        RunConfig.from_json(tmp_path / "d.json")
+
+
+def test_tiny_model_builds_deterministically_and_loads_as_qwen2(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert fingerprint(build_tiny_qwen2(tmp_path / "again")) == fingerprint(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hey! Honestly?"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert text == "<|im_start|>user\nHey! Honestly?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(tokenizer("Kind regards, café")["input_ids"]) == "Kind regards, café"
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.model_type == "qwen2"
