@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/storage
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast ui install benchmark
+.PHONY: run test test-fast ui install benchmark slurm-up slurm-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,24 @@ storage/dagster.yaml: dagster.yaml
 run: install storage/dagster.yaml
 	$(BIN)/python -m prism_assets run
 
+# The SLURM tests need the local single-node cluster (2 fake GPUs) and the SSH tests Debian's
+# openssh-server; as root both are installed and the cluster started, elsewhere start them yourself
+# (make slurm-up) or run `make test-fast`.
 test: install storage/dagster.yaml
-	$(BIN)/python -m pytest
+	@if [ "$$(id -u)" = 0 ]; then \
+	  [ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends openssh-server >/dev/null); \
+	  SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh; fi
+	PRISM_REQUIRE_SLURM=1 $(BIN)/python -m pytest
 
 test-fast: install storage/dagster.yaml
-	$(BIN)/python -m pytest -m 'not slow'
+	$(BIN)/python -m pytest -m 'not slow and not slurm'
+
+slurm-up:
+	SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh
+
+slurm-down:
+	scripts/slurm-dev-cluster-stop.sh
 
 ui: install storage/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000

@@ -7,7 +7,9 @@ The only module that reads environment variables. One switch per concern:
 - PRISM_STORAGE: where asset outputs, run directories and models live (default storage/);
 - DPO_BASE_MODEL: "tiny" (default, built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a path;
 - DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …);
-- DPO_LAUNCHER: "local" (default); DPO_THREADS_PER_RUN: CPU threads of one local run.
+- DPO_LAUNCHER: "local" (default) or "slurm"; DPO_THREADS_PER_RUN: CPU threads of one local run;
+- PRISM_SLURM_*: the SLURM launcher's settings (README, "Running on a SLURM cluster"). They are not
+  named SLURM_* because srun and the jobs themselves read SLURM_* variables.
 """
 
 import os
@@ -18,8 +20,25 @@ import dagster as dg
 from prism_assets import data, dpo, report, stats
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
+from resources.slurm import SlurmLauncher
 
 STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
+
+
+def _slurm_launcher() -> SlurmLauncher:
+    """PRISM_SLURM_<FIELD> for each SlurmLauncher field (PRISM_SLURM_PARTITION=gpu, …)."""
+    env = {k.removeprefix("PRISM_SLURM_").lower(): v for k, v in os.environ.items() if k.startswith("PRISM_SLURM_")}
+    for key in ("cpus_per_task", "gpus", "signal_before_end_s", "ssh_port"):
+        if key in env:
+            env[key] = int(env[key])
+    for key in ("requeue", "ssh_strict_host_keys"):
+        if key in env:
+            env[key] = env[key].lower() in ("1", "true", "yes")
+    if "extra_sbatch_args" in env:
+        env["extra_sbatch_args"] = env["extra_sbatch_args"].split()
+    if "setup_lines" in env:  # lines separated by ";;", e.g. "module load cuda/12;;source /shared/venv/bin/activate"
+        env["setup_lines"] = [line for line in env["setup_lines"].split(";;") if line.strip()]
+    return SlurmLauncher(**env)
 
 
 def _launcher():
@@ -27,7 +46,9 @@ def _launcher():
     if kind == "local":
         threads = os.environ.get("DPO_THREADS_PER_RUN")
         return LocalLauncher(threads_per_run=int(threads) if threads else None)
-    raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local'")
+    if kind == "slurm":
+        return _slurm_launcher()
+    raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local' or 'slurm'")
 
 
 def _recipe() -> dict:

@@ -30,7 +30,7 @@ TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_ra
 RECIPES = {
     "tiny": {},
     "original": {"max_steps": 2000, "batch_size": 8, "beta": 0.1, "learning_rate": 5e-6, "logging_steps": 25,
-                 "max_length": 1024, "heldout_max_pairs": 256},
+                 "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_steps": 250},
 }
 
 
@@ -52,6 +52,7 @@ class DpoSettings(dg.ConfigurableResource):
     heldout_max_pairs: int = 64
     balance_groups: bool = False
     gradient_checkpointing: bool = False
+    checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
     device: str = "auto"
 
     def fingerprint(self) -> str:
@@ -72,7 +73,7 @@ def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str
     membership = splits["membership"]
     if split not in set(membership["split"]):
         raise dg.Failure(f"split {split!r} is not in significant_splits (have {sorted(set(membership['split']))}); "
-                         "rematerialize significant_splits or drop the stale partition")
+                         "rematerialize significant_splits or drop the stale partition", allow_retries=False)
     users = membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"]
     return pairs[pairs["user_id"].isin(set(users))]
 
@@ -91,18 +92,21 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     metrics_path, curve_path = run_dir / METRICS_FILE, run_dir / CURVE_FILE
     for path in (metrics_path, curve_path):
         if not path.exists():
-            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see stderr.log there)")
+            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see stderr.log there)",
+                             allow_retries=False)
     try:
         metrics = json.loads(metrics_path.read_text())
     except json.JSONDecodeError as error:
-        raise dg.Failure(f"{metrics_path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise dg.Failure(f"{metrics_path} is not valid JSON ({error.msg} at line {error.lineno})",
+                         allow_retries=False) from None
     try:
         curve = pd.read_parquet(curve_path)
     except Exception as error:  # pyarrow raises several types for a damaged file
-        raise dg.Failure(f"{curve_path} cannot be read as parquet: {error}") from None
+        raise dg.Failure(f"{curve_path} cannot be read as parquet: {error}", allow_retries=False) from None
     missing = [key for key in ("final_heldout_acc", "mean_heldout_acc_tail", "data_version") if key not in metrics]
     if missing or curve.empty:
-        raise dg.Failure(f"{metrics_path} lacks {missing}" if missing else f"{curve_path} has no rows")
+        raise dg.Failure(f"{metrics_path} lacks {missing}" if missing else f"{curve_path} has no rows",
+                         allow_retries=False)
     return metrics, curve
 
 
@@ -110,6 +114,9 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
         pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
+        # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
+        # dg.Failure(allow_retries=False) for the trainer's own errors, which a retry would only repeat.
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL),
         description="One DPO fine-tuning run (TRL DPOTrainer) per partition: cell = baseline or <split>.<A|B> "
                     "(the group's pairs), seed. Output: learning curve (held-out accuracy/margin every log step) "
                     "and summary metrics.",
@@ -117,8 +124,11 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
                       within_model_pairs: pd.DataFrame, significant_splits: dict) -> dg.Output:
         keys = context.partition_key.keys_by_dimension
-        cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))
-        split, group = partitions.parse_cell(cell)
+        try:
+            cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))
+            split, group = partitions.parse_cell(cell)
+        except ValueError as error:  # before anything is written or submitted; a retry would not help
+            raise dg.Failure(str(error), allow_retries=False) from None
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
         run_dir = (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve()
         if run_dir.exists():
@@ -132,6 +142,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
             beta=dpo_settings.beta, learning_rate=dpo_settings.learning_rate, logging_steps=dpo_settings.logging_steps,
             max_length=dpo_settings.max_length, heldout_fraction=dpo_settings.heldout_fraction,
             heldout_max_pairs=dpo_settings.heldout_max_pairs, gradient_checkpointing=dpo_settings.gradient_checkpointing,
+            checkpoint_steps=dpo_settings.checkpoint_steps,
             max_train_pairs=balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
             device=dpo_settings.device, label={"cell": cell, "split": split, "group": group, "seed": seed},
         )

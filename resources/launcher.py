@@ -61,14 +61,17 @@ class LocalLauncher(RunLauncher):
                                        stdout=stdout, stderr=stderr)
             try:
                 code = process.wait()
-            except BaseException:  # the Dagster run was terminated: stop the trainer with it
+            except BaseException as error:  # the Dagster run was terminated: stop the trainer with it
                 context.log.warning(f"stopping the trainer (pid {process.pid})")
                 process.terminate()
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-                raise
+                if isinstance(error, Exception):
+                    raise
+                # An interruption is not a failure worth retrying: the run's retry policy must not restart it.
+                raise dg.Failure(f"the run was terminated: trainer pid {process.pid} stopped", allow_retries=False) from error
         if code != 0:
             raise dg.Failure(
                 description=f"the trainer exited with code {code} (run directory {run_dir}); stderr ends:\n"

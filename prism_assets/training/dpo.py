@@ -7,6 +7,13 @@ TRL's DPOTrainer (fp32 master weights; bf16 autocast on CUDA, fp32 on CPU), eval
 implicit-reward accuracy and margin at every logging step, and writes `run.json`, `curve.parquet` and
 `metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
 data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
+
+Preemption and time limits lose no work: the trainer checkpoints every `checkpoint_steps` and on
+SIGUSR1 (SLURM's warning before the time limit: save, exit REQUEUE_EXIT_CODE so the job requeues
+itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A checkpoint holds model,
+optimizer, scheduler and RNG states (the Trainer's own) and the curve so far; a restarted run resumes
+from the latest complete one, skipping the batches already seen, and ends with the curve and metrics
+of an uninterrupted run.
 """
 
 import argparse
@@ -16,6 +23,8 @@ import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +38,32 @@ from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFI
 TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
                    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
                    "grad_norm": "grad_norm", "learning_rate": "learning_rate"}
+
+
+REQUEUE_EXIT_CODE = 99
+CHECKPOINT_CURVE = "curve_rows.json"
+
+
+class StopRequest:
+    """Remembers SIGUSR1 / SIGTERM so training stops at the end of the current step, after a checkpoint."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def exit_code(self) -> int:
+        return REQUEUE_EXIT_CODE if self.signal == signal.SIGUSR1 else 128 + int(self.signal)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint that was written completely (trainer state and curve both present)."""
+    complete = [p for p in directory.glob("checkpoint-*")
+                if (p / "trainer_state.json").exists() and (p / CHECKPOINT_CURVE).exists()]
+    return max(complete, key=lambda p: int(p.name.rpartition("-")[2]), default=None)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -122,7 +157,8 @@ class HeldoutEvaluator:
                 "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0}
 
 
-def train(cfg: RunConfig, reporter: Reporter) -> dict:
+def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
+    """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint (None)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
     from trl import DPOConfig, DPOTrainer
@@ -142,11 +178,27 @@ def train(cfg: RunConfig, reporter: Reporter) -> dict:
     write_atomic(out / RUN_CONFIG_FILE, json.dumps({
         **dataclasses.asdict(cfg), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
         "device": "cuda" if use_cuda else "cpu", "torch": torch.__version__,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }, indent=2).encode())
     reporter.info(f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
                   f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}")
 
-    rows: list[dict] = []
+    checkpoints = out / "trainer"
+    resume_from = latest_checkpoint(checkpoints)
+    rows: list[dict] = json.loads((resume_from / CHECKPOINT_CURVE).read_text()) if resume_from else []
+    if resume_from:
+        reporter.info(f"resuming from {resume_from} ({len(rows)} logged steps so far)")
+
+    class Checkpointing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # Stop on a logging step: the Trainer keeps no record of a half-filled logging window, so a
+            # checkpoint taken there resumes into exactly the logs of an uninterrupted run.
+            if stop.signal is not None and state.global_step % args.logging_steps == 0:
+                control.should_save = control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            write_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_CURVE,
+                         json.dumps(rows).encode())
 
     class LogCurve(TrainerCallback):
         def on_log(self, args, state, control, logs=None, model=None, **kwargs):
@@ -167,12 +219,18 @@ def train(cfg: RunConfig, reporter: Reporter) -> dict:
         output_dir=str(out / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
         data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogCurve()])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[LogCurve(), Checkpointing()])
     trainer.remove_callback(PrinterCallback)  # LogCurve reports each logged step once, with held-out metrics
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.signal is not None:
+        reporter.info(f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step "
+                      f"{trainer.state.global_step}; exiting with {stop.exit_code()}")
+        return None
 
     curve = pd.DataFrame(rows)
     metrics = summarize_curve(curve, cfg.max_steps)
@@ -183,6 +241,8 @@ def train(cfg: RunConfig, reporter: Reporter) -> dict:
     write_atomic(out / CURVE_FILE, curve_data)
     write_atomic(out / METRICS_FILE, json.dumps(
         {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started}, indent=2).encode())
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     reporter.report({k: v for k, v in metrics.items() if v is not None}, data_version)
     reporter.info(f"finished in {time.perf_counter() - started:.1f} s: heldout_acc {metrics['final_heldout_acc']:.3f}")
     return metrics
@@ -193,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="path of the JSON run config")
     args = parser.parse_args(argv)
     cfg = RunConfig.from_json(args.config)
+    stop = StopRequest()
     reporter = Reporter()
     try:
-        train(cfg, reporter)
+        metrics = train(cfg, reporter, stop)
     except BaseException as error:
         reporter.close(error)
         raise
+    if metrics is None:  # stopped for a requeue: the Pipes channel stays open for the resumed attempt
+        return stop.exit_code()
     reporter.close()
     return 0
 

@@ -34,6 +34,8 @@ class RunConfig:
     heldout_max_pairs: int = 256
     max_train_pairs: int | None = None      # balance_groups: both groups of a split train on this many pairs
     gradient_checkpointing: bool = False
+    checkpoint_steps: int | None = None     # also checkpoint every N steps (a signal always checkpoints)
+    keep_checkpoints: bool = False          # keep <output_dir>/trainer/checkpoint-* after a finished run
     device: str = "auto"                    # "auto", "cpu" or "cuda"
     label: dict = dataclasses.field(default_factory=dict)  # cell / split / group, for humans
 
@@ -48,7 +50,11 @@ class RunConfig:
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
         if missing:
             raise ValueError(f"{path}: run config lacks {missing}")
-        return cls(**raw)
+        config = cls(**raw)
+        if config.checkpoint_steps and config.checkpoint_steps % config.logging_steps:
+            raise ValueError(f"{path}: checkpoint_steps {config.checkpoint_steps} must be a multiple of "
+                             f"logging_steps {config.logging_steps} (a resumed run must log as an uninterrupted one)")
+        return config
 
 
 def pair_hash(pair_id: str) -> int:

@@ -1,0 +1,250 @@
+"""The SLURM launcher: each DPO partition as one sbatch job, watched to its end, cancelled with its run.
+
+Owns the job script (every #SBATCH value validated — sbatch reads those lines without a shell, so
+nothing is quoted there and anything unexpected is refused before submission; shell lines use
+shlex quoting), submission with `sbatch --parsable`, watching with `scontrol show job -o` (falling
+back to `sacct` once the controller forgot the job) under backoff polling and a time budget, the
+mapping of final states to success or to a `dg.Failure` naming state, exit code, the job's stderr tail
+and a hint, and `scancel` when the Dagster run is terminated. SLURM is reached through `SlurmCommands`:
+locally, or on a login node over one multiplexed OpenSSH connection with strict host keys.
+The run directory must be on a filesystem both sides see (the Pipes files and outputs live there).
+"""
+
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from resources.launcher import RunLauncher, tail
+
+JOB_SCRIPT = "job.sbatch"
+REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+TRANSIENT_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}  # worth a retry: not the code's fault
+HINTS = {
+    "TIMEOUT": "the job hit its time limit: raise time_limit, or rerun — the trainer resumes from its last checkpoint",
+    "OUT_OF_MEMORY": "the job ran out of memory: raise mem (or lower batch_size / max_length)",
+    "NODE_FAIL": "a node failed: transient, the partition is retried",
+    "PREEMPTED": "the job was preempted: transient, the partition is retried",
+    "BOOT_FAIL": "the node failed to boot: transient, the partition is retried",
+    "CANCELLED": "the job was cancelled outside this run (scancel?)",
+    "FAILED": "the trainer failed: read the job's stderr below",
+}
+# What sbatch option values may contain: no whitespace, quotes, '#', '$' or newlines.
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@+/-]+$")
+TIME_LIMIT = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+MEMORY = re.compile(r"^\d+[KMGT]?$")
+
+
+def _validated(name: str, value: str, pattern: re.Pattern = SAFE_VALUE) -> str:
+    if not pattern.match(str(value)):
+        raise ValueError(f"SLURM setting {name}={value!r} is not allowed (expected {pattern.pattern})")
+    return str(value)
+
+
+def time_limit_seconds(limit: str) -> int:
+    """sbatch --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = limit.rpartition("-") if "-" in limit else ("0", "", limit)
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in limit:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """`scontrol show job -o` prints one line of Key=Value pairs (values may hold spaces only in a few fields)."""
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+class SlurmCommands:
+    """Runs SLURM's CLI locally, or over SSH when `ssh_host` is set (one multiplexed connection)."""
+
+    def __init__(self, ssh_host=None, ssh_user=None, ssh_port=22, ssh_identity_file=None, ssh_known_hosts_file=None,
+                 ssh_strict_host_keys=True, ssh_control_dir="/tmp/prism-ssh", timeout_s=60.0):
+        self.ssh_host, self.ssh_user, self.ssh_port = ssh_host, ssh_user, ssh_port
+        self.ssh_identity_file, self.ssh_known_hosts_file = ssh_identity_file, ssh_known_hosts_file
+        self.ssh_strict_host_keys, self.ssh_control_dir, self.timeout_s = ssh_strict_host_keys, ssh_control_dir, timeout_s
+
+    def ssh_prefix(self) -> list[str]:
+        control = Path(self.ssh_control_dir)
+        control.mkdir(mode=0o700, parents=True, exist_ok=True)
+        options = ["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
+                   "-o", "ControlPersist=300", "-o", f"StrictHostKeyChecking={'yes' if self.ssh_strict_host_keys else 'accept-new'}",
+                   "-p", str(self.ssh_port)]
+        if self.ssh_known_hosts_file:
+            options += ["-o", f"UserKnownHostsFile={self.ssh_known_hosts_file}"]
+        if self.ssh_identity_file:
+            options += ["-i", self.ssh_identity_file, "-o", "IdentitiesOnly=yes"]
+        target = f"{self.ssh_user}@{self.ssh_host}" if self.ssh_user else str(self.ssh_host)
+        return ["ssh", *options, target, "--"]
+
+    def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        command = [*self.ssh_prefix(), shlex.join(args)] if self.ssh_host else args
+        done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s)
+        if check and done.returncode != 0:
+            where = f" on {self.ssh_host}" if self.ssh_host else ""
+            raise RuntimeError(f"`{shlex.join(args)}`{where} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        return done
+
+
+class SlurmLauncher(RunLauncher):
+    """Submits each run as an sbatch job. Every value is validated before anything is submitted."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str = "02:00:00"
+    cpus_per_task: int = 4
+    mem: str | None = "32G"
+    gpus: int = 1
+    gpu_request: str = "gres"              # "gres" → --gres=gpu[:type]:N, "gpus" → --gpus=[type:]N
+    gpu_type: str | None = None
+    constraint: str | None = None
+    extra_sbatch_args: list[str] = []      # e.g. ["--reservation=ml", "--exclusive"]
+    setup_lines: list[str] = []            # shell lines before the trainer: module load …, source venv/bin/activate
+    job_name_prefix: str = "prism-dpo"
+    requeue: bool = True
+    signal_before_end_s: int = 120         # SIGUSR1 this long before the time limit: checkpoint and requeue
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 30.0
+    queue_wait_budget_s: float = 7 * 86400
+    time_budget_factor: float = 3.0        # watch at most factor × time_limit (+ queue budget) per job
+    ssh_host: str | None = None            # submit on this login node over SSH (None: SLURM's CLI is local)
+    ssh_user: str | None = None
+    ssh_port: int = 22
+    ssh_identity_file: str | None = None   # a key file; credentials come only from configuration or ssh-agent
+    ssh_known_hosts_file: str | None = None
+    ssh_strict_host_keys: bool = True
+    ssh_control_dir: str = "/tmp/prism-ssh"
+
+    @property
+    def commands(self) -> SlurmCommands:
+        return SlurmCommands(self.ssh_host, self.ssh_user, self.ssh_port, self.ssh_identity_file,
+                             self.ssh_known_hosts_file, self.ssh_strict_host_keys, self.ssh_control_dir)
+
+    def sbatch_options(self, run_dir: Path, job_name: str) -> list[str]:
+        _validated("run_dir", str(run_dir))
+        if self.gpu_request not in ("gres", "gpus"):
+            raise ValueError(f"SLURM setting gpu_request={self.gpu_request!r}: expected 'gres' or 'gpus'")
+        options = [f"--job-name={_validated('job_name', job_name)}", f"--output={run_dir}/slurm-%j.out",
+                   f"--error={run_dir}/slurm-%j.err", "--open-mode=append",
+                   f"--time={_validated('time_limit', self.time_limit, TIME_LIMIT)}",
+                   f"--cpus-per-task={int(self.cpus_per_task)}"]
+        for flag, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos),
+                            ("constraint", self.constraint)):
+            if value:
+                options.append(f"--{flag}={_validated(flag, value)}")
+        if self.mem:
+            options.append(f"--mem={_validated('mem', self.mem, MEMORY)}")
+        if self.gpus:
+            kind = f"{_validated('gpu_type', self.gpu_type)}:" if self.gpu_type else ""
+            options.append(f"--gres=gpu:{kind}{int(self.gpus)}" if self.gpu_request == "gres" else f"--gpus={kind}{int(self.gpus)}")
+        if self.requeue:
+            options += ["--requeue", f"--signal=B:USR1@{int(self.signal_before_end_s)}"]
+        for arg in self.extra_sbatch_args:
+            if not arg.startswith("--"):
+                raise ValueError(f"extra sbatch argument {arg!r} must be a --long-option")
+            options.append(_validated("extra_sbatch_args", arg))
+        return options
+
+    def job_script(self, command: list[str], run_dir: Path, env: dict[str, str], job_name: str, cwd: str) -> str:
+        lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in self.sbatch_options(run_dir, job_name)),
+                 "set -uo pipefail", *self.setup_lines, f"cd {shlex.quote(cwd)}"]
+        lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items() if re.match(r"^[A-Z_][A-Z0-9_]*$", name)]
+        # The batch shell receives SLURM's warning signal (B:USR1) and passes it to the trainer, which saves a
+        # checkpoint and exits REQUEUE_EXIT_CODE; the job then puts itself back in the queue and resumes.
+        lines += [
+            f"{shlex.join(command)} &",
+            "child=$!",
+            "trap 'kill -USR1 $child 2>/dev/null' USR1",
+            "trap 'kill -TERM $child 2>/dev/null' TERM",
+            "while true; do wait $child; code=$?; kill -0 $child 2>/dev/null || break; done",
+            f"if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue \"$SLURM_JOB_ID\"; exit 0; fi",
+            "exit $code",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def submit(self, script_path: Path) -> str:
+        done = self.commands.run(["sbatch", "--parsable", str(script_path)], check=False)
+        if done.returncode != 0:
+            raise dg.Failure(f"sbatch rejected the job ({script_path}): {done.stderr.strip() or done.stdout.strip()}",
+                             allow_retries=False)
+        return done.stdout.strip().split(";")[0]
+
+    def job_state(self, job_id: str) -> dict[str, str]:
+        done = self.commands.run(["scontrol", "show", "job", "-o", job_id], check=False)
+        if done.returncode == 0 and "JobState=" in done.stdout:
+            return parse_scontrol(done.stdout)
+        accounting = self.commands.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], check=False)
+        if accounting.returncode == 0 and accounting.stdout.strip():
+            state, exit_code = accounting.stdout.strip().splitlines()[0].split("|")
+            return {"JobState": state.split()[0], "ExitCode": exit_code, "Reason": "from sacct"}
+        raise RuntimeError(f"SLURM knows no job {job_id}: {done.stderr.strip()} {accounting.stderr.strip()}")
+
+    def execute(self, context, command, run_dir, env):
+        job_name = f"{self.job_name_prefix}-{run_dir.parent.name}-{run_dir.name}"
+        script = run_dir / JOB_SCRIPT
+        try:
+            script.write_text(self.job_script(command, run_dir, env, job_name, str(Path.cwd())))
+        except ValueError as error:  # a setting that must not reach sbatch: refused, never retried
+            raise dg.Failure(str(error), allow_retries=False) from None
+        job_id = self.submit(script)
+        context.log.info(f"submitted SLURM job {job_id} ({job_name}); script {script}")
+        context.add_output_metadata({"slurm_job_id": job_id})
+        try:
+            final = self.watch(context, job_id, run_dir)
+        except BaseException as error:
+            context.log.warning(f"cancelling SLURM job {job_id}")
+            self.commands.run(["scancel", job_id], check=False)
+            if isinstance(error, Exception):
+                raise
+            raise dg.Failure(f"the run was terminated: SLURM job {job_id} cancelled", allow_retries=False) from error
+        state, exit_code = final["JobState"], final.get("ExitCode", "?")
+        if state == "COMPLETED" and exit_code.startswith("0:"):
+            return
+        stderr = tail(run_dir / f"slurm-{job_id}.err")
+        raise dg.Failure(
+            description=f"SLURM job {job_id} ended {state} (exit code {exit_code}, reason {final.get('Reason', '?')}). "
+                        f"Hint: {HINTS.get(state, 'see the job stderr')}.\nstderr ends:\n{stderr}",
+            metadata={"slurm_job_id": job_id, "slurm_state": state, "exit_code": exit_code,
+                      "run_dir": dg.MetadataValue.path(str(run_dir))},
+            allow_retries=state in TRANSIENT_STATES,
+        )
+
+    def watch(self, context, job_id: str, run_dir: Path) -> dict[str, str]:
+        budget = self.queue_wait_budget_s + self.time_budget_factor * time_limit_seconds(self.time_limit)
+        deadline, delay = time.monotonic() + budget, self.poll_initial_s
+        last_state, streamed = None, 0
+        while True:
+            info = self.job_state(job_id)
+            state = info["JobState"]
+            streamed = self._stream(context, run_dir / f"slurm-{job_id}.out", streamed)
+            if state != last_state:
+                context.log.info(f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "
+                                 f"restarts {info.get('Restarts', '0')})")
+                last_state, delay = state, self.poll_initial_s
+            if state in TERMINAL_STATES and not (state == "PREEMPTED" and self.requeue):
+                return info
+            if time.monotonic() > deadline:
+                raise dg.Failure(f"SLURM job {job_id} still {state} after {budget:.0f} s: cancelled", allow_retries=False)
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.poll_max_s)
+
+    @staticmethod
+    def _stream(context, path: Path, offset: int) -> int:
+        """Forward new lines of the job's stdout to the Dagster log; returns the new offset."""
+        if not path.exists():
+            return offset
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+        complete = chunk.rfind(b"\n") + 1
+        for line in chunk[:complete].decode(errors="replace").splitlines():
+            context.log.info(f"[slurm stdout] {line}")
+        return offset + complete

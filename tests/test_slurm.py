@@ -1,0 +1,319 @@
+"""The SLURM launcher against the real single-node cluster of scripts/slurm-dev-cluster.sh (2 fake GPUs).
+
+Happy path, then one test per fault: non-zero exit, scancel from outside, time limit, an impossible
+request, `scontrol requeue` in mid-run (resumes to the same metrics), termination of the Dagster run,
+and unsafe names refused before anything is submitted.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from prism_assets import partitions
+from resources.slurm import SlurmLauncher, parse_scontrol, time_limit_seconds
+from test_dpo_assets import UPSTREAM, _definitions, _materialize_partition
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cluster_ready() -> str | None:
+    try:
+        nodes = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=10)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as error:
+        return f"no SLURM CLI: {error}"
+    if nodes.returncode != 0 or "Gres=gpu:2" not in nodes.stdout:
+        return f"no SLURM node with 2 (fake) GPUs: {nodes.stderr.strip() or nodes.stdout.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    problem = _cluster_ready()
+    if problem:
+        if os.environ.get("PRISM_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM tests required but {problem} (start it: SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh)")
+        pytest.skip(problem)
+
+
+def _launcher(**overrides) -> SlurmLauncher:
+    settings = dict(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_initial_s=0.5,
+                    poll_max_s=2.0)
+    return SlurmLauncher(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def cluster_instance(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("slurm")
+    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
+    with dg.instance_for_test() as instance:
+        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        instance.add_dynamic_partitions(partitions.SEED, ["0"])
+        yield tmp_path, instance
+
+
+def _run(cluster_instance, cell, launcher, **settings):
+    tmp_path, instance = cluster_instance
+    assets, resources = _definitions(tmp_path, **{"max_steps": 6, "logging_steps": 2, **settings})
+    resources["launcher"] = launcher
+    return _materialize_partition(assets, resources, instance, cell, 0, raise_on_error=False), tmp_path / "runs" / cell / "seed0"
+
+
+def _failure(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return failure.step_failure_data.error.message
+
+
+def _job(job_id: str) -> dict:
+    return parse_scontrol(subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout)
+
+
+def _job_id(run_dir: Path, timeout: float = 60) -> str:
+    """The id of the job submitted for run_dir, once it runs (read from its stdout file name)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        outs = list(run_dir.glob("slurm-*.out"))
+        if outs:
+            return outs[0].stem.split("-")[1]
+        time.sleep(0.2)
+    raise AssertionError(f"no SLURM job started for {run_dir}")
+
+
+def _in_background(fn):
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_instance):
+    tmp_path, instance = cluster_instance
+    for cell in ("S8_region.A", "S8_region.B"):
+        result, run_dir = _run(cluster_instance, cell, _launcher())
+        assert result.success, _failure(result)
+        [event] = result.get_asset_materialization_events()
+        job_id = event.materialization.metadata["slurm_job_id"].value
+        assert "#SBATCH --gres=gpu:1" in (run_dir / "job.sbatch").read_text()
+        job = _job(job_id)
+        assert job["JobState"] == "COMPLETED" and job["TresPerNode"] == "gres:gpu:1"
+        assert json.loads((run_dir / "run.json").read_text())["cuda_visible_devices"] in ("0", "1")
+        assert (run_dir / f"slurm-{job_id}.out").read_text().count("step 6/6") == 1
+        assert (run_dir / "pipes_messages.jsonl").exists()
+    assets, resources = _definitions(tmp_path)
+    table = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
+                           resources=resources).output_for_node("correspondence_table")["table"]
+    assert table.set_index(["split", "metric"]).loc[("S8_region", "mean_heldout_acc_tail"), "n_seeds"] == 1
+
+
+def test_a_failing_job_names_state_exit_code_and_stderr(cluster_instance, tmp_path):
+    result, _ = _run(cluster_instance, "S1_age.A", _launcher(), base_model=str(tmp_path / "missing-model"))
+    assert not result.success
+    message = _failure(result)
+    assert re.search(r"SLURM job \d+ ended FAILED \(exit code 1:0", message)
+    assert "missing-model" in message and "Hint: the trainer failed" in message
+
+
+def test_a_job_cancelled_outside_dagster_fails_the_partition(cluster_instance):
+    run_dir = cluster_instance[0] / "runs" / "S1_age.B" / "seed0"
+    _in_background(lambda: subprocess.run(["scancel", _job_id(run_dir)]))
+    result, _ = _run(cluster_instance, "S1_age.B", _launcher(), max_steps=400, logging_steps=50)
+    assert not result.success
+    assert "ended CANCELLED" in _failure(result) and "cancelled outside this run" in _failure(result)
+
+
+def test_an_impossible_request_surfaces_sbatchs_message(cluster_instance):
+    result, run_dir = _run(cluster_instance, "S2_education.A", _launcher(gpus=3))
+    assert not result.success
+    message = _failure(result)
+    assert "sbatch rejected the job" in message and "Requested node configuration is not available" in message
+    assert not list(run_dir.glob("slurm-*.out"))
+
+
+def test_unsafe_names_and_values_are_refused_before_submission(cluster_instance, tmp_path):
+    _, instance = cluster_instance
+    jobs_before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
+    instance.add_dynamic_partitions(partitions.CELL, ["S1_age$(touch pwned).A"])
+    result, _ = _run(cluster_instance, "S1_age$(touch pwned).A", _launcher())
+    assert not result.success and "invalid split name" in _failure(result)
+    instance.delete_dynamic_partition(partitions.CELL, "S1_age$(touch pwned).A")
+    for bad in (dict(partition="debug;id"), dict(account="a b"), dict(extra_sbatch_args=["--comment=$(id)"]),
+                dict(time_limit="1:00\n#SBATCH --uid=0"), dict(mem="8G;id"), dict(gpu_type="a100 x")):
+        with pytest.raises(ValueError, match="not allowed"):
+            _launcher(**bad).sbatch_options(tmp_path, "job")
+    with pytest.raises(ValueError, match="--long-option"):
+        _launcher(extra_sbatch_args=["-p debug"]).sbatch_options(tmp_path, "job")
+    assert not Path("pwned").exists()
+    assert subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+
+
+def test_time_limit_forms():
+    assert [time_limit_seconds(t) for t in ("5", "5:30", "1:00:00", "2-3", "1-00:00:10")] == [300, 330, 3600, 183600, 86410]
+
+
+def _release_requeued(job_id_of, stop: threading.Event):
+    """Requeued jobs wait ~2 min (SLURM's begin-time delay); let them start after a few seconds instead
+    (sooner races the controller's cleanup of the previous attempt: "Job credential revoked")."""
+    waiting_since = None
+    while not stop.is_set():
+        job_id = job_id_of()
+        if job_id and _job(job_id).get("Reason") == "BeginTime":
+            waiting_since = waiting_since or time.time()
+            if time.time() - waiting_since > 5:
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True)
+                waiting_since = None
+        else:
+            waiting_since = None
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
+    tmp_path, _ = cluster_instance
+    cell, settings = "S3_personalisation.A", dict(max_steps=60, logging_steps=4, checkpoint_steps=8)
+    run_dir = tmp_path / "runs" / cell / "seed0"
+    stop = threading.Event()
+
+    def requeue_mid_run():
+        job_id = _job_id(run_dir)
+        out = run_dir / f"slurm-{job_id}.out"
+        while "step 20/60" not in (out.read_text() if out.exists() else ""):
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        _release_requeued(lambda: job_id, stop)
+
+    _in_background(requeue_mid_run)
+    result, _ = _run(cluster_instance, cell, _launcher(), **settings)
+    stop.set()
+    assert result.success, _failure(result)
+    job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
+    assert int(_job(job_id)["Restarts"]) == 1
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert "signal SIGTERM: checkpoint saved" in log and "resuming from" in log
+    resumed = pd.read_parquet(run_dir / "curve.parquet")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    # The same run, uninterrupted, straight through the trainer.
+    config = json.loads((run_dir / "config.json").read_text()) | {"output_dir": str(tmp_path / "uninterrupted")}
+    (tmp_path / "uninterrupted.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / "uninterrupted.json")],
+                   check=True, capture_output=True, cwd=REPO)
+    straight = pd.read_parquet(tmp_path / "uninterrupted" / "curve.parquet")
+    pd.testing.assert_frame_equal(resumed, straight, rtol=1e-6, atol=1e-7)
+    assert metrics["data_version"] == json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["data_version"]
+
+
+@pytest.mark.slow
+def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
+    """--time=1 with SLURM's warning 45 s before the end: each attempt checkpoints and requeues itself."""
+    tmp_path, _ = cluster_instance
+    cell = "S4_safety.A"
+    run_dir = tmp_path / "runs" / cell / "seed0"
+    stop = threading.Event()
+    _in_background(lambda: _release_requeued(lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop))
+    result, _ = _run(cluster_instance, cell, _launcher(time_limit="1", signal_before_end_s=45),
+                     max_steps=400, logging_steps=10, checkpoint_steps=50)
+    stop.set()
+    assert result.success, _failure(result)
+    job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
+    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    assert int(_job(job_id)["Restarts"]) >= 1 and "signal SIGUSR1: checkpoint saved" in log
+    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(10, 410, 10))
+
+
+@pytest.mark.slow
+def test_hitting_the_time_limit_without_requeue_names_timeout_and_the_fix(cluster_instance):
+    result, _ = _run(cluster_instance, "S4_safety.B", _launcher(time_limit="1", requeue=False),
+                     max_steps=5000, logging_steps=100)
+    assert not result.success
+    message = _failure(result)
+    assert "ended TIMEOUT" in message and "raise time_limit" in message
+
+
+def test_terminating_the_dagster_run_cancels_the_job(cluster_instance):
+    """A Dagster run in its own process, interrupted like `dagster run terminate` does: the job is scancelled."""
+    tmp_path, _ = cluster_instance
+    script = tmp_path / "terminate_me.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+import dagster as dg
+from test_dpo_assets import UPSTREAM, _definitions, _materialize_partition
+from resources.slurm import SlurmLauncher
+from prism_assets import partitions
+tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})
+assets, resources = _definitions(tmp, max_steps=2000, logging_steps=100)
+resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_max_s=1.0)
+with dg.instance_for_test() as instance:
+    dg.materialize(UPSTREAM, instance=instance, resources=resources)
+    instance.add_dynamic_partitions(partitions.SEED, ["0"])
+    _materialize_partition(assets, resources, instance, "baseline", 0, raise_on_error=False)
+""")
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "terminate" / "runs" / "baseline" / "seed0"
+    job_id = _job_id(run_dir, timeout=120)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0].decode()
+    deadline = time.time() + 30
+    while _job(job_id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _job(job_id)["JobState"] == "CANCELLED", output[-2000:]
+    assert f"cancelling SLURM job {job_id}" in output
+
+
+@pytest.fixture(scope="module")
+def local_sshd(tmp_path_factory):
+    """Debian's OpenSSH server on 127.0.0.1, with its own host key and one authorized user key."""
+    sshd = Path("/usr/sbin/sshd")
+    if not sshd.exists():
+        if os.environ.get("PRISM_REQUIRE_SLURM") == "1":
+            pytest.fail("openssh-server is not installed (make test installs it as root)")
+        pytest.skip("openssh-server is not installed")
+    home = tmp_path_factory.mktemp("ssh")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / name)], check=True)
+    (home / "authorized_keys").write_text((home / "client_key.pub").read_text())
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (home / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {home / 'host_key'}\nPidFile {home / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {home / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    server = subprocess.Popen([str(sshd), "-D", "-e", "-f", str(home / "sshd_config")], stderr=subprocess.PIPE)
+    (home / "known_hosts").write_text(f"[127.0.0.1]:{port} {(home / 'host_key.pub').read_text()}")
+    time.sleep(0.5)
+    yield {"ssh_host": "127.0.0.1", "ssh_port": port, "ssh_identity_file": str(home / "client_key"),
+           "ssh_known_hosts_file": str(home / "known_hosts"), "ssh_control_dir": str(home / "cm")}
+    subprocess.run(["ssh", "-o", f"ControlPath={home / 'cm'}/%C", "-O", "exit", "-p", str(port), "127.0.0.1"],
+                   capture_output=True)
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_ssh_mode_submits_and_watches_through_one_multiplexed_connection(cluster_instance, local_sshd):
+    result, run_dir = _run(cluster_instance, "S5_factuality.A", _launcher(**local_sshd))
+    assert result.success, _failure(result)
+    job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
+    assert _job(job_id)["JobState"] == "COMPLETED"
+    assert json.loads((run_dir / "run.json").read_text())["slurm_job_id"] == job_id
+    assert list(Path(local_sshd["ssh_control_dir"]).iterdir())  # the multiplexing master's socket
+
+
+def test_ssh_mode_refuses_an_unknown_host_key(cluster_instance, local_sshd, tmp_path):
+    (tmp_path / "empty_known_hosts").write_text("")
+    settings = local_sshd | {"ssh_known_hosts_file": str(tmp_path / "empty_known_hosts"),
+                             "ssh_control_dir": str(tmp_path / "cm")}
+    result, _ = _run(cluster_instance, "S5_factuality.B", _launcher(**settings))
+    assert not result.success
+    assert "sbatch rejected the job" in _failure(result) and "Host key verification failed" in _failure(result)
