@@ -7,6 +7,7 @@ trainer and launcher write) and reading a finished run back: a missing or corrup
 partition with an error naming the file.
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -136,15 +137,12 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         run_dir.mkdir(parents=True)
         pairs.to_parquet(run_dir / "pairs.parquet", index=False)
         balance = dpo_settings.balance_groups and split is not None
+        shared = {f.name for f in dataclasses.fields(RunConfig)} & set(DpoSettings.model_fields)
         config = RunConfig(
+            **{name: getattr(dpo_settings, name) for name in shared - {"base_model"}},
             base_model=dpo_settings.resolved_base_model(), pairs_path=str(run_dir / "pairs.parquet"),
-            output_dir=str(run_dir), seed=seed, max_steps=dpo_settings.max_steps, batch_size=dpo_settings.batch_size,
-            beta=dpo_settings.beta, learning_rate=dpo_settings.learning_rate, logging_steps=dpo_settings.logging_steps,
-            max_length=dpo_settings.max_length, heldout_fraction=dpo_settings.heldout_fraction,
-            heldout_max_pairs=dpo_settings.heldout_max_pairs, gradient_checkpointing=dpo_settings.gradient_checkpointing,
-            checkpoint_steps=dpo_settings.checkpoint_steps,
+            output_dir=str(run_dir), seed=seed, label={"cell": cell, "split": split, "group": group, "seed": seed},
             max_train_pairs=balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
-            device=dpo_settings.device, label={"cell": cell, "split": split, "group": group, "seed": seed},
         )
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(config.__dict__, indent=2))

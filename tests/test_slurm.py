@@ -221,13 +221,13 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
     stop = threading.Event()
     _in_background(lambda: _release_requeued(lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop))
     result, _ = _run(cluster_instance, cell, _launcher(time_limit="1", signal_before_end_s=45),
-                     max_steps=400, logging_steps=10, checkpoint_steps=50)
+                     max_steps=200, logging_steps=10, checkpoint_steps=50)
     stop.set()
     assert result.success, _failure(result)
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
     log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert int(_job(job_id)["Restarts"]) >= 1 and "signal SIGUSR1: checkpoint saved" in log
-    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(10, 410, 10))
+    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(10, 210, 10))
 
 
 @pytest.mark.slow
