@@ -55,7 +55,8 @@ def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str)
             ax.fill_between(mean.index, by_step.min().values, by_step.max().values, color=color, alpha=0.2)
         ax.set_title(f"{split.split}  predicted {split.predicted}", fontsize=9)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a split without runs yet has nothing to label
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes[0][0].set_ylabel(metric)
