@@ -140,8 +140,8 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         shared = {f.name for f in dataclasses.fields(RunConfig)} & set(DpoSettings.model_fields)
         config = RunConfig(
             **{name: getattr(dpo_settings, name) for name in shared - {"base_model"}},
-            base_model=dpo_settings.resolved_base_model(), pairs_path=str(run_dir / "pairs.parquet"),
-            output_dir=str(run_dir), seed=seed, label={"cell": cell, "split": split, "group": group, "seed": seed},
+            base_model=dpo_settings.resolved_base_model(), pairs_path="pairs.parquet", output_dir=".", seed=seed,
+            label={"cell": cell, "split": split, "group": group, "seed": seed},
             max_train_pairs=balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
         )
         config_path = run_dir / "config.json"

@@ -37,12 +37,15 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
         messages.unlink(missing_ok=True)
         with dg.open_pipes_session(
             context=context,
-            context_injector=dg.PipesFileContextInjector(str(directory / PIPES_CONTEXT_FILE)),
+            context_injector=self.context_injector(directory),
             message_reader=dg.PipesFileMessageReader(str(messages), cleanup_file=False),
             extras=extras,
         ) as session:
             self.execute(context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()})
         return dg.PipesClientCompletedInvocation(session)
+
+    def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
+        return dg.PipesFileContextInjector(str(run_dir / PIPES_CONTEXT_FILE))
 
     def execute(self, context: dg.AssetExecutionContext, command: list[str], run_dir: Path, env: dict[str, str]) -> None:
         raise NotImplementedError

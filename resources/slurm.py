@@ -7,18 +7,20 @@ back to `sacct` once the controller forgot the job) under backoff polling and a 
 mapping of final states to success or to a `dg.Failure` naming state, exit code, the job's stderr tail
 and a hint, and `scancel` when the Dagster run is terminated. SLURM is reached through `SlurmCommands`:
 locally, or on a login node over one multiplexed OpenSSH connection with strict host keys.
-The run directory must be on a filesystem both sides see (the Pipes files and outputs live there).
+The run directory is on a filesystem both sides see, or, with `remote_runs_dir` in SSH mode, mirrored:
+inputs copied to the cluster, Pipes messages and job output tailed back over SSH, outputs fetched.
 """
 
 import re
 import shlex
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import dagster as dg
+from dagster_pipes import decode_env_var, encode_env_var
 
-from resources.launcher import RunLauncher, tail
+from resources.launcher import PIPES_MESSAGES_FILE, RunLauncher, tail
 
 JOB_SCRIPT = "job.sbatch"
 REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
@@ -84,6 +86,29 @@ class SlurmCommands:
         target = f"{self.ssh_user}@{self.ssh_host}" if self.ssh_user else str(self.ssh_host)
         return ["ssh", *options, target, "--"]
 
+    def scp_options(self) -> list[str]:
+        ssh = self.ssh_prefix()
+        options = [o for o in ssh[1:-2] if o != "-p" and o != str(self.ssh_port)]
+        return [*options, "-P", str(self.ssh_port), "-q"]
+
+    def target(self) -> str:
+        return f"{self.ssh_user}@{self.ssh_host}" if self.ssh_user else str(self.ssh_host)
+
+    def upload(self, files: list[Path], remote_dir: str) -> None:
+        self.run(["mkdir", "-p", remote_dir])
+        done = subprocess.run(["scp", *self.scp_options(), *map(str, files), f"{self.target()}:{remote_dir}/"],
+                              capture_output=True, text=True, timeout=self.timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"copying {len(files)} files to {self.ssh_host}:{remote_dir} failed: {done.stderr.strip()}")
+
+    def read_from(self, remote_path: str, offset: int) -> bytes:
+        """The bytes of a remote file from `offset` on (nothing if it does not exist yet)."""
+        command = f"test -f {shlex.quote(remote_path)} && tail -c +{offset + 1} {shlex.quote(remote_path)} || true"
+        done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"reading {self.ssh_host}:{remote_path} failed: {done.stderr.decode(errors='replace').strip()}")
+        return done.stdout
+
     def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         command = [*self.ssh_prefix(), shlex.join(args)] if self.ssh_host else args
         done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s)
@@ -122,6 +147,10 @@ class SlurmLauncher(RunLauncher):
     ssh_known_hosts_file: str | None = None
     ssh_strict_host_keys: bool = True
     ssh_control_dir: str = "/tmp/prism-ssh"
+    # Where run directories live on the cluster when the Dagster host does not see its filesystem (SSH mode):
+    # inputs are copied there, the Pipes messages and the job's stdout/stderr are tailed over SSH, outputs
+    # copied back. Unset: the run directory is on a filesystem both sides share, at the same path.
+    remote_runs_dir: str | None = None
 
     @property
     def commands(self) -> SlurmCommands:
@@ -187,24 +216,47 @@ class SlurmLauncher(RunLauncher):
             return {"JobState": state.split()[0], "ExitCode": exit_code, "Reason": "from sacct"}
         raise RuntimeError(f"SLURM knows no job {job_id}: {done.stderr.strip()} {accounting.stderr.strip()}")
 
+    def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
+        # A remote job cannot read a context file on the Dagster host: the context travels in its environment.
+        return dg.PipesEnvContextInjector() if self.remote_runs_dir else super().context_injector(run_dir)
+
+    def remote_dir(self, run_dir: Path) -> str | None:
+        if not self.remote_runs_dir:
+            return None
+        if not self.ssh_host:
+            raise ValueError("SLURM setting remote_runs_dir needs ssh_host (a remote cluster is reached over SSH)")
+        return str(PurePosixPath(self.remote_runs_dir) / run_dir.parent.name / run_dir.name)
+
     def execute(self, context, command, run_dir, env):
         job_name = f"{self.job_name_prefix}-{run_dir.parent.name}-{run_dir.name}"
         script = run_dir / JOB_SCRIPT
         try:
-            script.write_text(self.job_script(command, run_dir, env, job_name, str(Path.cwd())))
+            remote = self.remote_dir(run_dir)
+            if remote:  # the job sees the mirrored run directory: its paths, its messages file
+                env = {**env, "DAGSTER_PIPES_MESSAGES": encode_env_var(
+                    {**decode_env_var(env["DAGSTER_PIPES_MESSAGES"]), "path": f"{remote}/{PIPES_MESSAGES_FILE}"})}
+                command = [arg.replace(str(run_dir), remote) for arg in command]
+            job_dir = Path(remote) if remote else run_dir
+            script.write_text(self.job_script(command, job_dir, env, job_name, remote or str(Path.cwd())))
         except ValueError as error:  # a setting that must not reach sbatch: refused, never retried
             raise dg.Failure(str(error), allow_retries=False) from None
-        job_id = self.submit(script)
-        context.log.info(f"submitted SLURM job {job_id} ({job_name}); script {script}")
+        if remote:
+            self.commands.upload([p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != PIPES_MESSAGES_FILE],
+                                 remote)
+        job_id = self.submit(job_dir / JOB_SCRIPT)
+        context.log.info(f"submitted SLURM job {job_id} ({job_name}); script {job_dir / JOB_SCRIPT}"
+                         + (f" on {self.ssh_host}" if self.ssh_host else ""))
         context.add_output_metadata({"slurm_job_id": job_id})
         try:
-            final = self.watch(context, job_id, run_dir)
+            final = self.watch(context, job_id, run_dir, remote)
         except BaseException as error:
             context.log.warning(f"cancelling SLURM job {job_id}")
             self.commands.run(["scancel", job_id], check=False)
             if isinstance(error, Exception):
                 raise
             raise dg.Failure(f"the run was terminated: SLURM job {job_id} cancelled", allow_retries=False) from error
+        if remote:
+            self.fetch(remote, run_dir, job_id)
         state, exit_code = final["JobState"], final.get("ExitCode", "?")
         if state == "COMPLETED" and exit_code.startswith("0:"):
             return
@@ -217,13 +269,32 @@ class SlurmLauncher(RunLauncher):
             allow_retries=state in TRANSIENT_STATES,
         )
 
-    def watch(self, context, job_id: str, run_dir: Path) -> dict[str, str]:
+    def mirror(self, remote: str, run_dir: Path, names: list[str]) -> None:
+        """Append what the remote files gained since the last call to their local copies."""
+        for name in names:
+            local = run_dir / name
+            offset = local.stat().st_size if local.exists() else 0
+            data = self.commands.read_from(f"{remote}/{name}", offset)
+            if data:
+                with open(local, "ab") as handle:
+                    handle.write(data)
+
+    def fetch(self, remote: str, run_dir: Path, job_id: str) -> None:
+        """The job's final output and the trainer's results, copied back from the cluster."""
+        self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
+        for name in ("run.json", "curve.parquet", "metrics.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        self.mirror(remote, run_dir, ["run.json", "curve.parquet", "metrics.json"])
+
+    def watch(self, context, job_id: str, run_dir: Path, remote: str | None = None) -> dict[str, str]:
         budget = self.queue_wait_budget_s + self.time_budget_factor * time_limit_seconds(self.time_limit)
         deadline, delay = time.monotonic() + budget, self.poll_initial_s
         last_state, streamed = None, 0
         while True:
             info = self.job_state(job_id)
             state = info["JobState"]
+            if remote:
+                self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
             streamed = self._stream(context, run_dir / f"slurm-{job_id}.out", streamed)
             if state != last_state:
                 context.log.info(f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "

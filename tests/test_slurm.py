@@ -203,7 +203,8 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
     # The same run, uninterrupted, straight through the trainer.
-    config = json.loads((run_dir / "config.json").read_text()) | {"output_dir": str(tmp_path / "uninterrupted")}
+    config = json.loads((run_dir / "config.json").read_text()) | {
+        "output_dir": str(tmp_path / "uninterrupted"), "pairs_path": str(run_dir / "pairs.parquet")}
     (tmp_path / "uninterrupted.json").write_text(json.dumps(config))
     subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / "uninterrupted.json")],
                    check=True, capture_output=True, cwd=REPO)
@@ -288,7 +289,7 @@ def local_sshd(tmp_path_factory):
     (home / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {home / 'host_key'}\nPidFile {home / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {home / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n")
+        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
     Path("/run/sshd").mkdir(exist_ok=True)
     server = subprocess.Popen([str(sshd), "-D", "-e", "-f", str(home / "sshd_config")], stderr=subprocess.PIPE)
     (home / "known_hosts").write_text(f"[127.0.0.1]:{port} {(home / 'host_key.pub').read_text()}")
@@ -317,3 +318,19 @@ def test_ssh_mode_refuses_an_unknown_host_key(cluster_instance, local_sshd, tmp_
     result, _ = _run(cluster_instance, "S5_factuality.B", _launcher(**settings))
     assert not result.success
     assert "sbatch rejected the job" in _failure(result) and "Host key verification failed" in _failure(result)
+
+
+def test_ssh_mode_with_a_remote_run_directory_mirrors_inputs_messages_and_outputs(cluster_instance, local_sshd, tmp_path):
+    """The cluster's filesystem is not the Dagster host's: the run directory is copied over and tailed back."""
+    remote_root = tmp_path / "cluster-scratch"
+    result, run_dir = _run(cluster_instance, "S6_helpfulness.A", _launcher(**local_sshd, remote_runs_dir=str(remote_root)))
+    assert result.success, _failure(result)
+    remote = remote_root / "S6_helpfulness.A" / "seed0"
+    assert (remote / "pairs.parquet").exists() and (remote / "metrics.json").exists()
+    assert f"#SBATCH --output={remote}/slurm-%j.out" in (run_dir / "job.sbatch").read_text()
+    assert not (run_dir / "pipes_context.json").exists()  # the context travelled in the job's environment
+    assert (run_dir / "metrics.json").read_bytes() == (remote / "metrics.json").read_bytes()
+    assert (run_dir / "curve.parquet").read_bytes() == (remote / "curve.parquet").read_bytes()
+    assert "report_asset_materialization" in (run_dir / "pipes_messages.jsonl").read_text()
+    job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
+    assert "step 6/6" in (run_dir / f"slurm-{job_id}.out").read_text()

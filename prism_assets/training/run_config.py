@@ -20,7 +20,7 @@ RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metric
 @dataclasses.dataclass
 class RunConfig:
     base_model: str
-    pairs_path: str
+    pairs_path: str                         # relative paths: relative to the config file's directory
     output_dir: str
     seed: int
     user_ids: list[str] | None = None       # train on these users' pairs only (None: all pairs in the file)
@@ -51,6 +51,9 @@ class RunConfig:
         if missing:
             raise ValueError(f"{path}: run config lacks {missing}")
         config = cls(**raw)
+        # Relative paths are relative to the config file: a run directory can move (to a cluster) whole.
+        here = Path(path).resolve().parent
+        config.pairs_path, config.output_dir = str(here / config.pairs_path), str(here / config.output_dir)
         if config.checkpoint_steps and config.checkpoint_steps % config.logging_steps:
             raise ValueError(f"{path}: checkpoint_steps {config.checkpoint_steps} must be a multiple of "
                              f"logging_steps {config.logging_steps} (a resumed run must log as an uninterrupted one)")
