@@ -4,16 +4,14 @@ Owns `build_tiny_qwen2(directory)`: a byte-level BPE tokenizer trained with Qwen
 pipeline (so `AutoTokenizer`, which loads it as `Qwen2Tokenizer`, gives the same ids as the trained
 tokenizer), Qwen's chat template with <|im_start|>/<|im_end|>, and a 2-layer Qwen2 (hidden 64) with
 seeded weights. It loads through the same `AutoModelForCausalLM`/`AutoTokenizer` path as
-`Qwen/Qwen2.5-0.5B-Instruct`, so the whole pipeline runs on a CPU in minutes.
+`Qwen/Qwen2.5-0.5B-Instruct`, so the whole pipeline runs on a CPU in minutes. torch, tokenizers and
+transformers are imported inside the builders: the Dagster code location imports this module, and must
+not pay seconds of imports for a model it only builds once.
 """
 
 import hashlib
 import json
 from pathlib import Path
-
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 TINY = "tiny"
 VOCAB_SIZE = 2048
@@ -39,7 +37,10 @@ def _corpus() -> list[str]:
     return texts
 
 
-def train_tokenizer() -> PreTrainedTokenizerFast:
+def train_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -61,6 +62,9 @@ def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
         return directory
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     staging = directory.with_name(directory.name + ".building")
     staging.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
