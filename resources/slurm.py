@@ -73,23 +73,24 @@ class SlurmCommands:
         self.ssh_identity_file, self.ssh_known_hosts_file = ssh_identity_file, ssh_known_hosts_file
         self.ssh_strict_host_keys, self.ssh_control_dir, self.timeout_s = ssh_strict_host_keys, ssh_control_dir, timeout_s
 
-    def ssh_prefix(self) -> list[str]:
+    def ssh_options(self, port_flag: str) -> list[str]:
+        """Options shared by ssh (`-p PORT`) and scp (`-P PORT`): one multiplexed master, strict host keys."""
         control = Path(self.ssh_control_dir)
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
         options = ["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
                    "-o", "ControlPersist=300", "-o", f"StrictHostKeyChecking={'yes' if self.ssh_strict_host_keys else 'accept-new'}",
-                   "-p", str(self.ssh_port)]
+                   port_flag, str(self.ssh_port)]
         if self.ssh_known_hosts_file:
             options += ["-o", f"UserKnownHostsFile={self.ssh_known_hosts_file}"]
         if self.ssh_identity_file:
             options += ["-i", self.ssh_identity_file, "-o", "IdentitiesOnly=yes"]
-        target = f"{self.ssh_user}@{self.ssh_host}" if self.ssh_user else str(self.ssh_host)
-        return ["ssh", *options, target, "--"]
+        return options
+
+    def ssh_prefix(self) -> list[str]:
+        return ["ssh", *self.ssh_options("-p"), self.target(), "--"]
 
     def scp_options(self) -> list[str]:
-        ssh = self.ssh_prefix()
-        options = [o for o in ssh[1:-2] if o != "-p" and o != str(self.ssh_port)]
-        return [*options, "-P", str(self.ssh_port), "-q"]
+        return [*self.ssh_options("-P"), "-q"]
 
     def target(self) -> str:
         return f"{self.ssh_user}@{self.ssh_host}" if self.ssh_user else str(self.ssh_host)
