@@ -194,7 +194,10 @@ class SlurmLauncher(RunLauncher):
             "child=$!",
             "trap 'kill -USR1 $child 2>/dev/null' USR1",
             "trap 'kill -TERM $child 2>/dev/null' TERM",
-            "while true; do wait $child; code=$?; kill -0 $child 2>/dev/null || break; done",
+            # A trapped signal interrupts `wait` (status 128+n); wait again until the trainer is gone, then
+            # read its own exit status (bash keeps it for `wait PID`).
+            "while kill -0 $child 2>/dev/null; do wait $child; done",
+            "wait $child; code=$?",
             f"if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue \"$SLURM_JOB_ID\"; exit 0; fi",
             "exit $code",
         ]

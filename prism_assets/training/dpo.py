@@ -29,11 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
+# SLURM's warning signal can come while torch and TRL are still importing (seconds): remember it from
+# here on instead of dying of it; StopRequest takes these over.
+_EARLY_SIGNALS: list[int] = []
+for _sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-from prism_assets.training.metrics import summarize_curve
-from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from prism_assets.training.metrics import summarize_curve  # noqa: E402
+from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout  # noqa: E402
 
 TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
                    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
@@ -48,7 +54,7 @@ class StopRequest:
     """Remembers SIGUSR1 / SIGTERM so training stops at the end of the current step, after a checkpoint."""
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal: int | None = _EARLY_SIGNALS[-1] if _EARLY_SIGNALS else None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
