@@ -6,11 +6,13 @@ every dropped row counted by reason. The logic lives in `prism_assets.prism`; th
 """
 
 
+import sys
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
+from prism_assets import versions
 from prism_assets.prism import loading, pairs as pairs_lib, schema, synthetic
 
 SYNTHETIC, HUB = "synthetic", "hf"
@@ -53,7 +55,8 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 
 @dg.asset(
-    group_name="data", kinds={"parquet"}, code_version="1",
+    group_name="data", kinds={"parquet"}, owners=versions.OWNERS,
+    code_version=versions.source_version(sys.modules[__name__], loading, schema, synthetic),
     description="PRISM survey, conversations and utterances as typed tables (the embedded default is SYNTHETIC: "
                 "generated in the real schema with planted effects). Metadata names the source and counts dropped rows.",
 )
@@ -80,7 +83,8 @@ class PairsConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="data", kinds={"parquet"}, code_version="1",
+    group_name="data", kinds={"parquet"}, owners=versions.OWNERS,
+    code_version=versions.source_version(sys.modules[__name__], pairs_lib),
     description="Within-model preference pairs: two responses of one model to one later turn (turn ≥ 1), "
                 "scored apart; chosen = higher score; prompt = the conversation up to that turn as chat messages.",
 )

@@ -8,6 +8,8 @@ The only module that reads environment variables. One switch per concern:
 - DPO_BASE_MODEL: "tiny" (default, built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a path;
 - DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …);
 - DPO_LAUNCHER: "local" (default) or "slurm"; DPO_THREADS_PER_RUN: CPU threads of one local run;
+- PRISM_SEED_SCHEDULE_CRON / PRISM_SEEDS_PER_TICK: the add_seeds schedule (default "0 2 * * 0", 2 seeds);
+  PRISM_AUTOMATION=running starts the schedule and sensors by default (else they start stopped);
 - PRISM_SLURM_*: the SLURM launcher's settings (README, "Running on a SLURM cluster"). They are not
   named SLURM_* because srun and the jobs themselves read SLURM_* variables.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from prism_assets import data, dpo, report, stats
+from prism_assets import automation, data, dpo, report, stats
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 from resources.slurm import SlurmLauncher
@@ -83,4 +85,17 @@ RESOURCES = {
     "launcher": _launcher(),
 }
 
-defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=RESOURCES)
+def _automation_running() -> bool:
+    value = os.environ.get("PRISM_AUTOMATION", "stopped")
+    if value not in ("stopped", "running"):
+        raise ValueError(f"PRISM_AUTOMATION={value!r}: expected 'stopped' or 'running'")
+    return value == "running"
+
+
+RUNNING = _automation_running()
+SCHEDULES = [automation.build_add_seeds_schedule(os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"),
+                                                 int(os.environ.get("PRISM_SEEDS_PER_TICK", "2")), RUNNING)]
+SENSORS = [automation.build_new_cells_sensor(RUNNING), automation.build_report_sensor(RUNNING)]
+
+defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=RESOURCES,
+                      jobs=[automation.dpo_job, automation.report_job], schedules=SCHEDULES, sensors=SENSORS)

@@ -17,12 +17,15 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from prism_assets import partitions
+from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout
 from resources.launcher import RunLauncher
 
-CODE_VERSION = "1"
+# What a DPO run computes: this module (pairs of a cell, run config) and the trainer's modules.
+CODE_VERSION = versions.source_version(
+    sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.logps", "prism_assets.training.metrics",
+    "prism_assets.training.run_config", "prism_assets.training.tiny_model")
 TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "max_length",
                    "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
 
@@ -114,7 +117,7 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
-        pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
+        owners=versions.OWNERS, pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
         # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
         # dg.Failure(allow_retries=False) for the trainer's own errors, which a retry would only repeat.
         retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL),

@@ -6,20 +6,16 @@ markdown and parquet, and PNG learning curves of each split's groups (mean and m
 seeds) embedded in the materialization and written under the DPO settings' `reports_dir`.
 """
 
-import base64
-import io
+import sys
 from pathlib import Path
 
 import dagster as dg
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from prism_assets.data import markdown_table  # noqa: E402
-from prism_assets.dpo import DpoSettings  # noqa: E402
-from prism_assets.prism import correspondence  # noqa: E402
+from prism_assets import plots, versions
+from prism_assets.data import markdown_table
+from prism_assets.dpo import DpoSettings
+from prism_assets.prism import correspondence
 
 
 class ReportConfig(dg.Config):
@@ -39,34 +35,6 @@ def curves_table(runs: dict) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str) -> bytes:
-    names = list(splits["split"])
-    columns = min(4, max(1, len(names)))
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False, sharey=True)
-    for ax, split in zip(axes.flat, splits.itertuples()):
-        for group, color in (("A", "tab:blue"), ("B", "tab:orange")):
-            data = curves[(curves["split"] == split.split) & (curves["group"] == group)]
-            if data.empty:
-                continue
-            by_step = data.groupby("step")[metric]
-            mean = by_step.mean()
-            ax.plot(mean.index, mean.values, color=color, label=f"{group} (n={data['seed'].nunique()} seeds)")
-            ax.fill_between(mean.index, by_step.min().values, by_step.max().values, color=color, alpha=0.2)
-        ax.set_title(f"{split.split}  predicted {split.predicted}", fontsize=9)
-        ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:  # a split without runs yet has nothing to label
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel(metric)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
 def _format_table(table: pd.DataFrame) -> pd.DataFrame:
     def ci(row):
         if pd.isna(row["ci_low"]):
@@ -82,7 +50,8 @@ def _format_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 @dg.asset(
-    group_name="report", kinds={"pandas"}, code_version="1",
+    group_name="report", kinds={"pandas"}, owners=versions.OWNERS,
+    code_version=versions.source_version(sys.modules[__name__], plots, correspondence),
     ins={"group_dpo_run": dg.AssetIn(metadata={"allow_missing_partitions": True})},
     description="Per split: does the DPO difference between groups A and B (held-out accuracy primary) follow "
                 "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
@@ -99,7 +68,7 @@ def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig
     table = correspondence.correspondence(diffs, splits)
     primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
     curves = curves_table(group_dpo_run)
-    png = learning_curve_plot(curves[curves["split"].notna()], splits, config.curve_metric)
+    png = plots.learning_curve_plot(curves[curves["split"].notna()], splits, config.curve_metric)
     reports = Path(dpo_settings.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "learning_curves.png").write_bytes(png)
@@ -111,8 +80,7 @@ def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig
             f"({len(runs)} runs, seeds {sorted(runs['seed'].unique().tolist())})\n\n"
             + markdown_table(_format_table(primary))),
         "secondary_metrics": dg.MetadataValue.md("\n\n".join(f"**{correspondence.METRICS[m]}**\n\n{t}" for m, t in secondary.items())),
-        "learning_curves": dg.MetadataValue.md(
-            f"![learning curves](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "learning_curves": dg.MetadataValue.md(plots.markdown_image(png, "learning curves")),
         "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
         "num_runs": len(runs),
         "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),

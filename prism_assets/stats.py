@@ -6,10 +6,12 @@ their rule, predicted direction and group sizes in users and pairs.
 """
 
 
+import sys
+
 import dagster as dg
 import pandas as pd
 
-from prism_assets import partitions
+from prism_assets import partitions, plots, versions
 from prism_assets.data import markdown_table
 from prism_assets.prism import ordered_logit, splits as splits_lib
 
@@ -21,9 +23,11 @@ class OrderedLogitConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="statistics", kinds={"statsmodels"}, code_version="1",
+    group_name="statistics", kinds={"statsmodels"}, owners=versions.OWNERS,
+    code_version=versions.source_version(sys.modules[__name__], plots, ordered_logit),
     description="Ordered logit of the score gap's quartile bin (Y ∈ 1..4) on user covariates; statsmodels "
-                "OrderedModel(logit), standard errors clustered by user. Coefficient table as markdown.",
+                "OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and plot with 95% CIs, "
+                "score-gap histogram with the quartile boundaries.",
 )
 def ordered_logit_fit(context: dg.AssetExecutionContext, config: OrderedLogitConfig, raw_prism: dict,
                       within_model_pairs: pd.DataFrame) -> dict:
@@ -34,6 +38,9 @@ def ordered_logit_fit(context: dg.AssetExecutionContext, config: OrderedLogitCon
     table = fit.coefficients[["term", "beta", "se", "z", "p", "ci_low", "ci_high"]]
     context.add_output_metadata({
         "coefficients": dg.MetadataValue.md(markdown_table(table, ".4g")),
+        "coefficient_plot": dg.MetadataValue.md(plots.markdown_image(plots.coefficient_plot(table), "coefficients")),
+        "score_gap_histogram": dg.MetadataValue.md(plots.markdown_image(
+            plots.score_gap_histogram(within_model_pairs["score_gap"], fit.boundaries), "score-gap histogram")),
         "quartile_boundaries": dg.MetadataValue.json(fit.boundaries),
         "thresholds": dg.MetadataValue.json(fit.thresholds),
         "reference_levels": dg.MetadataValue.json(fit.reference_levels),
@@ -86,7 +93,8 @@ def register_cells(instance: dg.DagsterInstance, split_names: list[str]) -> list
 
 
 @dg.asset(
-    group_name="statistics", kinds={"pandas"}, code_version="1",
+    group_name="statistics", kinds={"pandas"}, owners=versions.OWNERS,
+    code_version=versions.source_version(sys.modules[__name__], plots, splits_lib, partitions),
     description="Two-group user splits: one per covariate significant in the ordered logit (or the v3 preset's "
                 "eight), each with its predicted direction, plus the Europe-vs-Americas null control.",
 )
