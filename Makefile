@@ -25,15 +25,17 @@ storage/dagster.yaml: dagster.yaml
 run: install storage/dagster.yaml
 	$(BIN)/python -m prism_assets run
 
-# The SLURM tests need the local single-node cluster (2 fake GPUs) and the SSH tests Debian's
-# openssh-server; as root both are installed and the cluster started, elsewhere start them yourself
+# The SLURM tests need the local single-node cluster (2 fake GPUs), the SSH tests Debian's
+# openssh-server and the browser test Debian's chromium (driven by Playwright, which downloads no
+# browser); as root all are installed and the cluster started, elsewhere install them yourself
 # (make slurm-up) or run `make test-fast`.
+DEBIAN_TEST_PACKAGES := openssh-server chromium fonts-dejavu-core
 test: install storage/dagster.yaml
 	@if [ "$$(id -u)" = 0 ]; then \
-	  [ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends openssh-server >/dev/null); \
+	  [ -x /usr/sbin/sshd ] && [ -x /usr/bin/chromium ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(DEBIAN_TEST_PACKAGES) >/dev/null); \
 	  SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh; fi
-	PRISM_REQUIRE_SLURM=1 $(BIN)/python -m pytest
+	PRISM_REQUIRE_SLURM=1 PRISM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test-fast: install storage/dagster.yaml
 	$(BIN)/python -m pytest -m 'not slow and not slurm'

@@ -5,8 +5,9 @@ The only module that reads environment variables. One switch per concern:
   directory holding PRISM's survey/conversations/utterances jsonl files;
 - PRISM_SYNTHETIC_USERS / PRISM_SYNTHETIC_SEED: size and seed of the synthetic PRISM;
 - PRISM_STORAGE: where asset outputs, run directories and models live (default storage/);
-- DPO_BASE_MODEL: "tiny" (default, built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a path;
-- DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …);
+- DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …), and on top of it
+  DPO_<FIELD> for any DpoSettings field: DPO_BASE_MODEL ("tiny", built offline, a hub id such as
+  Qwen/Qwen2.5-0.5B-Instruct, or a path), DPO_LEARNING_RATE, DPO_MAX_STEPS, DPO_PYTHON, …;
 - DPO_LAUNCHER: "local" (default) or "slurm"; DPO_THREADS_PER_RUN: CPU threads of one local run;
 - PRISM_SEED_SCHEDULE_CRON / PRISM_SEEDS_PER_TICK: the add_seeds schedule (default "0 2 * * 0", 2 seeds);
   PRISM_AUTOMATION=running starts the schedule and sensors by default (else they start stopped);
@@ -18,8 +19,9 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import TypeAdapter, ValidationError
 
-from prism_assets import automation, data, dpo, report, stats
+from prism_assets import automation, data, dpo, report, stats, versions
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 from resources.slurm import SlurmLauncher
@@ -27,20 +29,36 @@ from resources.slurm import SlurmLauncher
 STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
 
 
+def settings_from_env(prefix: str, settings: type[dg.ConfigurableResource], ignore: tuple[str, ...] = (),
+                      lists: dict | None = None) -> dict:
+    """<prefix><FIELD>=value for each field of `settings`, converted to the field's type.
+
+    `lists` maps a list-valued field to how its one string is split. A variable with the prefix that names no
+    field is an error (a typo must not be silently ignored), except those in `ignore`.
+    """
+    values = {}
+    for key, raw in os.environ.items():
+        if not key.startswith(prefix) or key in ignore:
+            continue
+        name = key.removeprefix(prefix).lower()
+        if name not in settings.model_fields:
+            raise ValueError(f"{key}: {settings.__name__} has no setting {name!r}; "
+                             f"settings: {', '.join(sorted(settings.model_fields))}")
+        value = (lists or {}).get(name, lambda text: text)(raw)
+        try:
+            values[name] = TypeAdapter(settings.model_fields[name].annotation).validate_python(value)
+        except ValidationError as error:
+            raise ValueError(f"{key}={raw!r}: {error.errors()[0]['msg']}") from None
+    return values
+
+
 def _slurm_launcher() -> SlurmLauncher:
     """PRISM_SLURM_<FIELD> for each SlurmLauncher field (PRISM_SLURM_PARTITION=gpu, …)."""
-    env = {k.removeprefix("PRISM_SLURM_").lower(): v for k, v in os.environ.items() if k.startswith("PRISM_SLURM_")}
-    for key in ("cpus_per_task", "gpus", "signal_before_end_s", "ssh_port"):
-        if key in env:
-            env[key] = int(env[key])
-    for key in ("requeue", "ssh_strict_host_keys"):
-        if key in env:
-            env[key] = env[key].lower() in ("1", "true", "yes")
-    if "extra_sbatch_args" in env:
-        env["extra_sbatch_args"] = env["extra_sbatch_args"].split()
-    if "setup_lines" in env:  # lines separated by ";;", e.g. "module load cuda/12;;source /shared/venv/bin/activate"
-        env["setup_lines"] = [line for line in env["setup_lines"].split(";;") if line.strip()]
-    return SlurmLauncher(**env)
+    return SlurmLauncher(**settings_from_env("PRISM_SLURM_", SlurmLauncher, lists={
+        "extra_sbatch_args": str.split,
+        # lines separated by ";;", e.g. "module load cuda/12;;source /shared/venv/bin/activate"
+        "setup_lines": lambda text: [line for line in text.split(";;") if line.strip()],
+    }))
 
 
 def _launcher():
@@ -60,17 +78,17 @@ def _recipe() -> dict:
     return dpo.RECIPES[name]
 
 
-DPO_SETTINGS = dpo.DpoSettings(
-    base_model=os.environ.get("DPO_BASE_MODEL", "tiny"),
-    models_dir=str(STORAGE / "models"),
-    runs_dir=str(STORAGE / "runs"),
-    reports_dir=str(STORAGE / "reports"),
+# The recipe's values, then any DPO_<FIELD> (DPO_LEARNING_RATE=1e-4, DPO_BASE_MODEL=…, DPO_PYTHON=…) on top.
+DPO_SETTINGS = dpo.DpoSettings(**{
+    "models_dir": str(STORAGE / "models"), "runs_dir": str(STORAGE / "runs"), "reports_dir": str(STORAGE / "reports"),
     **_recipe(),
-)
+    **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
+})
 
-group_dpo_run = dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint())
-UNPARTITIONED = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
-ASSETS = [*UNPARTITIONED, group_dpo_run, report.correspondence_table]
+*UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions([
+    data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits,
+    dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint()), report.correspondence_table])
+ASSETS = [*UNPARTITIONED, group_dpo_run, correspondence_table]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 RESOURCES = {
@@ -84,6 +102,7 @@ RESOURCES = {
     "dpo_settings": DPO_SETTINGS,
     "launcher": _launcher(),
 }
+
 
 def _automation_running() -> bool:
     value = os.environ.get("PRISM_AUTOMATION", "stopped")

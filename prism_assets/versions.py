@@ -14,6 +14,8 @@ import inspect
 from pathlib import Path
 from types import ModuleType
 
+import dagster as dg
+
 # Shown on every asset in the UI; a team or e-mail owns the results and answers for the runs.
 OWNERS = ["team:alignment-research"]
 
@@ -46,3 +48,27 @@ def source_version(*modules: ModuleType | str) -> str:
         tree = _without_docstrings(ast.parse(source))
         digest.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def with_upstream_code_versions(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
+    """The assets with code versions that also cover every upstream asset's code: `<own>+<upstream hash>`.
+
+    Dagster marks an asset unsynced when its own code version changed or an upstream *data* version did, so
+    an edit to the pair-building code alone would flag within_model_pairs and nothing below it until that
+    asset is rematerialized. Folding upstream code versions in flags the whole downstream at once, which is
+    what a researcher deciding what to rerun needs to see.
+    """
+    by_key = {asset.key: asset for asset in assets}
+    versions: dict[dg.AssetKey, str] = {}
+
+    def version(key: dg.AssetKey) -> str:
+        if key not in versions:
+            asset = by_key[key]
+            upstream = sorted(version(dep.asset_key) for dep in asset.specs_by_key[key].deps if dep.asset_key in by_key)
+            own = asset.code_versions_by_key[key] or ""
+            digest = hashlib.sha256("|".join(upstream).encode()).hexdigest()[:8]
+            versions[key] = f"{own}+{digest}" if upstream else own
+        return versions[key]
+
+    return [asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version(spec.key)))
+            for asset in assets]

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+REPO = Path(__file__).resolve().parents[1]
 
 from prism_assets.prism import synthetic  # noqa: E402
 
@@ -41,3 +42,27 @@ def small_pairs_path(small_synthetic_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
     within_model_pairs(tables.utterances, tables.conversations).pairs.to_parquet(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """The README's main job (`python -m prism_assets run`), small: 300 synthetic users, v3 splits, one seed.
+
+    Yields (environment the job ran with, its stdout); DAGSTER_HOME and PRISM_STORAGE in that environment
+    hold the instance and the outputs, for tests that read them back (through the webserver, a browser …).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("main_job")
+    home = root / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {"DAGSTER_HOME": str(home), "PRISM_STORAGE": str(root / "storage"),
+           "PRISM_SYNTHETIC_USERS": "300", "PRISM_SYNTHETIC_SEED": "3"}
+    done = subprocess.run([sys.executable, "-m", "prism_assets", "run", "--seeds", "1", "--preset", "v3"],
+                          cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return env, done.stdout

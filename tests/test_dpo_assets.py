@@ -5,7 +5,7 @@ import json
 import dagster as dg
 import pytest
 
-from prism_assets import data, dpo, partitions, report, stats
+from prism_assets import data, dpo, partitions, report, stats, versions
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 
@@ -91,13 +91,15 @@ def test_training_settings_change_the_dpo_code_version_and_nothing_upstream(tmp_
     assert dpo.DpoSettings(learning_rate=5e-6).fingerprint() != base.fingerprint()
     assert dpo.DpoSettings(max_steps=2000).fingerprint() != base.fingerprint()
     assert dpo.DpoSettings(runs_dir="/elsewhere", python="/opt/py").fingerprint() == base.fingerprint()
+
     def code_versions(settings):
-        assets = [*UPSTREAM, dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table]
+        assets = versions.with_upstream_code_versions(
+            [*UPSTREAM, dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table])
         return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
 
     before, after = code_versions(base), code_versions(dpo.DpoSettings(beta=0.2))
     changed = {key for key in before if before[key] != after[key]}
-    assert changed == {"group_dpo_run"}
+    assert changed == {"group_dpo_run", "correspondence_table"}  # the table's inputs come from new code
 
 
 @pytest.mark.slow

@@ -1,0 +1,110 @@
+"""What a researcher sees after the main job: staleness as the instance reports it, and the UI in a browser.
+
+Runs on the instance the small main job leaves behind (conftest `main_job`), through a real
+dagster-webserver on 127.0.0.1: GraphQL for "unsynced" (Dagster's staleness) after changing a DPO
+hyperparameter or the pair-building code, and headless Chromium (Debian's /usr/bin/chromium driven by
+Playwright, no browser download) for the asset graph and the correspondence table. Screenshots go to
+test-artifacts/ in the repository.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from webserver import serve, staleness
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path(os.environ.get("PRISM_CHROMIUM", "/usr/bin/chromium"))
+ASSETS = ["raw_prism", "within_model_pairs", "ordered_logit_fit", "significant_splits", "group_dpo_run",
+          "correspondence_table"]
+PARTITION = "S1_age.A|0"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(main_job):
+    env, _ = main_job
+    with serve(REPO, env) as url:
+        yield url
+
+
+def test_after_the_main_job_nothing_is_unsynced(served):
+    assert staleness(served, PARTITION) == dict.fromkeys(ASSETS, "FRESH")
+
+
+def test_a_dpo_hyperparameter_marks_only_the_dpo_runs_and_the_table_unsynced(main_job):
+    env, _ = main_job
+    with serve(REPO, {**env, "DPO_LEARNING_RATE": "2e-3"}) as url:
+        status = staleness(url, PARTITION)
+    assert status == {**dict.fromkeys(ASSETS[:4], "FRESH"), "group_dpo_run": "STALE", "correspondence_table": "STALE"}
+
+
+def test_editing_the_pair_building_code_marks_everything_downstream_unsynced(main_job, tmp_path):
+    env, _ = main_job
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("prism_assets", "resources"):
+        shutil.copytree(REPO / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "workspace.yaml", code / "workspace.yaml")
+    pairs = code / "prism_assets" / "prism" / "pairs.py"
+    source = pairs.read_text()
+    pairs.write_text(source + "\n# a comment and a docstring change nothing\n")
+    with serve(code, {**env, "PYTHONPATH": str(code)}) as url:
+        assert staleness(url, PARTITION) == dict.fromkeys(ASSETS, "FRESH")
+    pairs.write_text(source.replace("def within_model_pairs(", "MIN_TURN = 1\n\n\ndef within_model_pairs(", 1))
+    with serve(code, {**env, "PYTHONPATH": str(code)}) as url:
+        status = staleness(url, PARTITION)
+    assert status == {"raw_prism": "FRESH", **dict.fromkeys(ASSETS[1:], "STALE")}
+
+
+def _browser(playwright):
+    if not CHROMIUM.exists():
+        if os.environ.get("PRISM_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does, as root)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+
+
+def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(served):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 2400, "height": 1000})  # wide: nodes show whole names
+        # A fresh instance greets its first visitor with a newsletter dialog: dismiss it whenever it shows.
+        page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                                 lambda: page.get_by_role("button", name="Skip").click())
+        page.goto(f"{served}/asset-groups")
+        page.locator('[aria-label="unfold_more"]').first.wait_for(timeout=60_000)  # the graph, its groups folded
+        page.locator('[aria-label="settings"]').last.click()  # the graph's settings menu
+        page.get_by_text("Expand all groups").last.click()
+        page.reload()  # the graph fits its view to the unfolded groups (kept in the browser) when it loads
+        page.get_by_text("raw_prism", exact=True).first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))  # before the checks: an artifact either way
+        for asset in ASSETS:
+            expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=30_000)
+        for group in ("data", "statistics", "dpo", "report"):
+            expect(page.get_by_text(group, exact=True).first).to_be_visible()
+
+        page.goto(f"{served}/assets/correspondence_table")
+        page.get_by_text("[Show Markdown]").first.click()  # metadata "correspondence": the table
+        dialog = page.get_by_role("dialog")
+        expect(dialog.get_by_text("Primary metric")).to_be_visible(timeout=30_000)
+        for text in ("S1_age", "S8_region", "A≈B", "mean A−B [95% CI]", "verdict"):
+            expect(dialog.get_by_text(text).first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "correspondence-table.png"))
+        dialog.get_by_role("button", name="Close").click()
+
+        page.get_by_text("[Show Markdown]").nth(2).click()  # metadata "learning_curves": the PNG
+        image = page.get_by_role("dialog").locator("img[src^='data:image/png']")
+        expect(image).to_be_visible(timeout=30_000)
+        width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert width > 500 and height > 200  # decoded, not a broken image
+        page.screenshot(path=str(ARTIFACTS / "learning-curves.png"))
+        browser.close()
