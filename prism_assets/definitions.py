@@ -87,6 +87,7 @@ DPO_SETTINGS = dpo.DpoSettings(**{
 
 *UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions([
     data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits,
+    dpo.build_reference_logps(DPO_SETTINGS.fingerprint(dpo.REFERENCE_FIELDS)),
     dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint()), report.correspondence_table])
 ASSETS = [*UNPARTITIONED, group_dpo_run, correspondence_table]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]

@@ -10,6 +10,7 @@ partition with an error naming the file.
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -19,13 +20,20 @@ import pandas as pd
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
-from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout
+from prism_assets.training.run_config import (
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config) and the trainer's modules.
 CODE_VERSION = versions.source_version(
     sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.logps", "prism_assets.training.metrics",
     "prism_assets.training.run_config", "prism_assets.training.tiny_model")
+REFERENCE_CODE_VERSION = versions.source_version(
+    "prism_assets.training.reference", "prism_assets.training.logps", "prism_assets.training.tiny_model")
+# Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
+# dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
+RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
+REFERENCE_FIELDS = ("base_model", "max_length")  # what the base model's log-probs of a pair depend on
 TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "max_length",
                    "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
 
@@ -59,9 +67,9 @@ class DpoSettings(dg.ConfigurableResource):
     checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
     device: str = "auto"
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
         """Hash of the settings that change what a run learns (not where it runs)."""
-        values = {name: getattr(self, name) for name in TRAINING_FIELDS}
+        values = {name: getattr(self, name) for name in fields}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     def resolved_base_model(self) -> str:
@@ -114,19 +122,75 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     return metrics, curve
 
 
+def fresh_run_dir(path: Path) -> Path:
+    """An empty run directory: a rerun must never read a previous attempt's outputs."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="reference_logps", group_name="dpo", kinds={"pytorch", "parquet"}, owners=versions.OWNERS, pool="gpu",
+        code_version=f"{REFERENCE_CODE_VERSION}-{settings_fingerprint}", retry_policy=RETRY_POLICY,
+        description="The frozen base model's summed log-probabilities of every pair's chosen and rejected response "
+                    "(TRL's tokenization and truncation), computed once per base model and pairs version in large "
+                    "batches, as one job through the launcher; every DPO run reads them instead of running a "
+                    "reference model.",
+    )
+    def reference_logps(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
+                        within_model_pairs: pd.DataFrame) -> dg.Output:
+        run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / "reference").resolve())
+        within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
+        config = ReferenceConfig(base_model=dpo_settings.resolved_base_model(), pairs_path="pairs.parquet",
+                                 output_path="reference_logps.parquet", max_length=dpo_settings.max_length,
+                                 device=dpo_settings.device)
+        config_path = run_dir / "reference.json"
+        config_path.write_text(json.dumps(config.__dict__, indent=2))
+        launcher.run(context=context, run_dir=str(run_dir),
+                     command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)])
+        output = run_dir / config.output_path
+        if not output.exists():
+            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see stderr.log there)",
+                             allow_retries=False)
+        frame = pd.read_parquet(output)
+        missing = len(set(within_model_pairs["pair_id"]) - set(frame["pair_id"]))
+        bad = int((~frame[list(REFERENCE_COLUMNS)].apply(pd.to_numeric).map(math.isfinite)).to_numpy().sum())
+        if missing or bad:
+            raise dg.Failure(f"{output}: {missing} pairs without reference log-probs, {bad} non-finite values",
+                             allow_retries=False)
+        return dg.Output(frame, data_version=dg.DataVersion(hashlib.sha256(output.read_bytes()).hexdigest()[:24]),
+                         metadata={"num_pairs": len(frame), "run_dir": dg.MetadataValue.path(str(run_dir)),
+                                   "base_model": dpo_settings.base_model, "max_length": dpo_settings.max_length,
+                                   "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
+                                   "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean())})
+
+    return reference_logps
+
+
+def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
+    """The pairs with their base-model log-probs; a pair without them fails the run (stale reference_logps)."""
+    merged = pairs.merge(references[["pair_id", *REFERENCE_COLUMNS]], on="pair_id", how="left", validate="one_to_one")
+    missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
+    if missing:
+        raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
+                         allow_retries=False)
+    return merged
+
+
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
         owners=versions.OWNERS, pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
-        # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
-        # dg.Failure(allow_retries=False) for the trainer's own errors, which a retry would only repeat.
-        retry_policy=dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL),
-        description="One DPO fine-tuning run (TRL DPOTrainer) per partition: cell = baseline or <split>.<A|B> "
-                    "(the group's pairs), seed. Output: learning curve (held-out accuracy/margin every log step) "
-                    "and summary metrics.",
+        retry_policy=RETRY_POLICY,
+        description="One DPO fine-tuning run (TRL DPOTrainer, reference log-probs from reference_logps) per "
+                    "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
+                    "(held-out accuracy/margin every log step) and summary metrics.",
     )
     def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
-                      within_model_pairs: pd.DataFrame, significant_splits: dict) -> dg.Output:
+                      within_model_pairs: pd.DataFrame, significant_splits: dict,
+                      reference_logps: pd.DataFrame) -> dg.Output:
         keys = context.partition_key.keys_by_dimension
         try:
             cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))
@@ -134,11 +198,8 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         except ValueError as error:  # before anything is written or submitted; a retry would not help
             raise dg.Failure(str(error), allow_retries=False) from None
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
-        run_dir = (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve()
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a rerun must never read a previous attempt's outputs
-        run_dir.mkdir(parents=True)
-        pairs.to_parquet(run_dir / "pairs.parquet", index=False)
+        run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve())
+        with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         balance = dpo_settings.balance_groups and split is not None
         shared = {f.name for f in dataclasses.fields(RunConfig)} & set(DpoSettings.model_fields)
         config = RunConfig(

@@ -15,7 +15,8 @@ UPSTREAM = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, st
 def _definitions(tmp_path, users=300, **settings):
     dpo_settings = dpo.DpoSettings(models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"),
                                    reports_dir=str(tmp_path / "reports"), **settings)
-    assets = [*UPSTREAM, dpo.build_group_dpo_run(dpo_settings.fingerprint()), report.correspondence_table]
+    assets = [*UPSTREAM, dpo.build_reference_logps(dpo_settings.fingerprint(dpo.REFERENCE_FIELDS)),
+              dpo.build_group_dpo_run(dpo_settings.fingerprint()), report.correspondence_table]
     resources = {
         "prism_source": data.PrismSource(synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")),
         "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
@@ -36,7 +37,7 @@ def v3_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dpo")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+        dg.materialize(assets[:-2], instance=instance, resources=resources,  # all but the DPO runs and the table
                        run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, assets, resources, instance
@@ -94,7 +95,8 @@ def test_training_settings_change_the_dpo_code_version_and_nothing_upstream(tmp_
 
     def code_versions(settings):
         assets = versions.with_upstream_code_versions(
-            [*UPSTREAM, dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table])
+            [*UPSTREAM, dpo.build_reference_logps(settings.fingerprint(dpo.REFERENCE_FIELDS)),
+             dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table])
         return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
 
     before, after = code_versions(base), code_versions(dpo.DpoSettings(beta=0.2))
@@ -108,7 +110,7 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     A>B) must come out MATCH on held-out accuracy over three seeds, and the region null control OK."""
     assets, resources = _definitions(tmp_path, users=1500)
     with dg.instance_for_test() as instance:
-        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+        dg.materialize(assets[:-2], instance=instance, resources=resources,  # all but the DPO runs and the table
                        run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
         instance.add_dynamic_partitions(partitions.SEED, ["0", "1", "2"])
         for cell in ("S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"):

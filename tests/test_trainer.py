@@ -73,7 +73,7 @@ def test_heldout_pairs_are_the_same_whatever_the_seed_or_subset(small_pairs_path
 
 def test_unknown_or_missing_config_keys_are_named(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "sed": 1}))
-    with pytest.raises(ValueError, match=r"unknown run config keys \['sed'\]"):
+    with pytest.raises(ValueError, match=r"unknown RunConfig keys \['sed'\]"):
         RunConfig.from_json(tmp_path / "c.json")
     (tmp_path / "d.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o"}))
     with pytest.raises(ValueError, match=r"lacks \['seed'\]"):

@@ -18,8 +18,8 @@ from webserver import serve, staleness
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path(os.environ.get("PRISM_CHROMIUM", "/usr/bin/chromium"))
-ASSETS = ["raw_prism", "within_model_pairs", "ordered_logit_fit", "significant_splits", "group_dpo_run",
-          "correspondence_table"]
+ASSETS = ["raw_prism", "within_model_pairs", "ordered_logit_fit", "significant_splits", "reference_logps",
+          "group_dpo_run", "correspondence_table"]
 PARTITION = "S1_age.A|0"
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,8 @@ def test_a_dpo_hyperparameter_marks_only_the_dpo_runs_and_the_table_unsynced(mai
     env, _ = main_job
     with serve(REPO, {**env, "DPO_LEARNING_RATE": "2e-3"}) as url:
         status = staleness(url, PARTITION)
-    assert status == {**dict.fromkeys(ASSETS[:4], "FRESH"), "group_dpo_run": "STALE", "correspondence_table": "STALE"}
+    # the base model's log-probs do not depend on the learning rate: reference_logps stays synced
+    assert status == {**dict.fromkeys(ASSETS[:5], "FRESH"), "group_dpo_run": "STALE", "correspondence_table": "STALE"}
 
 
 def test_editing_the_pair_building_code_marks_everything_downstream_unsynced(main_job, tmp_path):

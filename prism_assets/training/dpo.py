@@ -38,8 +38,11 @@ for _sig in (signal.SIGUSR1, signal.SIGTERM):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from prism_assets.training.logps import messages  # noqa: E402
 from prism_assets.training.metrics import summarize_curve  # noqa: E402
-from prism_assets.training.run_config import CURVE_FILE, METRICS_FILE, RUN_CONFIG_FILE, RunConfig, split_heldout  # noqa: E402
+from prism_assets.training.reporting import Reporter  # noqa: E402
+from prism_assets.training.run_config import (  # noqa: E402
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, RunConfig, split_heldout)
 
 TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
                    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
@@ -84,30 +87,6 @@ def curve_bytes(curve: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-class Reporter:
-    """Progress and results through dagster-pipes when launched by Dagster, to stdout otherwise."""
-
-    def __init__(self):
-        from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-        launched_by_dagster = PipesEnvVarParamsLoader().is_dagster_pipes_process()
-        self._pipes_cm = open_dagster_pipes() if launched_by_dagster else None
-        self.pipes = self._pipes_cm.__enter__() if self._pipes_cm else None
-
-    def info(self, message: str) -> None:
-        if self.pipes:
-            self.pipes.log.info(message)
-        print(message, flush=True)
-
-    def report(self, metadata: dict, data_version: str) -> None:
-        if self.pipes:
-            self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
-
-    def close(self, error: BaseException | None = None) -> None:
-        if self._pipes_cm:
-            self._pipes_cm.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
-
-
 def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs = pd.read_parquet(cfg.pairs_path)
     missing = [c for c in ("pair_id", "prompt", "chosen", "rejected") if c not in pairs.columns]
@@ -129,22 +108,24 @@ def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, heldout
 
 
-def _messages(prompt) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
 class HeldoutEvaluator:
-    """Implicit-reward accuracy and margin of the policy on the held-out pairs, against the base model."""
+    """Implicit-reward accuracy and margin of the policy on the held-out pairs, against the base model.
+
+    The base model's log-probs come with the pairs (`ref_chosen_logps` / `ref_rejected_logps`, from the
+    reference_logps asset) or, for a pairs file without them, are computed here before training starts.
+    """
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
-        from prism_assets.training.logps import completion_logps, tokenize_completion
+        from prism_assets.training.logps import completion_logps, tokenize_pairs
 
         self._logps = completion_logps
         self.beta, self.pad = cfg.beta, tokenizer.pad_token_id
-        prompts = [_messages(p) for p in heldout["prompt"]]
-        self.chosen = [tokenize_completion(tokenizer, p, c, cfg.max_length) for p, c in zip(prompts, heldout["chosen"])]
-        self.rejected = [tokenize_completion(tokenizer, p, r, cfg.max_length) for p, r in zip(prompts, heldout["rejected"])]
-        self.ref_chosen, self.ref_rejected = self._policy_logps(model)
+        self.chosen, self.rejected = tokenize_pairs(tokenizer, heldout, cfg.max_length)
+        if set(REFERENCE_COLUMNS) <= set(heldout.columns):
+            self.ref_chosen, self.ref_rejected = (torch.tensor(heldout[c].to_numpy(), dtype=torch.float32)
+                                                  for c in REFERENCE_COLUMNS)
+        else:
+            self.ref_chosen, self.ref_rejected = self._policy_logps(model)
 
     def _policy_logps(self, model):
         was_training = model.training
@@ -161,6 +142,22 @@ class HeldoutEvaluator:
         return {"heldout_acc": accuracy, "heldout_margin": float(margin.mean()),
                 "heldout_acc_se": math.sqrt(accuracy * (1 - accuracy) / n),
                 "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0}
+
+
+def _precomputed_reference_trainer():
+    from trl import DPOTrainer
+
+    class PrecomputedReferenceDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer on pairs that already carry ref_chosen_logps / ref_rejected_logps.
+
+        With `precompute_ref_log_probs=True` TRL loads no reference model and reads those columns, but
+        would first compute them itself (and then fail on the duplicated columns): they are there already.
+        """
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+    return PrecomputedReferenceDPOTrainer
 
 
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
@@ -216,21 +213,28 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
             reporter.info(f"step {row['step']}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f} "
                           f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
 
+    precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
     dataset = Dataset.from_dict({
-        "prompt": [_messages(p) for p in train_pairs["prompt"]],
+        "prompt": [messages(p) for p in train_pairs["prompt"]],
         "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
         "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
+        **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
     })
     args = DPOConfig(
         output_dir=str(out / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
         data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
+        truncation_mode="keep_end",  # the truncation logps.tokenize_pair reproduces for references and held-out pairs
         gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
         save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
+        # With the base model's log-probs in the pairs, no reference model is loaded or run during training.
+        precompute_ref_log_probs=precomputed,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[LogCurve(), Checkpointing()])
+    trainer = (_precomputed_reference_trainer() if precomputed else DPOTrainer)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogCurve(), Checkpointing()])
+    reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
+                                             "computed by TRL from the base model (the pairs carry none)"))
     trainer.remove_callback(PrinterCallback)  # LogCurve reports each logged step once, with held-out metrics
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.signal is not None:

@@ -1,10 +1,12 @@
 """Sequence log-probabilities of responses given a chat prompt: the one definition the trainer uses.
 
-Owns how a (prompt messages, response) pair becomes token ids — the chat template with the generation
-prompt for the prompt, the template of prompt + assistant message for the whole, the difference being
-the completion (as TRL tokenizes conversational pairs) — and the summed log-probability of the
-completion tokens under a causal LM, batched with right padding. Too-long sequences keep the last
-`max_length // 2` prompt tokens and then cut the completion at `max_length`.
+Owns how a pair (prompt messages, chosen, rejected) becomes token ids, exactly as TRL's DPOTrainer
+tokenizes conversational pairs — the chat template of the prompt with the generation prompt, of prompt
++ assistant message for each response, the completion starting where the prompt and both full
+sequences stop agreeing — and its truncation (`keep_end`, which the trainer asks TRL for: a sequence
+longer than `max_length` keeps its last `max_length` tokens, i.e. the whole response and the most recent
+context). On the same ids, the summed log-probability of the completion tokens under a causal LM,
+batched with right padding: what the reference precompute, the held-out evaluation and TRL compute.
 """
 
 from contextlib import nullcontext
@@ -16,18 +18,44 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def tokenize_completion(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], list[int]]:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def keep_end(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """The last `max_length` tokens of prompt + completion, split back into (prompt, completion)."""
+    excess = len(prompt_ids) + len(completion_ids) - max_length
+    if excess <= 0:
+        return prompt_ids, completion_ids
+    if excess <= len(prompt_ids):
+        return prompt_ids[excess:], completion_ids
+    return [], completion_ids[excess - len(prompt_ids):]
+
+
+def tokenize_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_length: int):
+    """((prompt_ids, chosen_ids), (prompt_ids, rejected_ids)), each truncated on its own as TRL's collator does."""
     prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-    full_ids = _ids(tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}],
-                                                  tokenize=True, return_dict=False))
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        completion_ids = full_ids[len(prompt_ids):]
-    else:  # a template that rewrites earlier turns: tokenize the response on its own
-        completion_ids = _ids(tokenizer(response, add_special_tokens=False)) + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        prompt_ids = prompt_ids[-(max_length // 2):] if len(prompt_ids) > max_length // 2 else prompt_ids
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
-    return prompt_ids, completion_ids
+    full = [_ids(tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}],
+                                               tokenize=True, return_dict=False)) for response in (chosen, rejected)]
+    shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    return tuple(keep_end(ids[:shared], ids[shared:], max_length) for ids in full)
+
+
+def messages(prompt) -> list[dict]:
+    """A stored prompt (chat messages, possibly with extra keys) as role/content messages."""
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def tokenize_pairs(tokenizer, pairs, max_length: int) -> tuple[list, list]:
+    """(chosen sequences, rejected sequences) of a pairs frame (prompt, chosen, rejected columns)."""
+    tokenized = [tokenize_pair(tokenizer, messages(p), c, r, max_length)
+                 for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+    return [t[0] for t in tokenized], [t[1] for t in tokenized]
 
 
 def autocast_for(device: torch.device):

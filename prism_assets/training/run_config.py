@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metrics.json"
+# The base model's summed log-probs of each pair's responses (reference_logps), carried in the pairs file.
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclasses.dataclass
@@ -39,25 +41,52 @@ class RunConfig:
     device: str = "auto"                    # "auto", "cpu" or "cuda"
     label: dict = dataclasses.field(default_factory=dict)  # cell / split / group, for humans
 
+    PATH_FIELDS = ("pairs_path", "output_dir")
+
     @classmethod
     def from_json(cls, path: str | Path) -> "RunConfig":
-        raw = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown run config keys {unknown}; known: {sorted(known)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
-        if missing:
-            raise ValueError(f"{path}: run config lacks {missing}")
-        config = cls(**raw)
-        # Relative paths are relative to the config file: a run directory can move (to a cluster) whole.
-        here = Path(path).resolve().parent
-        config.pairs_path, config.output_dir = str(here / config.pairs_path), str(here / config.output_dir)
+        config = read_config(cls, path)
         if config.checkpoint_steps and config.checkpoint_steps % config.logging_steps:
             raise ValueError(f"{path}: checkpoint_steps {config.checkpoint_steps} must be a multiple of "
                              f"logging_steps {config.logging_steps} (a resumed run must log as an uninterrupted one)")
         return config
+
+
+@dataclasses.dataclass
+class ReferenceConfig:
+    """The reference precompute's job: the base model's log-probs of every pair in `pairs_path`."""
+
+    base_model: str
+    pairs_path: str
+    output_path: str
+    max_length: int = 1024
+    batch_size: int = 32                    # sequences a forward pass (sorted by length: little padding)
+    device: str = "auto"
+
+    PATH_FIELDS = ("pairs_path", "output_path")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ReferenceConfig":
+        return read_config(cls, path)
+
+
+def read_config(cls, path: str | Path):
+    """A config dataclass from JSON: unknown or missing keys are errors; relative paths are relative to the file."""
+    raw = json.loads(Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    if missing:
+        raise ValueError(f"{path}: {cls.__name__} lacks {missing}")
+    config = cls(**raw)
+    # Relative paths are relative to the config file: a run directory can move (to a cluster) whole.
+    here = Path(path).resolve().parent
+    for name in cls.PATH_FIELDS:
+        setattr(config, name, str(here / getattr(config, name)))
+    return config
 
 
 def pair_hash(pair_id: str) -> int:

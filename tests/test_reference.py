@@ -1,0 +1,78 @@
+"""Reference log-probs computed once (reference_logps) against TRL's own precompute, and training on them."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from prism_assets.training.logps import messages
+from prism_assets.training.reference import reference_logps
+from prism_assets.training.run_config import REFERENCE_COLUMNS
+
+# Stated tolerance: 2e-4 relative (at most 0.05 nats on these sums of 10–300 token log-probs). Same token ids,
+# fp32 on CPU, but TRL computes the LM head in chunks and pads batches differently: the float rounding of
+# different matmul shapes moves each sum by up to 1e-4 relative (measured 9.7e-5). One wrong token would
+# move it by nats.
+RTOL, ATOL = 2e-4, 1e-3
+
+
+@pytest.fixture(scope="module")
+def pairs(small_pairs_path):
+    return pd.read_parquet(small_pairs_path).head(48).reset_index(drop=True)
+
+
+def test_reference_logps_equal_trls_own_precompute(tiny_model_dir, pairs, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    max_length = 96  # short enough that a third of these pairs are truncated
+    ours = reference_logps(model, tokenizer, pairs, max_length, batch_size=16)
+
+    dataset = Dataset.from_dict({
+        "prompt": [messages(p) for p in pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+    })
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_length=max_length,
+                     truncation_mode="keep_end", precompute_ref_log_probs=True, precompute_ref_batch_size=8,
+                     use_cpu=True, report_to="none", disable_tqdm=True)
+    trl = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
+    lengths = [len(p) + len(c) for p, c in zip(trl["prompt_ids"], trl["chosen_ids"])]
+    assert sum(n > max_length for n in lengths) >= 10  # truncation is exercised
+    for column in REFERENCE_COLUMNS:
+        np.testing.assert_allclose(ours[column].to_numpy(), np.asarray(trl[column]), rtol=RTOL, atol=ATOL)
+
+
+def _run(tmp_path, name, module="prism_assets.training.dpo", **config):
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", module, "--config", str(tmp_path / f"{name}.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_a_run_fed_reference_logps_trains_as_one_where_trl_computes_them(tiny_model_dir, pairs, tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pairs.to_parquet(plain, index=False)
+    _run(tmp_path, "reference", module="prism_assets.training.reference",
+         base_model=str(tiny_model_dir), pairs_path=str(plain), output_path=str(tmp_path / "ref.parquet"),
+         max_length=96)
+    fed = tmp_path / "fed.parquet"
+    pairs.merge(pd.read_parquet(tmp_path / "ref.parquet"), on="pair_id").to_parquet(fed, index=False)
+
+    common = {"base_model": str(tiny_model_dir), "seed": 0, "max_steps": 4, "logging_steps": 2,
+              "learning_rate": 1e-3, "max_length": 96, "heldout_max_pairs": 8, "batch_size": 4}
+    logs = {name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name),
+                       **common) for name, path in (("live", plain), ("fed", fed))}
+    assert "precomputed (reference_logps)" in logs["fed"] and "computed by TRL" in logs["live"]
+    live, fed_curve = (pd.read_parquet(tmp_path / name / "curve.parquet") for name in ("live", "fed"))
+    assert list(fed_curve["step"]) == [2, 4]
+    columns = ["loss", "margin", "pref_acc", "reward_chosen", "reward_rejected", "heldout_acc", "heldout_margin"]
+    np.testing.assert_allclose(fed_curve[columns].to_numpy(), live[columns].to_numpy(), rtol=1e-4, atol=1e-5)
