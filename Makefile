@@ -34,14 +34,14 @@ test: install storage/dagster.yaml
 	@if [ "$$(id -u)" = 0 ]; then \
 	  [ -x /usr/sbin/sshd ] && [ -x /usr/bin/chromium ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(DEBIAN_TEST_PACKAGES) >/dev/null); \
-	  SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh; fi
+	  SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh; fi
 	PRISM_REQUIRE_SLURM=1 PRISM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 test-fast: install storage/dagster.yaml
 	$(BIN)/python -m pytest -m 'not slow and not slurm'
 
 slurm-up:
-	SLURM_CI_GPUS=2 scripts/slurm-dev-cluster.sh
+	SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh
 
 slurm-down:
 	scripts/slurm-dev-cluster-stop.sh

@@ -131,6 +131,10 @@ class SlurmLauncher(RunLauncher):
     gpus: int = 1
     gpu_request: str = "gres"              # "gres" → --gres=gpu[:type]:N, "gpus" → --gpus=[type:]N
     gpu_type: str | None = None
+    # GPU packing: K runs share one GPU through SLURM's gres/shard (the cluster defines `shards_per_gpu`
+    # shards on each GPU; a run then requests shards_per_gpu / runs_per_gpu of them). 1: a whole GPU each.
+    runs_per_gpu: int = 1
+    shards_per_gpu: int | None = None
     constraint: str | None = None
     extra_sbatch_args: list[str] = []      # e.g. ["--reservation=ml", "--exclusive"]
     setup_lines: list[str] = []            # shell lines before the trainer: module load …, source venv/bin/activate
@@ -158,6 +162,17 @@ class SlurmLauncher(RunLauncher):
         return SlurmCommands(self.ssh_host, self.ssh_user, self.ssh_port, self.ssh_identity_file,
                              self.ssh_known_hosts_file, self.ssh_strict_host_keys, self.ssh_control_dir)
 
+    def shards_per_run(self) -> int:
+        """The gres/shard count one run requests so that runs_per_gpu of them fit on one GPU."""
+        k, shards = int(self.runs_per_gpu), self.shards_per_gpu
+        if self.gpus != 1 or self.gpu_type:
+            raise ValueError(f"runs_per_gpu={k} packs runs of one untyped GPU each (gres/shard has no type); "
+                             f"got gpus={self.gpus}, gpu_type={self.gpu_type!r}")
+        if not shards or shards % k:
+            raise ValueError(f"runs_per_gpu={k} needs shards_per_gpu: the gres/shard count the cluster defines on each "
+                             f"GPU (gres.conf Name=shard), a multiple of {k}; got {shards!r}")
+        return shards // k
+
     def sbatch_options(self, run_dir: Path, job_name: str) -> list[str]:
         _validated("run_dir", str(run_dir))
         if self.gpu_request not in ("gres", "gpus"):
@@ -172,7 +187,9 @@ class SlurmLauncher(RunLauncher):
                 options.append(f"--{flag}={_validated(flag, value)}")
         if self.mem:
             options.append(f"--mem={_validated('mem', self.mem, MEMORY)}")
-        if self.gpus:
+        if self.runs_per_gpu > 1:
+            options.append(f"--gres=shard:{self.shards_per_run()}")
+        elif self.gpus:
             kind = f"{_validated('gpu_type', self.gpu_type)}:" if self.gpu_type else ""
             options.append(f"--gres=gpu:{kind}{int(self.gpus)}" if self.gpu_request == "gres" else f"--gpus={kind}{int(self.gpus)}")
         if self.requeue:

@@ -20,6 +20,8 @@
 #                                by symlinks to /dev/null) so --gres=gpu:N,
 #                                --gpus=N jobs get scheduled; CUDA_VISIBLE_DEVICES
 #                                is set in the job as on a real GPU node.
+#   SLURM_CI_SHARDS=0            >0: also that many gres/shard per fake GPU, so
+#                                --gres=shard:N jobs share a GPU (runs_per_gpu).
 #   SLURM_CI_PARTITION=debug     partition name (the only, default partition)
 #   SLURM_CI_CTLD_PORT=6817 SLURM_CI_SLURMD_PORT=6818
 #   SLURM_CI_MIN_JOB_AGE=3600    seconds a finished job stays in `scontrol show job`
@@ -35,6 +37,7 @@ PART="${SLURM_CI_PARTITION:-debug}"
 CTLD_PORT="${SLURM_CI_CTLD_PORT:-6817}"
 SLURMD_PORT="${SLURM_CI_SLURMD_PORT:-6818}"
 GPUS="${SLURM_CI_GPUS:-0}"
+SHARDS="${SLURM_CI_SHARDS:-0}"
 MIN_JOB_AGE="${SLURM_CI_MIN_JOB_AGE:-3600}"
 TIMEOUT="${SLURM_CI_TIMEOUT:-60}"
 LINK_ETC="${SLURM_CI_LINK_ETC:-1}"
@@ -181,6 +184,14 @@ else
             files="${files:+$files,}$D/fakegpu/nvidia$i"
         done
         echo "NodeName=$HOST Name=gpu File=$files" > "$D/etc/gres.conf"
+        if [ "$SHARDS" -gt 0 ]; then
+            # gres/shard: SHARDS slices of each GPU, so that many jobs can share one GPU (runs_per_gpu).
+            GRES_LINE="GresTypes=gpu,shard"
+            NODE_GRES="Gres=gpu:$GPUS,shard:$((GPUS * SHARDS))"
+            for i in $(seq 0 $((GPUS - 1))); do
+                echo "NodeName=$HOST Name=shard Count=$SHARDS File=$D/fakegpu/nvidia$i" >> "$D/etc/gres.conf"
+            done
+        fi
     fi
 
     cat > "$CONF" <<EOF

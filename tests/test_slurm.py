@@ -21,7 +21,7 @@ import pytest
 
 from prism_assets import partitions
 from resources.slurm import SlurmLauncher, parse_scontrol, time_limit_seconds
-from test_dpo_assets import UPSTREAM, _definitions, _materialize_partition
+from test_dpo_assets import _definitions, _materialize_partition
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def cluster_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("slurm")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(UPSTREAM, instance=instance, resources=resources,
+        dg.materialize(assets[:-2], instance=instance, resources=resources,  # data, statistics, reference_logps
                        run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, instance
@@ -113,6 +113,39 @@ def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_in
     table = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
                            resources=resources).output_for_node("correspondence_table")["table"]
     assert table.set_index(["split", "metric"]).loc[("S8_region", "mean_heldout_acc_tail"), "n_seeds"] == 1
+
+
+def test_runs_per_gpu_packs_jobs_onto_one_gpu_through_shards(tmp_path):
+    launcher = _launcher(runs_per_gpu=2, shards_per_gpu=2)
+    jobs = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        script = launcher.job_script(["bash", "-c", "echo gpu=$CUDA_VISIBLE_DEVICES; sleep 8"], run_dir, {},
+                                     f"pack{i}", str(tmp_path))
+        assert "#SBATCH --gres=shard:1" in script and "--gres=gpu" not in script
+        (run_dir / "job.sbatch").write_text(script)
+        jobs.append((launcher.submit(run_dir / "job.sbatch"), run_dir))
+    deadline, together = time.time() + 60, False
+    while time.time() < deadline and not together:
+        together = all(_job(job_id).get("JobState") == "RUNNING" for job_id, _ in jobs)
+        time.sleep(0.3)
+    assert together, [_job(job_id) for job_id, _ in jobs]  # two runs at once on a node …
+    assert all(_job(job_id)["TresPerNode"] == "gres:shard:1" for job_id, _ in jobs)
+    for job_id, run_dir in jobs:
+        assert launcher.watch(dg.build_asset_context(), job_id, run_dir)["JobState"] == "COMPLETED"
+    gpus = {(run_dir / f"slurm-{job_id}.out").read_text().strip() for job_id, run_dir in jobs}
+    assert len(gpus) == 1 and gpus <= {"gpu=0", "gpu=1"}  # … sharing one GPU
+
+
+def test_runs_per_gpu_needs_shards_that_divide_and_single_gpu_runs(tmp_path):
+    with pytest.raises(ValueError, match="needs shards_per_gpu"):
+        _launcher(runs_per_gpu=2).sbatch_options(tmp_path, "x")
+    with pytest.raises(ValueError, match="a multiple of 3"):
+        _launcher(runs_per_gpu=3, shards_per_gpu=4).sbatch_options(tmp_path, "x")
+    with pytest.raises(ValueError, match="one untyped GPU"):
+        _launcher(runs_per_gpu=2, shards_per_gpu=4, gpus=2).sbatch_options(tmp_path, "x")
+    assert "--gres=shard:2" in _launcher(runs_per_gpu=2, shards_per_gpu=4).sbatch_options(tmp_path, "x")
 
 
 def test_a_failing_job_names_state_exit_code_and_stderr(cluster_instance, tmp_path):
@@ -247,7 +280,7 @@ def test_terminating_the_dagster_run_cancels_the_job(cluster_instance):
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
 import dagster as dg
-from test_dpo_assets import UPSTREAM, _definitions, _materialize_partition
+from test_dpo_assets import _definitions, _materialize_partition
 from resources.slurm import SlurmLauncher
 from prism_assets import partitions
 tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})

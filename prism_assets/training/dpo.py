@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -66,6 +67,15 @@ class StopRequest:
 
     def exit_code(self) -> int:
         return REQUEUE_EXIT_CODE if self.signal == signal.SIGUSR1 else 128 + int(self.signal)
+
+
+def peak_memory(use_cuda: bool) -> dict:
+    """What one run needs: peak GPU memory allocated (CUDA) and the process's peak resident memory, in GiB.
+    Runs packed onto one GPU (runs_per_gpu) must fit K times the former."""
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if use_cuda:
+        peak["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -160,11 +170,39 @@ def _precomputed_reference_trainer():
     return PrecomputedReferenceDPOTrainer
 
 
+def make_trainer(cfg: RunConfig, model, tokenizer, train_pairs: pd.DataFrame, use_cuda: bool, callbacks: list):
+    """The DPO trainer of a run, as the project configures it: TRL's DPOTrainer, fp32 master weights with bf16
+    autocast on CUDA, keep_end truncation, no gradient checkpointing unless asked, and — when the pairs carry
+    the base model's log-probs — no reference model. The benchmark times exactly this."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
+    dataset = Dataset.from_dict({
+        "prompt": [messages(p) for p in train_pairs["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
+        **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
+    })
+    args = DPOConfig(
+        output_dir=str(Path(cfg.output_dir) / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
+        data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
+        truncation_mode="keep_end",  # the truncation logps.tokenize_pair reproduces for references and held-out pairs
+        gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
+        # With the base model's log-probs in the pairs, no reference model is loaded or run during training.
+        precompute_ref_log_probs=precomputed,
+    )
+    trainer = (_precomputed_reference_trainer() if precomputed else DPOTrainer)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    return trainer
+
+
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint (None)."""
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
-    from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -214,25 +252,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                           f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
 
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    dataset = Dataset.from_dict({
-        "prompt": [messages(p) for p in train_pairs["prompt"]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
-        **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
-    })
-    args = DPOConfig(
-        output_dir=str(out / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
-        data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
-        truncation_mode="keep_end",  # the truncation logps.tokenize_pair reproduces for references and held-out pairs
-        gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
-        save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
-        # With the base model's log-probs in the pairs, no reference model is loaded or run during training.
-        precompute_ref_log_probs=precomputed,
-    )
-    trainer = (_precomputed_reference_trainer() if precomputed else DPOTrainer)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[LogCurve(), Checkpointing()])
+    trainer = make_trainer(cfg, model, tokenizer, train_pairs, use_cuda, [LogCurve(), Checkpointing()])
     reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
                                              "computed by TRL from the base model (the pairs carry none)"))
     trainer.remove_callback(PrinterCallback)  # LogCurve reports each logged step once, with held-out metrics
@@ -247,13 +267,15 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     delta = math.sqrt(sum(float((p.detach().cpu() - initial[n]).pow(2).sum()) for n, p in model.named_parameters()))
     metrics.update({"param_delta_l2": delta, "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout)})
     curve_data = curve_bytes(curve)
+    usage = peak_memory(use_cuda)
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
     write_atomic(out / CURVE_FILE, curve_data)
     write_atomic(out / METRICS_FILE, json.dumps(
-        {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started}, indent=2).encode())
+        # Cost, not result: outside the data version, so the same seed still gives the same version.
+        {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage}, indent=2).encode())
     if not cfg.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    reporter.report({k: v for k, v in metrics.items() if v is not None}, data_version)
+    reporter.report({k: v for k, v in {**metrics, **usage}.items() if v is not None}, data_version)
     reporter.info(f"finished in {time.perf_counter() - started:.1f} s: heldout_acc {metrics['final_heldout_acc']:.3f}")
     return metrics
 

@@ -1,0 +1,213 @@
+"""DPO training throughput: stock TRL against the project's trainer, on the same synthetic pairs, in one run.
+
+`stock` is what a user running the original experiment with plain TRL gets (../shared/perf/
+stock_trl_baseline.py): DPOTrainer with a live reference model and TRL's defaults (gradient
+checkpointing on), batch 8, β 0.1, lr 5e-6, max length 1024, bf16 autocast over fp32 weights on CUDA.
+`project` is the trainer's own configuration (`prism_assets.training.dpo.make_trainer`): reference
+log-probs precomputed once by `reference_logps` (their one-off cost printed apart: it is shared by every
+run of a grid), no reference model, no gradient checkpointing, keep_end truncation. Both train the same
+model on the same conversational pairs whose token lengths follow PRISM's (prompt and earlier turns
+≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
+
+Prints one JSON line per measurement and a table: ms/step (median after warm-up), real (unpadded)
+tokens/s, peak memory, and project/stock ratios — per run, and for K runs packed side by side (K worker
+processes on one device, as `runs_per_gpu` places them). Numbers are never asserted in tests.
+
+    python benchmarks/dpo_throughput.py --tiny            # CPU, the tiny Qwen2 (seconds)
+    python benchmarks/dpo_throughput.py --packed 3        # GPU, the Qwen2.5-0.5B shape (random weights)
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import warnings
+
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from prism_assets.training import tiny_model  # noqa: E402
+from prism_assets.training.reference import reference_logps  # noqa: E402
+from prism_assets.training.run_config import RunConfig  # noqa: E402
+
+STOCK, PROJECT = "stock", "project"
+
+
+def qwen05_directory(directory: Path) -> Path:
+    """Qwen2.5-0.5B-Instruct's architecture with random weights and a word-level tokenizer of its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    vocab = {token: i for i, token in enumerate(["<pad>", *tiny_model.SPECIAL_TOKENS, "<unk>", "user", "assistant"])}
+    vocab.update({f"w{i}": len(vocab) + i for i in range(30000)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>",
+                                   unk_token="<unk>")
+    fast.chat_template = tiny_model.CHAT_TEMPLATE.replace("'\\n'", "' '").replace("\n", " ")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def synthetic_pairs(n: int, words: list[str], rng: np.random.Generator) -> pd.DataFrame:
+    """n conversational pairs with PRISM's token lengths (each word ≈ one token)."""
+    def text(tokens):
+        return " ".join(rng.choice(words, size=tokens))
+
+    sigma = math.sqrt(math.log(1 + (388 / 565) ** 2))
+    mu = math.log(565) - sigma ** 2 / 2
+
+    def response():
+        return text(int(min(max(rng.lognormal(mu, sigma) / 4, 1), 1100)))
+
+    rows = [{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": text(int(min(max(rng.lognormal(math.log(60), 0.7), 8), 600)))}],
+             "chosen": response(), "rejected": response()} for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def word_list(tokenizer, tiny: bool) -> list[str]:
+    if not tiny:
+        return [f"w{i}" for i in range(30000)]
+    # words the tiny BPE tokenizer encodes as one token each
+    return sorted({w for w in (tokenizer.convert_tokens_to_string([t]).strip() for t in tokenizer.get_vocab())
+                   if w.isalpha() and len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1})[:500]
+
+
+def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path) -> dict:
+    """Train `variant` for warm + steps steps; ms/step over the steps after warm-up."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from prism_assets.training.dpo import make_trainer
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ticks = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.ticks.append(time.perf_counter())
+
+    clock, result = Clock(), {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    cfg = RunConfig(base_model=str(model_dir), pairs_path="-", output_dir=str(out / variant), seed=0,
+                    max_steps=steps + warm, batch_size=8, beta=0.1, learning_rate=5e-6, logging_steps=25,
+                    max_length=1024)
+    if variant == PROJECT:
+        started = time.perf_counter()
+        references = reference_logps(model, tokenizer, pairs, cfg.max_length, batch_size=64)
+        result["reference_s_all_pairs"] = round(time.perf_counter() - started, 2)
+        trainer = make_trainer(cfg, model, tokenizer, pairs.merge(references, on="pair_id"), cuda, [clock])
+    else:
+        messages = {"prompt": list(pairs["prompt"]),
+                    "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+                    "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]]}
+        from datasets import Dataset
+
+        args = DPOConfig(output_dir=str(out / variant), per_device_train_batch_size=8, learning_rate=5e-6, beta=0.1,
+                         max_steps=steps + warm, logging_steps=25, save_strategy="no", report_to="none", seed=0,
+                         bf16=cuda, use_cpu=not cuda, max_length=1024, dataloader_num_workers=2 if cuda else 0,
+                         disable_tqdm=True)
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
+                             train_dataset=Dataset.from_dict(messages), processing_class=tokenizer, callbacks=[clock])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steady = np.diff(clock.ticks[warm:])
+    data = trainer.train_dataset
+    lengths = [min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
+               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    tokens_per_step = float(np.mean(lengths)) * 8
+    result.update({"step_ms": round(1000 * float(np.median(steady)), 2),
+                   "tokens_per_s": round(tokens_per_step / float(np.median(steady))),
+                   "real_tokens_per_step": round(tokens_per_step),
+                   "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   "final_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1:]})
+    return result
+
+
+def packed(variant: str, k: int, argv: list[str]) -> dict:
+    """K workers of one variant at once on the same device; their throughputs add up."""
+    threads = str(max(1, (os.cpu_count() or 1) // k))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    workers = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", variant], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(k)]
+    results = [json.loads(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
+    return {"variant": f"{variant} ×{k} packed", "device": results[0]["device"],
+            "step_ms": round(float(np.mean([r["step_ms"] for r in results])), 2),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in results),
+            "peak_gpu_gb": results[0]["peak_gpu_gb"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny Qwen2 on CPU (a smoke run: seconds)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 100, --tiny 30)")
+    parser.add_argument("--warm", type=int, default=None, help="untimed warm-up steps (default 20, --tiny 5)")
+    parser.add_argument("--packed", type=int, default=0, help="also K runs of each variant side by side (0: no)")
+    parser.add_argument("--workdir", default=None, help="where the model and pairs are built (default: a temp dir)")
+    parser.add_argument("--worker", choices=[STOCK, PROJECT], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps = args.steps or (30 if args.tiny else 100)
+    warm = args.warm or (5 if args.tiny else 20)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_throughput_"))
+    model_dir = work / ("tiny-qwen2" if args.tiny else "qwen2.5-0.5b-shape")
+    pairs_path = work / "pairs.parquet"
+    if args.worker:  # one measurement in a packed group: the parent built the model and the pairs
+        print(json.dumps(measure(args.worker, model_dir, pd.read_parquet(pairs_path), steps, warm, work / str(os.getpid()))))
+        return 0
+
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "config.json").exists():
+        tiny_model.build_tiny_qwen2(model_dir) if args.tiny else qwen05_directory(model_dir)
+    words = word_list(AutoTokenizer.from_pretrained(model_dir), args.tiny)
+    synthetic_pairs(8 * (steps + warm), words, np.random.default_rng(0)).to_parquet(pairs_path, index=False)
+    pairs = pd.read_parquet(pairs_path)
+    argv = ["--workdir", str(work), "--steps", str(steps), "--warm", str(warm), *(["--tiny"] if args.tiny else [])]
+    print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pairs": len(pairs),
+                      "steps": steps, "warm": warm, "workdir": str(work)}), flush=True)
+    rows = []
+    for variant in (STOCK, PROJECT):
+        rows.append(measure(variant, model_dir, pairs, steps, warm, work))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.packed > 1:
+        for variant in (STOCK, PROJECT):
+            rows.append(packed(variant, args.packed, argv))
+            print(json.dumps(rows[-1]), flush=True)
+    stock = rows[0]
+    print(f"\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
+              f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | "
+              f"{row['tokens_per_s'] / stock['tokens_per_s']:.2f}× |")
+    project = rows[1]
+    print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference log-probs "
+          f"of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run of a grid)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
