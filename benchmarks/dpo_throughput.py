@@ -3,11 +3,13 @@
 `stock` is what a user running the original experiment with plain TRL gets (../shared/perf/
 stock_trl_baseline.py): DPOTrainer with a live reference model and TRL's defaults (gradient
 checkpointing on), batch 8, β 0.1, lr 5e-6, max length 1024, bf16 autocast over fp32 weights on CUDA.
-`project` is the trainer's own configuration (`prism_assets.training.dpo.make_trainer`): reference
-log-probs precomputed once by `reference_logps` (their one-off cost printed apart: it is shared by every
-run of a grid), no reference model, no gradient checkpointing, keep_end truncation. Both train the same
-model on the same conversational pairs whose token lengths follow PRISM's (prompt and earlier turns
-≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
+`project` is the trainer's own step (`prism_assets.training.engine`): reference log-probs precomputed
+once by `reference_logps` (their one-off cost printed apart: it is shared by every run of a grid), no
+reference model, no gradient checkpointing, the LM head only where a completion token is predicted, no
+Trainer loop. `trl+refs` is TRL's DPOTrainer given the same precomputed references and settings
+(`prism_assets.training.trl_dpo.make_trainer`), to show what the references alone buy. All train the
+same model on the same conversational pairs whose token lengths follow PRISM's (prompt and earlier
+turns ≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
 
 Prints one JSON line per measurement and a table: ms/step (median after warm-up), real (unpadded)
 tokens/s, peak memory, and project/stock ratios — per run, and for K runs packed side by side (K worker
@@ -38,11 +40,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from prism_assets.training import tiny_model  # noqa: E402
+from prism_assets.training import engine, tiny_model  # noqa: E402
+from prism_assets.training.logps import tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
-from prism_assets.training.run_config import RunConfig  # noqa: E402
+from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig  # noqa: E402
 
-STOCK, PROJECT = "stock", "project"
+STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
 
 
 def qwen05_directory(directory: Path) -> Path:
@@ -95,7 +98,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from prism_assets.training.dpo import make_trainer
+    from prism_assets.training.trl_dpo import make_trainer
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -115,36 +118,55 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     cfg = RunConfig(base_model=str(model_dir), pairs_path="-", output_dir=str(out / variant), seed=0,
                     max_steps=steps + warm, batch_size=8, beta=0.1, learning_rate=5e-6, logging_steps=25,
                     max_length=1024)
-    if variant == PROJECT:
+    if variant in (PROJECT, TRL_REFS):
         started = time.perf_counter()
         references = reference_logps(model, tokenizer, pairs, cfg.max_length, batch_size=64)
         result["reference_s_all_pairs"] = round(time.perf_counter() - started, 2)
-        trainer = make_trainer(cfg, model, tokenizer, pairs.merge(references, on="pair_id"), cuda, [clock])
-    else:
-        messages = {"prompt": list(pairs["prompt"]),
-                    "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
-                    "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]]}
-        from datasets import Dataset
-
-        args = DPOConfig(output_dir=str(out / variant), per_device_train_batch_size=8, learning_rate=5e-6, beta=0.1,
-                         max_steps=steps + warm, logging_steps=25, save_strategy="no", report_to="none", seed=0,
-                         bf16=cuda, use_cpu=not cuda, max_length=1024, dataloader_num_workers=2 if cuda else 0,
-                         disable_tqdm=True)
-        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
-                             train_dataset=Dataset.from_dict(messages), processing_class=tokenizer, callbacks=[clock])
+        pairs = pairs.merge(references, on="pair_id")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if variant == PROJECT:
+        chosen, rejected = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+        refs = [pairs[c].to_numpy() for c in REFERENCE_COLUMNS]
+        optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, cuda)
+        model.train()
+        losses = []
+        for step in range(cfg.max_steps):
+            rows = engine.batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)
+            batch = engine.collate([chosen[i] for i in rows], [rejected[i] for i in rows], refs[0][rows], refs[1][rows],
+                                   tokenizer.pad_token_id, device)
+            losses.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule)["loss"])
+            clock.on_step_end(None, None, None)
+        lengths = [len(p) + len(c) + len(p2) + len(r) for (p, c), (p2, r) in zip(chosen, rejected)]
+        mean_loss = float(np.mean(losses))
+    else:
+        if variant == TRL_REFS:
+            trainer = make_trainer(cfg, model, tokenizer, pairs, cuda, [clock])
+        else:
+            from datasets import Dataset
+
+            conversations = {"prompt": list(pairs["prompt"]),
+                             "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+                             "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]]}
+            args = DPOConfig(output_dir=str(out / variant), per_device_train_batch_size=8, learning_rate=5e-6,
+                             beta=0.1, max_steps=steps + warm, logging_steps=25, save_strategy="no", report_to="none",
+                             seed=0, bf16=cuda, use_cpu=not cuda, max_length=1024,
+                             dataloader_num_workers=2 if cuda else 0, disable_tqdm=True)
+            trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
+                                 train_dataset=Dataset.from_dict(conversations), processing_class=tokenizer,
+                                 callbacks=[clock])
+        trainer.train()
+        data = trainer.train_dataset
+        lengths = [min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
+                   for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+        mean_loss = trainer.state.log_history[-1]["train_loss"]  # the Trainer's mean over the whole run
     steady = np.diff(clock.ticks[warm:])
-    data = trainer.train_dataset
-    lengths = [min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
-               for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
     tokens_per_step = float(np.mean(lengths)) * 8
     result.update({"step_ms": round(1000 * float(np.median(steady)), 2),
                    "tokens_per_s": round(tokens_per_step / float(np.median(steady))),
                    "real_tokens_per_step": round(tokens_per_step),
                    "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                   "final_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1:]})
+                   "mean_loss": round(mean_loss, 4)})
     return result
 
 
@@ -168,7 +190,7 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=None, help="untimed warm-up steps (default 20, --tiny 5)")
     parser.add_argument("--packed", type=int, default=0, help="also K runs of each variant side by side (0: no)")
     parser.add_argument("--workdir", default=None, help="where the model and pairs are built (default: a temp dir)")
-    parser.add_argument("--worker", choices=[STOCK, PROJECT], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[STOCK, TRL_REFS, PROJECT], help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (30 if args.tiny else 100)
     warm = args.warm or (5 if args.tiny else 20)
@@ -190,7 +212,7 @@ def main() -> int:
     print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pairs": len(pairs),
                       "steps": steps, "warm": warm, "workdir": str(work)}), flush=True)
     rows = []
-    for variant in (STOCK, PROJECT):
+    for variant in (STOCK, TRL_REFS, PROJECT):
         rows.append(measure(variant, model_dir, pairs, steps, warm, work))
         print(json.dumps(rows[-1]), flush=True)
     if args.packed > 1:
@@ -198,12 +220,12 @@ def main() -> int:
             rows.append(packed(variant, args.packed, argv))
             print(json.dumps(rows[-1]), flush=True)
     stock = rows[0]
-    print(f"\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
+    print("\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
               f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | "
               f"{row['tokens_per_s'] / stock['tokens_per_s']:.2f}× |")
-    project = rows[1]
+    project = rows[2]
     print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference log-probs "
           f"of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run of a grid)")
     return 0

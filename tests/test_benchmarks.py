@@ -16,5 +16,6 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| stock", "| project", "| stock ×2 packed", "| project ×2 packed"]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| stock", "| trl+refs", "| project", "| stock ×2 packed",
+                                                        "| project ×2 packed"]
     assert "project/stock per run:" in done.stdout

@@ -58,7 +58,7 @@ def _run(tmp_path, name, module="prism_assets.training.dpo", **config):
     return done.stdout
 
 
-def test_a_run_fed_reference_logps_trains_as_one_where_trl_computes_them(tiny_model_dir, pairs, tmp_path):
+def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_model_dir, pairs, tmp_path):
     plain = tmp_path / "plain.parquet"
     pairs.to_parquet(plain, index=False)
     _run(tmp_path, "reference", module="prism_assets.training.reference",
@@ -71,7 +71,7 @@ def test_a_run_fed_reference_logps_trains_as_one_where_trl_computes_them(tiny_mo
               "learning_rate": 1e-3, "max_length": 96, "heldout_max_pairs": 8, "batch_size": 4}
     logs = {name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name),
                        **common) for name, path in (("live", plain), ("fed", fed))}
-    assert "precomputed (reference_logps)" in logs["fed"] and "computed by TRL" in logs["live"]
+    assert "precomputed (reference_logps)" in logs["fed"] and "computed here from the base model" in logs["live"]
     live, fed_curve = (pd.read_parquet(tmp_path / name / "curve.parquet") for name in ("live", "fed"))
     assert list(fed_curve["step"]) == [2, 4]
     columns = ["loss", "margin", "pref_acc", "reward_chosen", "reward_rejected", "heldout_acc", "heldout_margin"]

@@ -2,18 +2,20 @@
 
 Owns one DPO run: it reads a JSON run config (base model, pairs file, optional user filter, seed,
 hyperparameters, output directory), splits the pairs into a fixed held-out set (chosen by a hash of
-pair_id, so every seed and every run sees the same held-out pairs) and training pairs, trains with
-TRL's DPOTrainer (fp32 master weights; bf16 autocast on CUDA, fp32 on CPU), evaluates held-out
+pair_id, so every seed and every run sees the same held-out pairs) and training pairs, trains with the
+project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer; fp32 master
+weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed here
+from the base model only when the file carries none), evaluates held-out
 implicit-reward accuracy and margin at every logging step, and writes `run.json`, `curve.parquet` and
 `metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
 data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
 
 Preemption and time limits lose no work: the trainer checkpoints every `checkpoint_steps` and on
 SIGUSR1 (SLURM's warning before the time limit: save, exit REQUEUE_EXIT_CODE so the job requeues
-itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A checkpoint holds model,
-optimizer, scheduler and RNG states (the Trainer's own) and the curve so far; a restarted run resumes
-from the latest complete one, skipping the batches already seen, and ends with the curve and metrics
-of an uninterrupted run.
+itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A
+checkpoint holds model, optimizer and schedule states and the curve so far; a restarted run resumes from
+the latest complete one (the batch of a step is a function of seed and step, so it sees exactly the
+batches it had not) and ends with the curve and metrics of an uninterrupted run.
 """
 
 import argparse
@@ -39,7 +41,8 @@ for _sig in (signal.SIGUSR1, signal.SIGTERM):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from prism_assets.training.logps import messages  # noqa: E402
+from prism_assets.training import engine  # noqa: E402
+from prism_assets.training.logps import tokenize_pairs  # noqa: E402
 from prism_assets.training.metrics import summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_config import (  # noqa: E402
@@ -51,7 +54,7 @@ TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accurac
 
 
 REQUEUE_EXIT_CODE = 99
-CHECKPOINT_CURVE = "curve_rows.json"
+CHECKPOINT_CURVE, CHECKPOINT_STATE = "curve_rows.json", "state.pt"
 
 
 class StopRequest:
@@ -79,10 +82,24 @@ def peak_memory(use_cuda: bool) -> dict:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint that was written completely (trainer state and curve both present)."""
+    """The newest checkpoint that was written completely (training state and curve both present)."""
     complete = [p for p in directory.glob("checkpoint-*")
-                if (p / "trainer_state.json").exists() and (p / CHECKPOINT_CURVE).exists()]
+                if (p / CHECKPOINT_STATE).exists() and (p / CHECKPOINT_CURVE).exists()]
     return max(complete, key=lambda p: int(p.name.rpartition("-")[2]), default=None)
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, schedule, rows: list[dict], keep: int = 2) -> Path:
+    """Model, optimizer and schedule state and the curve so far; the curve is written last (completeness mark)."""
+    target = directory / f"checkpoint-{step}"
+    target.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict()}, buffer)
+    write_atomic(target / CHECKPOINT_STATE, buffer.getvalue())
+    write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
+    for old in sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -154,60 +171,15 @@ class HeldoutEvaluator:
                 "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0}
 
 
-def _precomputed_reference_trainer():
-    from trl import DPOTrainer
-
-    class PrecomputedReferenceDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer on pairs that already carry ref_chosen_logps / ref_rejected_logps.
-
-        With `precompute_ref_log_probs=True` TRL loads no reference model and reads those columns, but
-        would first compute them itself (and then fail on the duplicated columns): they are there already.
-        """
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            return dataset
-
-    return PrecomputedReferenceDPOTrainer
-
-
-def make_trainer(cfg: RunConfig, model, tokenizer, train_pairs: pd.DataFrame, use_cuda: bool, callbacks: list):
-    """The DPO trainer of a run, as the project configures it: TRL's DPOTrainer, fp32 master weights with bf16
-    autocast on CUDA, keep_end truncation, no gradient checkpointing unless asked, and — when the pairs carry
-    the base model's log-probs — no reference model. The benchmark times exactly this."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    dataset = Dataset.from_dict({
-        "prompt": [messages(p) for p in train_pairs["prompt"]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
-        **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
-    })
-    args = DPOConfig(
-        output_dir=str(Path(cfg.output_dir) / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
-        data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
-        truncation_mode="keep_end",  # the truncation logps.tokenize_pair reproduces for references and held-out pairs
-        gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
-        save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
-        # With the base model's log-probs in the pairs, no reference model is loaded or run during training.
-        precompute_ref_log_probs=precomputed,
-    )
-    trainer = (_precomputed_reference_trainer() if precomputed else DPOTrainer)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
-    return trainer
-
-
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint (None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     set_seed(cfg.seed)
     train_pairs, heldout = load_pairs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
@@ -216,6 +188,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         model.to("cuda")
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
+    precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
     write_atomic(out / RUN_CONFIG_FILE, json.dumps({
         **dataclasses.asdict(cfg), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
         "device": "cuda" if use_cuda else "cpu", "torch": torch.__version__,
@@ -224,43 +197,56 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     reporter.info(f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
                   f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}")
 
+    chosen, rejected = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
+    refs = [train_pairs[c].to_numpy() for c in REFERENCE_COLUMNS] if precomputed else None
+    reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
+                                             "computed here from the base model (the pairs carry none)"))
+    if refs is None:
+        from prism_assets.training.reference import reference_logps
+
+        frame = reference_logps(model, tokenizer, train_pairs, cfg.max_length, batch_size=32)
+        refs = [frame[c].to_numpy() for c in REFERENCE_COLUMNS]
+    optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
+
     checkpoints = out / "trainer"
     resume_from = latest_checkpoint(checkpoints)
-    rows: list[dict] = json.loads((resume_from / CHECKPOINT_CURVE).read_text()) if resume_from else []
+    rows: list[dict] = []
+    step = 0
     if resume_from:
-        reporter.info(f"resuming from {resume_from} ({len(rows)} logged steps so far)")
+        state = torch.load(resume_from / CHECKPOINT_STATE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, rows = state["step"], json.loads((resume_from / CHECKPOINT_CURVE).read_text())
+        reporter.info(f"resuming from {resume_from} at step {step} ({len(rows)} logged steps so far)")
 
-    class Checkpointing(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            # Stop on a logging step: the Trainer keeps no record of a half-filled logging window, so a
-            # checkpoint taken there resumes into exactly the logs of an uninterrupted run.
-            if stop.signal is not None and state.global_step % args.logging_steps == 0:
-                control.should_save = control.should_training_stop = True
-
-        def on_save(self, args, state, control, **kwargs):
-            write_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_CURVE,
-                         json.dumps(rows).encode())
-
-    class LogCurve(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            if not logs or "loss" not in logs or "rewards/accuracies" not in logs:
-                return
-            row = {"step": int(state.global_step), **{new: float(logs[old]) for old, new in TRL_LOG_COLUMNS.items() if old in logs}}
-            row.update(evaluator.evaluate(model))
-            rows.append(row)
-            reporter.info(f"step {row['step']}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f} "
-                          f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
-
-    precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    trainer = make_trainer(cfg, model, tokenizer, train_pairs, use_cuda, [LogCurve(), Checkpointing()])
-    reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
-                                             "computed by TRL from the base model (the pairs carry none)"))
-    trainer.remove_callback(PrinterCallback)  # LogCurve reports each logged step once, with held-out metrics
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if stop.signal is not None:
-        reporter.info(f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step "
-                      f"{trainer.state.global_step}; exiting with {stop.exit_code()}")
-        return None
+    model.train()
+    window: list[dict] = []
+    while step < cfg.max_steps:
+        batch_rows = engine.batch_indices(len(train_pairs), cfg.batch_size, cfg.seed, step)
+        batch = engine.collate([chosen[i] for i in batch_rows], [rejected[i] for i in batch_rows],
+                               refs[0][batch_rows], refs[1][batch_rows], tokenizer.pad_token_id, device)
+        window.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
+        step += 1
+        if step % cfg.logging_steps:
+            continue
+        # A logged row averages the window (as TRL logs), grad norm and learning rate are the last step's.
+        row = {"step": step, **{TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in window) / len(window))
+                                for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
+                                          "rewards/rejected")},
+               "grad_norm": window[-1]["grad_norm"], "learning_rate": window[-1]["learning_rate"]}
+        window = []
+        row.update(evaluator.evaluate(model))
+        rows.append(row)
+        reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f} "
+                      f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
+        # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
+        if stop.signal is not None or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
+            save_checkpoint(checkpoints, step, model, optimizer, schedule, rows)
+        if stop.signal is not None:
+            reporter.info(f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step {step}; "
+                          f"exiting with {stop.exit_code()}")
+            return None
 
     curve = pd.DataFrame(rows)
     metrics = summarize_curve(curve, cfg.max_steps)

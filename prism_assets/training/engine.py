@@ -1,0 +1,105 @@
+"""The DPO training step the trainer runs: TRL's sigmoid DPO loss and metrics, without TRL's per-step overhead.
+
+Owns one step's arithmetic and the loop's order of batches. A batch is the B chosen and B rejected
+sequences (`logps.tokenize_pair`: TRL's tokenization and keep_end truncation) right-padded into one
+tensor; the policy's summed completion log-probs come from the decoder's hidden states with the LM
+head applied only where a completion token is predicted (prompts and padding never reach the
+vocabulary projection), the reference's from `reference_logps` (no reference model). Loss and logged
+metrics are TRL's for `loss_type="sigmoid"`: loss = −log σ(β·((π_c − ref_c) − (π_r − ref_r))), rewards
+β·(π − ref), accuracy = reward_c > reward_r. The optimizer and schedule are the Trainer's defaults:
+AdamW (β 0.9/0.999, ε 1e-8, no weight decay; fused on CUDA), linear decay to 0 without warm-up,
+gradient norm clipped at 1. Batches: a seeded permutation of the training pairs per epoch, so the batch
+of any step is a function of (seed, step) and a resumed run sees exactly the batches it had not.
+`tests/test_engine.py` checks all of it against TRL's DPOTrainer on the same batches.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prism_assets.training.logps import autocast_for
+
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor        # (2B, T): B chosen rows, then their B rejected rows
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # 1 on completion tokens
+    ref_chosen: torch.Tensor       # (B,) the base model's summed completion log-probs
+    ref_rejected: torch.Tensor
+
+
+def collate(chosen: list, rejected: list, ref_chosen, ref_rejected, pad_id: int, device) -> Batch:
+    """One padded batch from (prompt_ids, completion_ids) sequences and their reference log-probs."""
+    rows = [p + c for p, c in chosen + rejected]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    completion = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ((p, c), row) in enumerate(zip(chosen + rejected, rows)):
+        ids[i, :len(row)] = torch.tensor(row)
+        attention[i, :len(row)] = 1
+        completion[i, len(p):len(row)] = 1
+    to = {"device": device, "non_blocking": True}
+    return Batch(ids.to(**to), attention.to(**to), completion.to(**to),
+                 torch.as_tensor(ref_chosen, dtype=torch.float32).to(**to),
+                 torch.as_tensor(ref_rejected, dtype=torch.float32).to(**to))
+
+
+def sequence_logps(model, batch: Batch) -> torch.Tensor:
+    """(2B,) Σ log p(completion token | earlier tokens), fp32; the LM head only at predicting positions."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    predicts = batch.completion_mask[:, 1:].bool()   # position t−1 predicts completion token t
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
+    targets = batch.input_ids[:, 1:][predicts]
+    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(len(predicts), device=predicts.device).unsqueeze(1).expand_as(predicts)[predicts]
+    return torch.zeros(len(predicts), device=token_logps.device, dtype=torch.float32).index_add(0, rows, token_logps)
+
+
+def dpo_loss(policy: torch.Tensor, batch: Batch, beta: float) -> tuple[torch.Tensor, dict]:
+    """TRL's sigmoid DPO loss and the metrics it logs, from the policy's (2B,) log-probs."""
+    chosen, rejected = policy.chunk(2)
+    chosen_reward = beta * (chosen - batch.ref_chosen)
+    rejected_reward = beta * (rejected - batch.ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    metrics = {"rewards/chosen": chosen_reward.mean(), "rewards/rejected": rejected_reward.mean(),
+               "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
+               "rewards/margins": (chosen_reward - rejected_reward).mean()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def make_optimizer(model, learning_rate: float, max_steps: int, use_cuda: bool):
+    """The Trainer's defaults: AdamW without weight decay, linear decay to 0 over max_steps, no warm-up."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.0, fused=use_cuda)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (max_steps - step) / max_steps))
+    return optimizer, schedule
+
+
+def train_step(model, batch: Batch, beta: float, optimizer, schedule) -> dict:
+    """Forward, loss, backward, clip, optimizer and schedule step; the step's metrics as floats."""
+    with autocast_for(batch.input_ids.device):
+        policy = sequence_logps(model, batch)
+    loss, metrics = dpo_loss(policy, batch, beta)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    learning_rate = schedule.get_last_lr()[0]  # the rate this step used (what the Trainer logs)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    values = torch.stack([loss.detach(), grad_norm.detach().float(), *metrics.values()]).tolist()  # one sync
+    return {"loss": values[0], "grad_norm": values[1], **dict(zip(metrics, values[2:])),
+            "learning_rate": learning_rate}
+
+
+def batch_indices(num_pairs: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The training pairs of step `step` (0-based): epoch e is a permutation seeded by (seed, e)."""
+    per_epoch = math.ceil(num_pairs / batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[index * batch_size:(index + 1) * batch_size].tolist()
