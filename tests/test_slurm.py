@@ -255,13 +255,13 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
     stop = threading.Event()
     _in_background(lambda: _release_requeued(lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop))
     result, _ = _run(cluster_instance, cell, _launcher(time_limit="1", signal_before_end_s=45),
-                     max_steps=200, logging_steps=10, checkpoint_steps=50)
+                     max_steps=1000, logging_steps=20, checkpoint_steps=100)  # > 15 s of training: ≥ 1 warning
     stop.set()
     assert result.success, _failure(result)
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
     log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert int(_job(job_id)["Restarts"]) >= 1 and "signal SIGUSR1: checkpoint saved" in log
-    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(10, 210, 10))
+    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(20, 1020, 20))
 
 
 @pytest.mark.slow
@@ -287,7 +287,7 @@ tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})
 assets, resources = _definitions(tmp, max_steps=2000, logging_steps=100)
 resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_max_s=1.0)
 with dg.instance_for_test() as instance:
-    dg.materialize(UPSTREAM, instance=instance, resources=resources)
+    dg.materialize(assets[:-2], instance=instance, resources=resources)
     instance.add_dynamic_partitions(partitions.SEED, ["0"])
     _materialize_partition(assets, resources, instance, "baseline", 0, raise_on_error=False)
 """)
