@@ -85,13 +85,14 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         page.locator('[aria-label="settings"]').last.click()  # the graph's settings menu
         page.get_by_text("Expand all groups").last.click()
         page.reload()  # the graph fits its view to the unfolded groups (kept in the browser) when it loads
-        page.get_by_text("raw_prism", exact=True).first.wait_for(timeout=30_000)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))  # before the checks: an artifact either way
-        for asset in ASSETS:
-            expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=30_000)
-        for group in ("data", "statistics", "dpo", "report"):
-            expect(page.get_by_text(group, exact=True).first).to_be_visible()
+        try:
+            for asset in ASSETS:
+                expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=30_000)
+            for group in ("data", "statistics", "dpo", "report"):
+                expect(page.get_by_text(group, exact=True).first).to_be_visible()
+            page.wait_for_timeout(1000)  # edges settle
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))  # an artifact whether or not the checks pass
 
         page.goto(f"{served}/assets/correspondence_table")
         page.get_by_text("[Show Markdown]").first.click()  # metadata "correspondence": the table
@@ -99,7 +100,8 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         expect(dialog.get_by_text("Primary metric")).to_be_visible(timeout=30_000)
         for text in ("S1_age", "S8_region", "A≈B", "mean A−B [95% CI]", "verdict"):
             expect(dialog.get_by_text(text).first).to_be_visible()
-        page.screenshot(path=str(ARTIFACTS / "correspondence-table.png"))
+        page.wait_for_timeout(500)  # the dialog's fade-in
+        dialog.screenshot(path=str(ARTIFACTS / "correspondence-table.png"))
         dialog.get_by_role("button", name="Close").click()
 
         page.get_by_text("[Show Markdown]").nth(2).click()  # metadata "learning_curves": the PNG
@@ -107,5 +109,6 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         expect(image).to_be_visible(timeout=30_000)
         width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
         assert width > 500 and height > 200  # decoded, not a broken image
-        page.screenshot(path=str(ARTIFACTS / "learning-curves.png"))
+        page.wait_for_timeout(500)
+        page.get_by_role("dialog").screenshot(path=str(ARTIFACTS / "learning-curves.png"))
         browser.close()
