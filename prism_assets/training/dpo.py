@@ -278,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         reporter.close(error)
         raise
+    finally:
+        # The run's outcome is decided: a warning or SIGTERM arriving now must not turn it into death by signal.
+        # (Python restores default handlers while it shuts down, but leaves ignored signals ignored.)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     if metrics is None:  # stopped for a requeue: the Pipes channel stays open for the resumed attempt
         return stop.exit_code()
     reporter.close()
