@@ -34,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DPO_THREADS_PER_RUN", str(max(1, (os.cpu_count() or 1) // args.parallel)))
     from prism_assets import partitions
     from prism_assets.definitions import ASSETS, CHECKS, DPO_SETTINGS, RESOURCES, UNPARTITIONED
+    from resources.launcher import LocalLauncher
 
     instance = dg.DagsterInstance.get()
     started = time.perf_counter()
     run_config = {"ops": {"significant_splits": {"config": {"preset": args.preset}}}} if args.preset else None
-    result = dg.materialize([*UNPARTITIONED, *CHECKS], instance=instance, resources=RESOURCES, run_config=run_config,
+    # The reference precompute runs alone in this phase: a local one may use every core.
+    alone = {**RESOURCES, "launcher": LocalLauncher()} if isinstance(RESOURCES["launcher"], LocalLauncher) else RESOURCES
+    result = dg.materialize([*UNPARTITIONED, *CHECKS], instance=instance, resources=alone, run_config=run_config,
                             raise_on_error=False)
     if not result.success:
         print(f"run {result.run_id} failed; see `dagster dev` or the log above", file=sys.stderr)

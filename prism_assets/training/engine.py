@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prism_assets.training.logps import autocast_for
+from prism_assets.training.logps import autocast_for, pad_sequences, summed_logps
 
 MAX_GRAD_NORM = 1.0
 
@@ -35,30 +35,15 @@ class Batch:
 
 def collate(chosen: list, rejected: list, ref_chosen, ref_rejected, pad_id: int, device) -> Batch:
     """One padded batch from (prompt_ids, completion_ids) sequences and their reference log-probs."""
-    rows = [p + c for p, c in chosen + rejected]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    completion = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ((p, c), row) in enumerate(zip(chosen + rejected, rows)):
-        ids[i, :len(row)] = torch.tensor(row)
-        attention[i, :len(row)] = 1
-        completion[i, len(p):len(row)] = 1
-    to = {"device": device, "non_blocking": True}
-    return Batch(ids.to(**to), attention.to(**to), completion.to(**to),
-                 torch.as_tensor(ref_chosen, dtype=torch.float32).to(**to),
-                 torch.as_tensor(ref_rejected, dtype=torch.float32).to(**to))
+    ids, attention, completion = pad_sequences(chosen + rejected, pad_id, device)
+    return Batch(ids, attention, completion,
+                 torch.as_tensor(ref_chosen, dtype=torch.float32).to(device, non_blocking=True),
+                 torch.as_tensor(ref_rejected, dtype=torch.float32).to(device, non_blocking=True))
 
 
 def sequence_logps(model, batch: Batch) -> torch.Tensor:
     """(2B,) Σ log p(completion token | earlier tokens), fp32; the LM head only at predicting positions."""
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    predicts = batch.completion_mask[:, 1:].bool()   # position t−1 predicts completion token t
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
-    targets = batch.input_ids[:, 1:][predicts]
-    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    rows = torch.arange(len(predicts), device=predicts.device).unsqueeze(1).expand_as(predicts)[predicts]
-    return torch.zeros(len(predicts), device=token_logps.device, dtype=torch.float32).index_add(0, rows, token_logps)
+    return summed_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
 def dpo_loss(policy: torch.Tensor, batch: Batch, beta: float) -> tuple[torch.Tensor, dict]:

@@ -63,28 +63,43 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """(input_ids, attention_mask, completion_mask) of (prompt_ids, completion_ids) rows, right-padded."""
+    width = max(len(p) + len(c) for p, c in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (p, c) in enumerate(sequences):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        attention[row, :len(p) + len(c)] = 1
+        completion[row, len(p):len(p) + len(c)] = 1
+    return (ids.to(device, non_blocking=True), attention.to(device, non_blocking=True),
+            completion.to(device, non_blocking=True))
+
+
+def summed_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """(rows,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
+    precompute and the held-out evaluation share. The LM head runs only where a completion token is predicted:
+    prompts and padding never reach the vocabulary projection."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    predicts = completion_mask[:, 1:].bool()   # position t−1 predicts completion token t
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
+    targets = input_ids[:, 1:][predicts]
+    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(len(predicts), device=predicts.device).unsqueeze(1).expand_as(predicts)[predicts]
+    return torch.zeros(len(predicts), device=token_logps.device, dtype=torch.float32).index_add(0, rows, token_logps)
+
+
 @torch.no_grad()
 def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Σ log p(completion token | previous tokens) for each (prompt_ids, completion_ids); fp32, on CPU."""
+    """summed_logps of each (prompt_ids, completion_ids) in length-sorted batches (little padding); on CPU."""
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     out = []
-    for start in range(0, len(order), batch_size):  # similar lengths together: less padding
+    for start in range(0, len(order), batch_size):
         chunk = [sequences[i] for i in order[start:start + batch_size]]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for row, (p, c) in enumerate(chunk):
-            ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[row, :len(p) + len(c)] = 1
-            labels[row, len(p):len(p) + len(c)] = torch.tensor(c)
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         with autocast_for(device):
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        token_logps = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((token_logps * (targets != -100)).sum(-1).cpu())
+            out.append(summed_logps(model, *pad_sequences(chunk, pad_id, device)).cpu())
     if not out:
         return torch.zeros(0)
     result = torch.empty(len(sequences))
