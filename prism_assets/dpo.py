@@ -26,8 +26,8 @@ from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config) and the trainer's modules.
 CODE_VERSION = versions.source_version(
-    sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.logps", "prism_assets.training.metrics",
-    "prism_assets.training.run_config", "prism_assets.training.tiny_model")
+    sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.engine", "prism_assets.training.logps",
+    "prism_assets.training.metrics", "prism_assets.training.run_config", "prism_assets.training.tiny_model")
 REFERENCE_CODE_VERSION = versions.source_version(
     "prism_assets.training.reference", "prism_assets.training.logps", "prism_assets.training.tiny_model")
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
@@ -184,7 +184,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
         owners=versions.OWNERS, pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
         retry_policy=RETRY_POLICY,
-        description="One DPO fine-tuning run (TRL DPOTrainer, reference log-probs from reference_logps) per "
+        description="One DPO fine-tuning run (TRL's DPO loss, reference log-probs from reference_logps) per "
                     "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
                     "(held-out accuracy/margin every log step) and summary metrics.",
     )

@@ -91,3 +91,11 @@ def test_tiny_model_builds_deterministically_and_loads_as_qwen2(tmp_path, tiny_m
     assert text == "<|im_start|>user\nHey! Honestly?<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("Kind regards, café")["input_ids"]) == "Kind regards, café"
     assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.model_type == "qwen2"
+
+
+def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, out = first_run
+    checkpointed = _train(tmp_path, "gc", tiny_model_dir, small_pairs_path, gradient_checkpointing=True)
+    columns = ["loss", "margin", "pref_acc", "grad_norm", "heldout_acc", "heldout_margin"]
+    pd.testing.assert_frame_equal(pd.read_parquet(checkpointed / "curve.parquet")[columns],
+                                  pd.read_parquet(out / "curve.parquet")[columns], rtol=1e-5, atol=1e-6)

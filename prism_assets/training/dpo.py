@@ -42,7 +42,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from prism_assets.training import engine  # noqa: E402
-from prism_assets.training.logps import tokenize_pairs  # noqa: E402
+from prism_assets.training.logps import frozen_logps, tokenize_pairs  # noqa: E402
 from prism_assets.training.metrics import summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_config import (  # noqa: E402
@@ -143,9 +143,6 @@ class HeldoutEvaluator:
     """
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
-        from prism_assets.training.logps import completion_logps, tokenize_pairs
-
-        self._logps = completion_logps
         self.beta, self.pad = cfg.beta, tokenizer.pad_token_id
         self.chosen, self.rejected = tokenize_pairs(tokenizer, heldout, cfg.max_length)
         if set(REFERENCE_COLUMNS) <= set(heldout.columns):
@@ -155,12 +152,8 @@ class HeldoutEvaluator:
             self.ref_chosen, self.ref_rejected = self._policy_logps(model)
 
     def _policy_logps(self, model):
-        was_training = model.training
-        model.eval()
-        try:
-            return self._logps(model, self.chosen, self.pad), self._logps(model, self.rejected, self.pad)
-        finally:
-            model.train(was_training)
+        values = frozen_logps(model, self.chosen + self.rejected, self.pad)
+        return values[:len(self.chosen)], values[len(self.chosen):]
 
     def evaluate(self, model) -> dict:
         chosen, rejected = self._policy_logps(model)
@@ -201,11 +194,11 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     refs = [train_pairs[c].to_numpy() for c in REFERENCE_COLUMNS] if precomputed else None
     reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
                                              "computed here from the base model (the pairs carry none)"))
-    if refs is None:
-        from prism_assets.training.reference import reference_logps
-
-        frame = reference_logps(model, tokenizer, train_pairs, cfg.max_length, batch_size=32)
-        refs = [frame[c].to_numpy() for c in REFERENCE_COLUMNS]
+    if refs is None:  # the model is still the base model here
+        values = frozen_logps(model, chosen + rejected, tokenizer.pad_token_id).numpy()
+        refs = [values[:len(chosen)], values[len(chosen):]]
+    if cfg.gradient_checkpointing:  # less activation memory for a second forward pass in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
 
     checkpoints = out / "trainer"

@@ -105,3 +105,14 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id
     result = torch.empty(len(sequences))
     result[torch.tensor(order)] = torch.cat(out)
     return result
+
+
+def frozen_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """completion_logps with the model in eval mode (restored afterwards): the base model's or the policy's
+    log-probs outside a training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        return completion_logps(model, sequences, pad_id, batch_size)
+    finally:
+        model.train(was_training)

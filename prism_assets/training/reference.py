@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from prism_assets.training.logps import completion_logps, tokenize_pairs
+from prism_assets.training.logps import frozen_logps, tokenize_pairs
 from prism_assets.training.reporting import Reporter
 from prism_assets.training.run_config import REFERENCE_COLUMNS, ReferenceConfig
 
@@ -25,12 +25,7 @@ from prism_assets.training.run_config import REFERENCE_COLUMNS, ReferenceConfig
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int) -> pd.DataFrame:
     """pair_id and the model's summed completion log-probs of each pair's chosen and rejected response."""
     chosen, rejected = tokenize_pairs(tokenizer, pairs, max_length)
-    was_training = model.training
-    model.eval()
-    try:
-        values = completion_logps(model, chosen + rejected, tokenizer.pad_token_id, batch_size)
-    finally:
-        model.train(was_training)
+    values = frozen_logps(model, chosen + rejected, tokenizer.pad_token_id, batch_size)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(),
                          REFERENCE_COLUMNS[0]: values[:len(chosen)].numpy(),
                          REFERENCE_COLUMNS[1]: values[len(chosen):].numpy()})
