@@ -2,9 +2,12 @@
 
 Owns `source_version(*modules)`: a short hash of the modules' syntax trees with docstrings removed, so
 comments, formatting and documentation do not count as a change, while any edit to what the code does
-does. Every asset's `code_version` is built from the modules it runs (its asset module and the logic
-modules under `prism_assets.prism` / `prism_assets.training`), so Dagster marks that asset — and,
-through data versions, everything downstream of it — unsynced after such an edit, and nothing else.
+does. Every asset's `code_version` is built from the modules it runs: its asset module and the logic
+modules under `prism_assets.prism` / `prism_assets.training` it names, together with every logic
+module those import, found in their source (`code_modules`) — so a module added to the trainer counts
+without anyone listing it. Dagster marks that asset — and, through data versions, everything downstream
+of it — unsynced after such an edit, and nothing else. (An asset module's own imports are not followed:
+one asset module can hold assets that run different logic modules.)
 """
 
 import ast
@@ -40,11 +43,48 @@ def _source(module: ModuleType | str) -> tuple[str, str]:
     return module, Path(spec.origin).read_text()
 
 
+LOGIC_PACKAGES = ("prism_assets.prism", "prism_assets.training")
+
+
+def _is_logic(name: str) -> bool:
+    return any(name.startswith(package + ".") for package in LOGIC_PACKAGES)
+
+
+def _imported_modules(source: str) -> set[str]:
+    """Module names an import statement anywhere in the source refers to (`from p import m` → p and p.m)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def code_modules(*modules: ModuleType | str) -> list[str]:
+    """The given modules, then every logic module reachable from the logic ones through imports, by name."""
+    given = [_source(m)[0] for m in modules]
+    found, queue = set(given), [name for name in given if _is_logic(name)]
+    while queue:
+        for name in sorted(_imported_modules(_source(queue.pop())[1])):
+            if _is_logic(name) and name not in found and _module_file(name).is_file():
+                found.add(name)
+                queue.append(name)
+    return given + sorted(found - set(given))
+
+
+def _module_file(name: str) -> Path:
+    """Where a module of this project lives (`from m import f` names m.f too: it is no file, and nothing is imported)."""
+    return Path(__file__).resolve().parents[1].joinpath(*name.split(".")).with_suffix(".py")
+
+
 def source_version(*modules: ModuleType | str) -> str:
-    """12 hex digits of the modules' code (in the given order), blind to comments, layout and docstrings."""
+    """12 hex digits of the code of `code_modules(*modules)`, blind to comments, layout and docstrings."""
+    by_name = {_source(m)[0]: m for m in modules}
     digest = hashlib.sha256()
-    for module in modules:
-        name, source = _source(module)
+    for name in code_modules(*modules):
+        _, source = _source(by_name.get(name, name))
         tree = _without_docstrings(ast.parse(source))
         digest.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:12]
