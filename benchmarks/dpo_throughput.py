@@ -5,15 +5,18 @@ stock_trl_baseline.py): DPOTrainer with a live reference model and TRL's default
 checkpointing on), batch 8, β 0.1, lr 5e-6, max length 1024, bf16 autocast over fp32 weights on CUDA.
 `project` is the trainer's own step (`prism_assets.training.engine`): reference log-probs precomputed
 once by `reference_logps` (their one-off cost printed apart: it is shared by every run of a grid), no
-reference model, no gradient checkpointing, the LM head only where a completion token is predicted, no
-Trainer loop. `trl+refs` is TRL's DPOTrainer given the same precomputed references and settings
+reference model, no gradient checkpointing, padding-free rows (`packing`: FlashAttention's varlen
+kernel on CUDA), the LM head only where a completion token is predicted, no Trainer loop, no wait for
+the device between logging steps. `trl+refs` is TRL's DPOTrainer given the same precomputed references and settings
 (`prism_assets.training.trl_dpo.make_trainer`), to show what the references alone buy. All train the
 same model on the same conversational pairs whose token lengths follow PRISM's (prompt and earlier
 turns ≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
 
-Prints one JSON line per measurement and a table: ms/step (median after warm-up), real (unpadded)
-tokens/s, peak memory, and project/stock ratios — per run, and for K runs packed side by side (K worker
-processes on one device, as `runs_per_gpu` places them). Numbers are never asserted in tests.
+Prints one JSON line per measurement and a table: ms/step (the mean over the timed steps after warm-up,
+the device drained only at both ends, so a loop that never waits for it is timed as it runs), real
+(unpadded) tokens/s, peak memory, and project/stock ratios — per run, and for K runs packed side by side
+(K worker processes on one device, as `runs_per_gpu` places them). A variant that fails is reported with
+its error and the others still run. Numbers are never asserted in tests.
 
     python benchmarks/dpo_throughput.py --tiny            # CPU, the tiny Qwen2 (seconds)
     python benchmarks/dpo_throughput.py --packed 3        # GPU, the Qwen2.5-0.5B shape (random weights)
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import warnings
 
@@ -40,7 +44,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from prism_assets.training import engine, tiny_model  # noqa: E402
+from prism_assets.training import engine, packing, tiny_model  # noqa: E402
 from prism_assets.training.logps import tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
 from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig  # noqa: E402
@@ -106,13 +110,17 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
 
     class Clock(TrainerCallback):
+        """The time at the end of the warm-up and at the end of the last step, the device drained at both (and
+        nowhere else: a loop that never waits for the device is timed as it runs)."""
+
         def __init__(self):
             self.ticks = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.ticks.append(time.perf_counter())
+            if state.global_step in (warm, warm + steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                self.ticks.append(time.perf_counter())
 
     clock, result = Clock(), {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     cfg = RunConfig(base_model=str(model_dir), pairs_path="-", output_dir=str(out / variant), seed=0,
@@ -130,15 +138,16 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         refs = [pairs[c].to_numpy() for c in REFERENCE_COLUMNS]
         optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, cuda)
         model.train()
-        losses = []
+        results = []
         for step in range(cfg.max_steps):
             rows = engine.batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)
             batch = engine.collate([chosen[i] for i in rows], [rejected[i] for i in rows], refs[0][rows], refs[1][rows],
-                                   tokenizer.pad_token_id, device)
-            losses.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule)["loss"])
-            clock.on_step_end(None, None, None)
+                                   device)
+            results.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
+            clock.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
         lengths = [len(p) + len(c) + len(p2) + len(r) for (p, c), (p2, r) in zip(chosen, rejected)]
-        mean_loss = float(np.mean(losses))
+        mean_loss = float(np.mean([m["loss"] for m in engine.read_metrics(results)]))
+        result["attention_kernel"] = packing.kernels_used()
     else:
         if variant == TRL_REFS:
             trainer = make_trainer(cfg, model, tokenizer, pairs, cuda, [clock])
@@ -160,10 +169,10 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         lengths = [min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
                    for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
         mean_loss = trainer.state.log_history[-1]["train_loss"]  # the Trainer's mean over the whole run
-    steady = np.diff(clock.ticks[warm:])
+    step_s = (clock.ticks[1] - clock.ticks[0]) / steps
     tokens_per_step = float(np.mean(lengths)) * 8
-    result.update({"step_ms": round(1000 * float(np.median(steady)), 2),
-                   "tokens_per_s": round(tokens_per_step / float(np.median(steady))),
+    result.update({"step_ms": round(1000 * step_s, 2),
+                   "tokens_per_s": round(tokens_per_step / step_s),
                    "real_tokens_per_step": round(tokens_per_step),
                    "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                    "mean_loss": round(mean_loss, 4)})
@@ -175,8 +184,12 @@ def packed(variant: str, k: int, argv: list[str]) -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // k))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     workers = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", variant], env=env,
-                                stdout=subprocess.PIPE, text=True) for _ in range(k)]
-    results = [json.loads(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)]
+    outputs = [w.communicate() for w in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        if worker.returncode:
+            raise RuntimeError(f"a worker exited with {worker.returncode}: {stderr.strip().splitlines()[-1:]}")
+    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
     return {"variant": f"{variant} ×{k} packed", "device": results[0]["device"],
             "step_ms": round(float(np.mean([r["step_ms"] for r in results])), 2),
             "tokens_per_s": sum(r["tokens_per_s"] for r in results),
@@ -213,22 +226,34 @@ def main() -> int:
                       "steps": steps, "warm": warm, "workdir": str(work)}), flush=True)
     rows = []
     for variant in (STOCK, TRL_REFS, PROJECT):
-        rows.append(measure(variant, model_dir, pairs, steps, warm, work))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(reported(variant, lambda v=variant: measure(v, model_dir, pairs, steps, warm, work)))
     if args.packed > 1:
         for variant in (STOCK, PROJECT):
-            rows.append(packed(variant, args.packed, argv))
-            print(json.dumps(rows[-1]), flush=True)
-    stock = rows[0]
+            rows.append(reported(f"{variant} ×{args.packed} packed", lambda v=variant: packed(v, args.packed, argv)))
+    stock, project = rows[0], rows[2]
     print("\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
     for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']} | failed: {row['error']} | | | | |")
+            continue
+        ratio = f"{row['tokens_per_s'] / stock['tokens_per_s']:.2f}×" if "error" not in stock else "—"
         print(f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
-              f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | "
-              f"{row['tokens_per_s'] / stock['tokens_per_s']:.2f}× |")
-    project = rows[2]
-    print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference log-probs "
-          f"of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run of a grid)")
-    return 0
+              f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | {ratio} |")
+    if "error" not in stock and "error" not in project:
+        print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
+              f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
+              f"of a grid); attention: {project['attention_kernel']}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def reported(variant: str, measurement) -> dict:
+    """The measurement's row, printed as a JSON line; a failure becomes a row naming its error."""
+    try:
+        row = measurement()
+    except Exception as error:  # one broken variant must not cost the others' numbers
+        row = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from prism_assets.training.run_config import (
     CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout)
 from resources.launcher import RunLauncher
 
-# What a DPO run computes: this module (pairs of a cell, run config) and the trainer's modules.
-CODE_VERSION = versions.source_version(
-    sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.engine", "prism_assets.training.logps",
-    "prism_assets.training.metrics", "prism_assets.training.run_config", "prism_assets.training.tiny_model")
-REFERENCE_CODE_VERSION = versions.source_version(
-    "prism_assets.training.reference", "prism_assets.training.logps", "prism_assets.training.tiny_model")
+# What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
+# and the builder of the embedded base model.
+CODE_VERSION = versions.source_version(sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.tiny_model")
+REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.reference", "prism_assets.training.tiny_model")
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
@@ -221,6 +219,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
             "run_dir": dg.MetadataValue.path(str(run_dir)),
             "num_pairs": len(pairs),
             "base_model": dpo_settings.base_model,
+            "attention_kernel": metrics.get("attention_kernel", ""),
         }
         # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
         return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))

@@ -44,8 +44,9 @@ def test_same_batches_give_trls_loss_metrics_and_weights(tiny_model_dir, small_p
     for step in range(STEPS):
         rows = range(step * BATCH, (step + 1) * BATCH)
         batch = engine.collate([chosen[i] for i in rows], [rejected[i] for i in rows],
-                               *(pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS), tokenizer.pad_token_id, "cpu")
+                               *(pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS), "cpu")
         ours.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
+    ours = engine.read_metrics(ours)
 
     assert len(trl_logs) == STEPS
     for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins"):

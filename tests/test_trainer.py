@@ -43,6 +43,7 @@ def test_trainer_writes_complete_consistent_outputs(first_run):
     assert ran["seed"] == 0 and ran["num_heldout_pairs"] == 16 and ran["device"] == "cpu"
     assert metrics["num_train_pairs"] == 6 * 8  # only the pairs 6 steps of batch 8 consume are drawn
     assert len(metrics["data_version"]) == 24
+    assert metrics["attention_kernel"].startswith("cpu float32: sdpa per sequence")  # the kernel is reported
     assert not list(out.glob(".*.tmp"))
 
 

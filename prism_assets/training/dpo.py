@@ -41,7 +41,7 @@ for _sig in (signal.SIGUSR1, signal.SIGTERM):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from prism_assets.training import engine  # noqa: E402
+from prism_assets.training import engine, packing  # noqa: E402
 from prism_assets.training.logps import frozen_logps, tokenize_pairs  # noqa: E402
 from prism_assets.training.metrics import summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
@@ -143,7 +143,7 @@ class HeldoutEvaluator:
     """
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
-        self.beta, self.pad = cfg.beta, tokenizer.pad_token_id
+        self.beta = cfg.beta
         self.chosen, self.rejected = tokenize_pairs(tokenizer, heldout, cfg.max_length)
         if set(REFERENCE_COLUMNS) <= set(heldout.columns):
             self.ref_chosen, self.ref_rejected = (torch.tensor(heldout[c].to_numpy(), dtype=torch.float32)
@@ -152,7 +152,7 @@ class HeldoutEvaluator:
             self.ref_chosen, self.ref_rejected = self._policy_logps(model)
 
     def _policy_logps(self, model):
-        values = frozen_logps(model, self.chosen + self.rejected, self.pad)
+        values = frozen_logps(model, self.chosen + self.rejected)
         return values[:len(self.chosen)], values[len(self.chosen):]
 
     def evaluate(self, model) -> dict:
@@ -195,7 +195,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
                                              "computed here from the base model (the pairs carry none)"))
     if refs is None:  # the model is still the base model here
-        values = frozen_logps(model, chosen + rejected, tokenizer.pad_token_id).numpy()
+        values = frozen_logps(model, chosen + rejected).numpy()
         refs = [values[:len(chosen)], values[len(chosen):]]
     if cfg.gradient_checkpointing:  # less activation memory for a second forward pass in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -218,12 +218,13 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     while step < cfg.max_steps:
         batch_rows = engine.batch_indices(len(train_pairs), cfg.batch_size, cfg.seed, step)
         batch = engine.collate([chosen[i] for i in batch_rows], [rejected[i] for i in batch_rows],
-                               refs[0][batch_rows], refs[1][batch_rows], tokenizer.pad_token_id, device)
+                               refs[0][batch_rows], refs[1][batch_rows], device)
         window.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
         step += 1
         if step % cfg.logging_steps:
             continue
         # A logged row averages the window (as TRL logs), grad norm and learning rate are the last step's.
+        window = engine.read_metrics(window)  # the only wait for the device between logging steps
         row = {"step": step, **{TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in window) / len(window))
                                 for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
                                           "rewards/rejected")},
@@ -246,7 +247,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     delta = math.sqrt(sum(float((p.detach().cpu() - initial[n]).pow(2).sum()) for n, p in model.named_parameters()))
     metrics.update({"param_delta_l2": delta, "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout)})
     curve_data = curve_bytes(curve)
-    usage = peak_memory(use_cuda)
+    usage = {**peak_memory(use_cuda), "attention_kernel": packing.kernels_used()}
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
     write_atomic(out / CURVE_FILE, curve_data)
     write_atomic(out / METRICS_FILE, json.dumps(

@@ -1,10 +1,12 @@
 """The DPO training step the trainer runs: TRL's sigmoid DPO loss and metrics, without TRL's per-step overhead.
 
 Owns one step's arithmetic and the loop's order of batches. A batch is the B chosen and B rejected
-sequences (`logps.tokenize_pair`: TRL's tokenization and keep_end truncation) right-padded into one
-tensor; the policy's summed completion log-probs come from the decoder's hidden states with the LM
-head applied only where a completion token is predicted (prompts and padding never reach the
-vocabulary projection), the reference's from `reference_logps` (no reference model). Loss and logged
+sequences (`logps.tokenize_pair`: TRL's tokenization and keep_end truncation) laid end to end in one
+padding-free row (`packing`: each sequence attends only to itself); the policy's summed completion
+log-probs come from the decoder's hidden states with the LM head applied only where a completion
+token is predicted (prompts never reach the vocabulary projection), the reference's from
+`reference_logps` (no reference model). The step never waits for the device (metrics stay there
+until `read_metrics`; batches go through pinned memory). Loss and logged
 metrics are TRL's for `loss_type="sigmoid"`: loss = −log σ(β·((π_c − ref_c) − (π_r − ref_r))), rewards
 β·(π − ref), accuracy = reward_c > reward_r. The optimizer and schedule are the Trainer's defaults:
 AdamW (β 0.9/0.999, ε 1e-8, no weight decay; fused on CUDA), linear decay to 0 without warm-up,
@@ -16,34 +18,44 @@ of any step is a function of (seed, step) and a resumed run sees exactly the bat
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prism_assets.training.logps import autocast_for, pad_sequences, summed_logps
+from prism_assets.training import packing
+from prism_assets.training.logps import autocast_for, summed_logps
 
 MAX_GRAD_NORM = 1.0
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor        # (2B, T): B chosen rows, then their B rejected rows
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor  # 1 on completion tokens
+    sequences: packing.Packed      # B chosen sequences, then their B rejected ones, in one padding-free row
     ref_chosen: torch.Tensor       # (B,) the base model's summed completion log-probs
     ref_rejected: torch.Tensor
 
 
-def collate(chosen: list, rejected: list, ref_chosen, ref_rejected, pad_id: int, device) -> Batch:
-    """One padded batch from (prompt_ids, completion_ids) sequences and their reference log-probs."""
-    ids, attention, completion = pad_sequences(chosen + rejected, pad_id, device)
-    return Batch(ids, attention, completion,
-                 torch.as_tensor(ref_chosen, dtype=torch.float32).to(device, non_blocking=True),
-                 torch.as_tensor(ref_rejected, dtype=torch.float32).to(device, non_blocking=True))
+@dataclass
+class Step:
+    values: torch.Tensor           # METRICS of the step, still on the device (reading them waits for it)
+    learning_rate: float           # the rate the step used (what the Trainer logs)
+
+
+METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def collate(chosen: list, rejected: list, ref_chosen, ref_rejected, device) -> Batch:
+    """One batch from (prompt_ids, completion_ids) sequences and their reference log-probs."""
+    refs = torch.as_tensor(np.stack([ref_chosen, ref_rejected]), dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        refs = refs.pin_memory()
+    refs = refs.to(device, non_blocking=True)
+    return Batch(packing.pack(chosen + rejected, device), refs[0], refs[1])
 
 
 def sequence_logps(model, batch: Batch) -> torch.Tensor:
     """(2B,) Σ log p(completion token | earlier tokens), fp32; the LM head only at predicting positions."""
-    return summed_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    return summed_logps(model, batch.sequences)
 
 
 def dpo_loss(policy: torch.Tensor, batch: Batch, beta: float) -> tuple[torch.Tensor, dict]:
@@ -66,20 +78,30 @@ def make_optimizer(model, learning_rate: float, max_steps: int, use_cuda: bool):
     return optimizer, schedule
 
 
-def train_step(model, batch: Batch, beta: float, optimizer, schedule) -> dict:
-    """Forward, loss, backward, clip, optimizer and schedule step; the step's metrics as floats."""
-    with autocast_for(batch.input_ids.device):
-        policy = sequence_logps(model, batch)
-    loss, metrics = dpo_loss(policy, batch, beta)
-    loss.backward()
+def train_step(model, batch: Batch, beta: float, optimizer, schedule) -> Step:
+    """Forward, loss, backward, clip, optimizer and schedule step. Nothing here waits for the device: on CUDA
+    the host queues the next step while this one runs; `read_metrics` fetches many steps' metrics at once."""
+    # Backward inside the packed attention too: gradient checkpointing recomputes the forward there.
+    with packing.attention_of(model):
+        with autocast_for(batch.sequences.input_ids.device):
+            policy = sequence_logps(model, batch)
+        loss, metrics = dpo_loss(policy, batch, beta)
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     learning_rate = schedule.get_last_lr()[0]  # the rate this step used (what the Trainer logs)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    values = torch.stack([loss.detach(), grad_norm.detach().float(), *metrics.values()]).tolist()  # one sync
-    return {"loss": values[0], "grad_norm": values[1], **dict(zip(metrics, values[2:])),
-            "learning_rate": learning_rate}
+    values = torch.stack([loss.detach(), grad_norm.detach().float(), *(metrics[k] for k in METRICS[2:])])
+    return Step(values, learning_rate)
+
+
+def read_metrics(steps: list[Step]) -> list[dict]:
+    """Each step's metrics as floats (one wait for the device for all of them) and its learning rate."""
+    if not steps:
+        return []
+    values = torch.stack([s.values for s in steps]).tolist()
+    return [{**dict(zip(METRICS, row)), "learning_rate": s.learning_rate} for row, s in zip(values, steps)]
 
 
 def batch_indices(num_pairs: int, batch_size: int, seed: int, step: int) -> list[int]:

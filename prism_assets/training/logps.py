@@ -5,13 +5,16 @@ tokenizes conversational pairs — the chat template of the prompt with the gene
 + assistant message for each response, the completion starting where the prompt and both full
 sequences stop agreeing — and its truncation (`keep_end`, which the trainer asks TRL for: a sequence
 longer than `max_length` keeps its last `max_length` tokens, i.e. the whole response and the most recent
-context). On the same ids, the summed log-probability of the completion tokens under a causal LM,
-batched with right padding: what the reference precompute, the held-out evaluation and TRL compute.
+context). On the same ids, the summed log-probability of the completion tokens under a causal LM, in
+padding-free rows (`packing`): what the reference precompute, the held-out evaluation and TRL compute.
 """
 
 from contextlib import nullcontext
 
 import torch
+
+from prism_assets.training import packing
+from prism_assets.training.packing import Packed
 
 
 def _ids(encoded) -> list[int]:
@@ -63,56 +66,34 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, device):
-    """(input_ids, attention_mask, completion_mask) of (prompt_ids, completion_ids) rows, right-padded."""
-    width = max(len(p) + len(c) for p, c in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (p, c) in enumerate(sequences):
-        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-        attention[row, :len(p) + len(c)] = 1
-        completion[row, len(p):len(p) + len(c)] = 1
-    return (ids.to(device, non_blocking=True), attention.to(device, non_blocking=True),
-            completion.to(device, non_blocking=True))
-
-
-def summed_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
-    """(rows,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
-    precompute and the held-out evaluation share. The LM head runs only where a completion token is predicted:
-    prompts and padding never reach the vocabulary projection."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    predicts = completion_mask[:, 1:].bool()   # position t−1 predicts completion token t
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
-    targets = input_ids[:, 1:][predicts]
-    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    rows = torch.arange(len(predicts), device=predicts.device).unsqueeze(1).expand_as(predicts)[predicts]
-    return torch.zeros(len(predicts), device=token_logps.device, dtype=torch.float32).index_add(0, rows, token_logps)
+def summed_logps(model, packed: Packed) -> torch.Tensor:
+    """(sequences,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
+    precompute and the held-out evaluation share. A padding-free row (`packing.pack`); the LM head runs only
+    where a completion token is predicted: prompts never reach the vocabulary projection."""
+    with packing.attention_of(model):
+        hidden = model.get_decoder()(**packing.decoder_kwargs(packed)).last_hidden_state[0]
+    logits = model.get_output_embeddings()(hidden[packed.predicting]).float()
+    token_logps = logits.gather(1, packed.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(packed.count, device=token_logps.device, dtype=torch.float32).index_add(0, packed.rows, token_logps)
 
 
 @torch.no_grad()
-def completion_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """summed_logps of each (prompt_ids, completion_ids) in length-sorted batches (little padding); on CPU."""
+def completion_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 32) -> torch.Tensor:
+    """summed_logps of each (prompt_ids, completion_ids), `batch_size` sequences to a packed row; on the host."""
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     out = []
-    for start in range(0, len(order), batch_size):
-        chunk = [sequences[i] for i in order[start:start + batch_size]]
+    for start in range(0, len(sequences), batch_size):
         with autocast_for(device):
-            out.append(summed_logps(model, *pad_sequences(chunk, pad_id, device)).cpu())
-    if not out:
-        return torch.zeros(0)
-    result = torch.empty(len(sequences))
-    result[torch.tensor(order)] = torch.cat(out)
-    return result
+            out.append(summed_logps(model, packing.pack(sequences[start:start + batch_size], device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def frozen_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+def frozen_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 32) -> torch.Tensor:
     """completion_logps with the model in eval mode (restored afterwards): the base model's or the policy's
     log-probs outside a training step."""
     was_training = model.training
     model.eval()
     try:
-        return completion_logps(model, sequences, pad_id, batch_size)
+        return completion_logps(model, sequences, batch_size)
     finally:
         model.train(was_training)

@@ -60,7 +60,7 @@ class ReferenceConfig:
     pairs_path: str
     output_path: str
     max_length: int = 1024
-    batch_size: int = 32                    # sequences a forward pass (sorted by length: little padding)
+    batch_size: int = 32                    # sequences a forward pass (one padding-free row)
     device: str = "auto"
 
     PATH_FIELDS = ("pairs_path", "output_path")

@@ -1,0 +1,196 @@
+"""Padding-free batches: sequences laid end to end in one row, each attending only to itself.
+
+Owns the layout every forward pass of the project uses (the training step, the reference precompute,
+the held-out evaluation): `pack(sequences)` concatenates (prompt_ids, completion_ids) sequences into a
+single row with positions restarting at 0 for each sequence, and records, on the host, where each
+sequence starts and which positions predict a completion token. No padding token is ever computed:
+PRISM's pairs vary from tens to a thousand tokens, and a padded batch of 16 of them is mostly padding.
+
+The attention is `packed_attention`, registered with transformers' AttentionInterface as
+`PACKED_ATTENTION` and switched on only while a packed row is computed (`attention_of`: the forward
+pass, and a training step's backward, where gradient checkpointing recomputes the forward).
+It is exact causal attention within each sequence, through one of two kernels chosen once per device
+and dtype (`kernel_for`):
+- "flash varlen" — PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen.varlen_attn`,
+  CUDA, bf16/fp16): one kernel for the whole row, cost Σ Tᵢ² instead of (Σ Tᵢ)².
+- "sdpa per sequence" — `scaled_dot_product_attention` on each sequence's slice (any device, any
+  dtype). Used on CPU, in fp32, and wherever the flash kernel is missing or fails its self-check
+  against this one (the check runs once per device and dtype, and its outcome is reported).
+The transformers kwargs are the ones its own flash-attention path takes (`cu_seq_lens_q/k`,
+`max_length_q/k`), plus the boundaries on the host so that the per-sequence kernel never waits on
+the device. Models with sliding-window layers are refused (their window is not implemented here).
+"""
+
+import inspect
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PACKED_ATTENTION = "prism_packed"
+FLASH_VARLEN, SDPA_PER_SEQUENCE = "flash varlen", "sdpa per sequence"
+
+
+@dataclass
+class Packed:
+    """S sequences in one row of N tokens; M of them are completion tokens predicted by their previous token."""
+
+    input_ids: torch.Tensor     # (1, N)
+    position_ids: torch.Tensor  # (1, N), 0 at each sequence's first token
+    cu_seq_lens: torch.Tensor   # (S + 1,) int32: where each sequence starts, then N
+    bounds: tuple[int, ...]     # the same, on the host
+    max_length: int             # the longest sequence
+    predicting: torch.Tensor    # (M,) positions whose next token is a completion token
+    targets: torch.Tensor       # (M,) those completion tokens
+    rows: torch.Tensor          # (M,) the sequence each belongs to
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+
+def pack(sequences: list[tuple[list[int], list[int]]], device) -> Packed:
+    """One padding-free row of (prompt_ids, completion_ids) sequences, built on the host and sent in three copies."""
+    device = torch.device(device)
+    lengths = np.array([len(p) + len(c) for p, c in sequences], dtype=np.int64)
+    if len(lengths) == 0 or (lengths == 0).any():
+        raise ValueError("pack: every sequence needs at least one token")
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter(itertools.chain.from_iterable(p + c for p, c in sequences), dtype=np.int64, count=int(bounds[-1]))
+    positions = np.arange(bounds[-1]) - np.repeat(bounds[:-1], lengths)
+    # Completion token at absolute index a is predicted by a − 1; a sequence's first token has no predictor.
+    completion = [np.arange(start + max(len(p), 1), start + len(p) + len(c))
+                  for start, (p, c) in zip(bounds[:-1], sequences)]
+    targets_at = np.concatenate(completion)
+    rows = np.repeat(np.arange(len(sequences)), [len(c) for c in completion])
+    tokens = torch.from_numpy(np.stack([ids, positions]))
+    index = torch.from_numpy(np.stack([targets_at - 1, ids[targets_at], rows]))
+    cu = torch.from_numpy(bounds.astype(np.int32))
+    if device.type == "cuda":  # pinned, so the copies neither block the host nor wait for the device
+        tokens, index, cu = tokens.pin_memory(), index.pin_memory(), cu.pin_memory()
+    tokens, index, cu = (t.to(device, non_blocking=True) for t in (tokens, index, cu))
+    return Packed(input_ids=tokens[0:1], position_ids=tokens[1:2], cu_seq_lens=cu, bounds=tuple(bounds.tolist()),
+                  max_length=int(lengths.max()), predicting=index[0], targets=index[1], rows=index[2])
+
+
+def decoder_kwargs(packed: Packed) -> dict:
+    """What the decoder's forward takes for a packed row (transformers' flash-attention kwargs + host bounds)."""
+    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False,
+            "cu_seq_lens_q": packed.cu_seq_lens, "cu_seq_lens_k": packed.cu_seq_lens,
+            "max_length_q": packed.max_length, "max_length_k": packed.max_length, "packed_bounds": packed.bounds}
+
+
+@contextmanager
+def attention_of(model):
+    """The model's attention is `packed_attention` inside the block, whatever it was before (and after)."""
+    config = model.config
+    sliding = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
+    if sliding or getattr(config, "use_sliding_window", False):
+        raise ValueError(f"{type(model).__name__}: packed attention implements full causal attention only; "
+                         f"this model has {sorted(set(sliding)) or 'sliding-window'} layers")
+    _register()
+    previous = config._attn_implementation
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)  # a dict entry: idempotent
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     packed_bounds: tuple[int, ...] | None = None, cu_seq_lens_q=None, max_length_q: int | None = None,
+                     **kwargs):
+    """transformers attention function: query (1, Hq, N, D), key/value (1, Hkv, N, D) → ((1, N, Hq, D), None)."""
+    if packed_bounds is None:
+        raise ValueError("packed attention takes packed rows only (prism_assets.training.packing.pack)")
+    if dropout:
+        raise ValueError("packed attention has no attention dropout (the model's attention_dropout must be 0)")
+    if kernel_for(query.device, _compute_dtype(query)) == FLASH_VARLEN:
+        return _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
+    return _per_sequence(query, key, value, packed_bounds, scaling), None
+
+
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return query.dtype
+
+
+def _per_sequence(query, key, value, bounds, scaling):
+    dtype = _compute_dtype(query)
+    outputs = [F.scaled_dot_product_attention(query[:, :, s:e].to(dtype), key[:, :, s:e].to(dtype),
+                                              value[:, :, s:e].to(dtype), is_causal=True, scale=scaling,
+                                              enable_gqa=query.shape[1] != key.shape[1])
+               for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def _flash_varlen(query, key, value, cu_seq_lens, max_length, scaling):
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = _compute_dtype(query)
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (N, H, D)
+    parameters = inspect.signature(varlen_attn).parameters
+    options = {"scale": scaling} if "scale" in parameters else {}
+    # torch 2.10 spells causality is_causal=True; later releases window_size=(-1, 0).
+    options.update({"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True})
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options).unsqueeze(0)
+
+
+_KERNELS: dict[tuple[str, torch.dtype], str] = {}
+KERNEL_NOTES: dict[tuple[str, torch.dtype], str] = {}
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel packed rows use on this device in this dtype; decided once (see the module doc)."""
+    key = (str(device), dtype)
+    if key not in _KERNELS:
+        _KERNELS[key], KERNEL_NOTES[key] = _choose(device, dtype)
+    return _KERNELS[key]
+
+
+def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return SDPA_PER_SEQUENCE, f"flash varlen needs CUDA and bf16/fp16 ({device.type}, {dtype})"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return SDPA_PER_SEQUENCE, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    # Self-check on a small GQA row of three sequences, forward and backward, against the per-sequence kernel.
+    generator = torch.Generator(device=device).manual_seed(0)
+    bounds = (0, 5, 70, 200)
+    q, k, v = (torch.randn(1, heads, 200, 64, device=device, dtype=dtype, generator=generator, requires_grad=True)
+               for heads in (8, 2, 2))
+    with torch.enable_grad():  # the first packed forward may run under no_grad (reference, evaluation)
+        try:
+            flash = _flash_varlen(q, k, v, torch.tensor(bounds, dtype=torch.int32, device=device), 130, None)
+            grads = torch.autograd.grad(flash.float().square().sum(), (q, k, v))
+        except Exception as error:  # a missing kernel for this GPU or build: use the exact per-sequence path
+            return SDPA_PER_SEQUENCE, f"flash varlen failed its self-check: {type(error).__name__}: {error}"
+        reference = _per_sequence(q, k, v, bounds, None)
+        reference_grads = torch.autograd.grad(reference.float().square().sum(), (q, k, v))
+    worst = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+                for a, b in zip((flash, *grads), (reference, *reference_grads)))
+    if worst > 2e-2:  # bf16 rounding is ≈ 4e-3 relative
+        return SDPA_PER_SEQUENCE, f"flash varlen disagreed with per-sequence attention (max relative error {worst:.3g})"
+    return FLASH_VARLEN, f"flash varlen matched per-sequence attention (max relative error {worst:.3g})"
+
+
+def kernels_used() -> str:
+    """Which kernel packed attention used on each device and dtype so far, and why (for run metadata)."""
+    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {_KERNELS[(device, dtype)]} — {note}"
+                     for (device, dtype), note in KERNEL_NOTES.items())

@@ -1,0 +1,95 @@
+"""Padding-free rows: each sequence's log-probs and gradients are those of the sequence run alone."""
+
+import pytest
+import torch
+
+from prism_assets.training import packing
+from prism_assets.training.logps import completion_logps, summed_logps
+
+# fp32 on CPU: the same arithmetic in differently shaped matmuls and attention calls.
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def sequences() -> list[tuple[list[int], list[int]]]:
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(5, 700, (n,), generator=generator).tolist()
+
+    return [(tokens(40), tokens(120)),
+            ([], tokens(30)),            # keep_end truncation can leave no prompt: the first token has no predictor
+            (tokens(7), tokens(1)),      # one completion token
+            (tokens(300), tokens(200)),
+            (tokens(1), tokens(2))]
+
+
+def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The definition, without packing or batching: one sequence through the plain model."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    token_logps = logits.log_softmax(-1).gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+    return token_logps[max(len(prompt), 1) - 1:].sum()
+
+
+def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model):
+    seqs = sequences()
+    model.zero_grad()
+    packed = summed_logps(model, packing.pack(seqs, "cpu"))
+    (packed * torch.arange(1.0, len(seqs) + 1)).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    single = torch.stack([alone(model, p, c) for p, c in seqs])
+    (single * torch.arange(1.0, len(seqs) + 1)).sum().backward()
+    assert model.config._attn_implementation == "sdpa"  # switched for packed rows only, then restored
+
+    torch.testing.assert_close(packed, single.detach(), rtol=RTOL, atol=1e-3)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    # chunked like the reference precompute: the same values, in the caller's order
+    torch.testing.assert_close(completion_logps(model, seqs, batch_size=2), single.detach(), rtol=RTOL, atol=1e-3)
+
+
+def test_pack_layout():
+    seqs = [([1, 2], [3, 4, 5]), ([], [6, 7])]
+    packed = packing.pack(seqs, "cpu")
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert packed.bounds == (0, 5, 7) and packed.cu_seq_lens.tolist() == [0, 5, 7] and packed.max_length == 5
+    # completion tokens 3, 4, 5 are predicted from positions 1, 2, 3; token 7 from 5 (6 opens its sequence)
+    assert packed.predicting.tolist() == [1, 2, 3, 5] and packed.targets.tolist() == [3, 4, 5, 7]
+    assert packed.rows.tolist() == [0, 0, 0, 1] and packed.count == 2
+    with pytest.raises(ValueError, match="at least one token"):
+        packing.pack([([1], [2]), ([], [])], "cpu")
+
+
+def test_sliding_window_models_are_refused_by_name(model):
+    import copy
+
+    sliding = copy.deepcopy(model)
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="sliding_attention"):
+        summed_logps(sliding, packing.pack(sequences(), "cpu"))
+
+
+def test_the_kernel_is_chosen_once_and_said_why():
+    assert packing.kernel_for(torch.device("cpu"), torch.float32) == packing.SDPA_PER_SEQUENCE
+    assert "needs CUDA" in packing.kernels_used()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):
+    device = torch.device("cuda")
+    cuda_model = model.to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = summed_logps(cuda_model, packing.pack(sequences(), device))
+    assert packing.kernel_for(device, torch.bfloat16) == packing.FLASH_VARLEN, packing.kernels_used()
+    single = torch.stack([alone(model.float().cpu(), p, c) for p, c in sequences()])
+    torch.testing.assert_close(packed.cpu(), single.detach(), rtol=2e-2, atol=1.0)  # bf16 activations
