@@ -93,3 +93,4 @@ def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):
     assert packing.kernel_for(device, torch.bfloat16) == packing.FLASH_VARLEN, packing.kernels_used()
     single = torch.stack([alone(model.float().cpu(), p, c) for p, c in sequences()])
     torch.testing.assert_close(packed.cpu(), single.detach(), rtol=2e-2, atol=1.0)  # bf16 activations
+

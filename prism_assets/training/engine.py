@@ -1,7 +1,7 @@
 """The DPO training step the trainer runs: TRL's sigmoid DPO loss and metrics, without TRL's per-step overhead.
 
 Owns one step's arithmetic and the loop's order of batches. A batch is the B chosen and B rejected
-sequences (`logps.tokenize_pair`: TRL's tokenization and keep_end truncation) laid end to end in one
+sequences (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation) laid end to end in one
 padding-free row (`packing`: each sequence attends only to itself); the policy's summed completion
 log-probs come from the decoder's hidden states with the LM head applied only where a completion
 token is predicted (prompts never reach the vocabulary projection), the reference's from

@@ -17,11 +17,9 @@ from prism_assets.training import packing
 from prism_assets.training.packing import Packed
 
 
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def common_prefix_length(a: list[int], b: list[int]) -> int:
+    if a[:len(b)] == b[:len(a)]:  # the usual case, compared in C: one is a prefix of the other
+        return min(len(a), len(b))
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -40,13 +38,11 @@ def keep_end(prompt_ids: list[int], completion_ids: list[int], max_length: int) 
     return [], completion_ids[excess - len(prompt_ids):]
 
 
-def tokenize_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, max_length: int):
-    """((prompt_ids, chosen_ids), (prompt_ids, rejected_ids)), each truncated on its own as TRL's collator does."""
-    prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-    full = [_ids(tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}],
-                                               tokenize=True, return_dict=False)) for response in (chosen, rejected)]
-    shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
-    return tuple(keep_end(ids[:shared], ids[shared:], max_length) for ids in full)
+def split_pair(prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int], max_length: int):
+    """((prompt_ids, chosen_ids), (prompt_ids, rejected_ids)) from the prompt's and both full conversations'
+    ids: the completion starts where all three stop agreeing; each sequence truncated on its own (keep_end)."""
+    shared = min(common_prefix_length(prompt_ids, ids) for ids in (chosen_full, rejected_full))
+    return tuple(keep_end(ids[:shared], ids[shared:], max_length) for ids in (chosen_full, rejected_full))
 
 
 def messages(prompt) -> list[dict]:
@@ -55,10 +51,19 @@ def messages(prompt) -> list[dict]:
 
 
 def tokenize_pairs(tokenizer, pairs, max_length: int) -> tuple[list, list]:
-    """(chosen sequences, rejected sequences) of a pairs frame (prompt, chosen, rejected columns)."""
-    tokenized = [tokenize_pair(tokenizer, messages(p), c, r, max_length)
-                 for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
-    return [t[0] for t in tokenized], [t[1] for t in tokenized]
+    """(chosen sequences, rejected sequences) of a pairs frame (prompt, chosen, rejected columns), as TRL's
+    DPOTrainer tokenizes conversational pairs: the chat template of the prompt with the generation prompt and
+    of prompt + assistant response, encoded without added special tokens (what `apply_chat_template(...,
+    tokenize=True)` does one text at a time; here every text of the frame goes to the tokenizer in one batch)."""
+    prompts = [messages(p) for p in pairs["prompt"]]
+    texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
+    for column in ("chosen", "rejected"):
+        texts += [tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+                  for prompt, response in zip(prompts, pairs[column])]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    n = len(prompts)
+    split = [split_pair(ids[i], ids[n + i], ids[2 * n + i], max_length) for i in range(n)]
+    return [s[0] for s in split], [s[1] for s in split]
 
 
 def autocast_for(device: torch.device):

@@ -185,7 +185,7 @@ def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         reference_grads = torch.autograd.grad(reference.float().square().sum(), (q, k, v))
     worst = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
                 for a, b in zip((flash, *grads), (reference, *reference_grads)))
-    if worst > 2e-2:  # bf16 rounding is ≈ 4e-3 relative
+    if worst > 5e-2:  # two bf16 kernels differ by ~1e-2 of the largest value at most; a wrong mask by O(1)
         return SDPA_PER_SEQUENCE, f"flash varlen disagreed with per-sequence attention (max relative error {worst:.3g})"
     return FLASH_VARLEN, f"flash varlen matched per-sequence attention (max relative error {worst:.3g})"
 

@@ -2,7 +2,7 @@
 
 Computes, once per base model and pairs version, the frozen base model's summed log-probability of
 every pair's chosen and rejected response — tokenized and truncated exactly as the trainer's TRL
-DPOTrainer does (`logps.tokenize_pair`) — in large padding-free batches (bf16 autocast on CUDA, fp32
+DPOTrainer does (`logps.tokenize_pairs`) — in large padding-free batches (bf16 autocast on CUDA, fp32
 on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps` as parquet (atomically). Every DPO
 run then reads these instead of loading and running a reference model. Reports through dagster-pipes
 like the trainer; imports nothing else of Dagster.

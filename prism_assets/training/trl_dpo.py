@@ -49,7 +49,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, train_pairs: pd.DataFrame, us
         output_dir=str(Path(cfg.output_dir) / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
         data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
-        truncation_mode="keep_end",  # the truncation logps.tokenize_pair reproduces for references and held-out pairs
+        truncation_mode="keep_end",  # the truncation logps.tokenize_pairs reproduces for references and held-out pairs
         gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
         save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
