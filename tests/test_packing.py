@@ -84,6 +84,7 @@ def test_the_kernel_is_chosen_once_and_said_why():
     assert "needs CUDA" in packing.kernels_used()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):
     device = torch.device("cuda")
