@@ -84,6 +84,35 @@ def test_the_kernel_is_chosen_once_and_said_why():
     assert "needs CUDA" in packing.kernels_used()
 
 
+def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointed_layer():
+    cpu, exact = torch.device("cpu"), packing.KERNELS[packing.SDPA_PER_SEQUENCE]
+
+    def leaky(q, k, v, bounds, cu, max_length, scaling):  # the whole row as one sequence: attends across them
+        return exact(q, k, v, (bounds[0], bounds[-1]), cu, max_length, scaling)
+
+    def missing(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    assert packing.self_check(leaky, cpu, torch.float32)[1].startswith("disagreed")
+    assert packing.self_check(missing, cpu, torch.float32) == (
+        False, "failed its self-check: RuntimeError: no kernel image for this device")
+    # The check first runs inside a model's forward: under no_grad (evaluation), or in a layer whose
+    # activations gradient checkpointing recomputes in backward — where the check does not run again.
+    with torch.no_grad():
+        assert packing.self_check(exact, cpu, torch.float32)[0]
+    outcomes = []
+
+    def layer(x):
+        if not outcomes:
+            outcomes.append(packing.self_check(exact, cpu, torch.float32))
+        return (2 * x).sin()
+
+    x = torch.randn(5, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert outcomes[0][0], outcomes
+    torch.testing.assert_close(x.grad, 2 * (2 * x.detach()).cos())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):

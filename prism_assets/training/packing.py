@@ -21,6 +21,7 @@ The transformers kwargs are the ones its own flash-attention path takes (`cu_seq
 the device. Models with sliding-window layers are refused (their window is not implemented here).
 """
 
+import functools
 import inspect
 import itertools
 from contextlib import contextmanager
@@ -114,9 +115,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         raise ValueError("packed attention takes packed rows only (prism_assets.training.packing.pack)")
     if dropout:
         raise ValueError("packed attention has no attention dropout (the model's attention_dropout must be 0)")
-    if kernel_for(query.device, _compute_dtype(query)) == FLASH_VARLEN:
-        return _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
-    return _per_sequence(query, key, value, packed_bounds, scaling), None
+    kernel = KERNELS[kernel_for(query.device, _compute_dtype(query))]
+    return kernel(query, key, value, packed_bounds, cu_seq_lens_q, max_length_q, scaling), None
 
 
 def _compute_dtype(query: torch.Tensor) -> torch.dtype:
@@ -125,7 +125,7 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-def _per_sequence(query, key, value, bounds, scaling):
+def _per_sequence(query, key, value, bounds, cu_seq_lens, max_length, scaling):
     dtype = _compute_dtype(query)
     outputs = [F.scaled_dot_product_attention(query[:, :, s:e].to(dtype), key[:, :, s:e].to(dtype),
                                               value[:, :, s:e].to(dtype), is_causal=True, scale=scaling,
@@ -134,13 +134,24 @@ def _per_sequence(query, key, value, bounds, scaling):
     return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
-def _flash_varlen(query, key, value, cu_seq_lens, max_length, scaling):
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_varlen(query, key, value, bounds, cu_seq_lens, max_length, scaling):
     from torch.nn.attention.varlen import varlen_attn
 
     dtype = _compute_dtype(query)
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # (N, H, D)
-    parameters = inspect.signature(varlen_attn).parameters
-    options = {"scale": scaling} if "scale" in parameters else {}
+    parameters = _varlen_parameters()
+    options = {}
+    if "scale" in parameters:
+        options["scale"] = scaling
+    elif scaling is not None:  # torch 2.10 scales by D^-1/2 only: scale the queries to the model's factor
+        q = q * (scaling * q.shape[-1] ** 0.5)
     # torch 2.10 spells causality is_causal=True; later releases window_size=(-1, 0).
     options.update({"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True})
     if k.shape[1] != q.shape[1]:
@@ -151,16 +162,17 @@ def _flash_varlen(query, key, value, cu_seq_lens, max_length, scaling):
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options).unsqueeze(0)
 
 
-_KERNELS: dict[tuple[str, torch.dtype], str] = {}
+KERNELS = {FLASH_VARLEN: _flash_varlen, SDPA_PER_SEQUENCE: _per_sequence}
+_CHOSEN: dict[tuple[str, torch.dtype], str] = {}
 KERNEL_NOTES: dict[tuple[str, torch.dtype], str] = {}
 
 
 def kernel_for(device: torch.device, dtype: torch.dtype) -> str:
     """The attention kernel packed rows use on this device in this dtype; decided once (see the module doc)."""
     key = (str(device), dtype)
-    if key not in _KERNELS:
-        _KERNELS[key], KERNEL_NOTES[key] = _choose(device, dtype)
-    return _KERNELS[key]
+    if key not in _CHOSEN:
+        _CHOSEN[key], KERNEL_NOTES[key] = _choose(device, dtype)
+    return _CHOSEN[key]
 
 
 def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -170,27 +182,37 @@ def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return SDPA_PER_SEQUENCE, f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    # Self-check on a small GQA row of three sequences, forward and backward, against the per-sequence kernel.
+    agrees, note = self_check(_flash_varlen, device, dtype)
+    return (FLASH_VARLEN if agrees else SDPA_PER_SEQUENCE), f"flash varlen {note}"
+
+
+def self_check(kernel, device, dtype, tolerance: float = 5e-2) -> tuple[bool, str]:
+    """Does `kernel` give per-sequence causal attention's outputs and gradients on a small GQA row of three
+    sequences (with a non-default scale)? Relative to the largest value: two bf16 kernels differ by ~1e-2 at
+    most, a wrong mask, scale or head grouping by O(1). Runs isolated from the caller's autograd state — it is
+    first called inside a model's forward, which may be under no_grad (evaluation) or inside a checkpointed
+    layer, whose saved-tensor hooks must not see these tensors (the recomputation does not repeat them)."""
     generator = torch.Generator(device=device).manual_seed(0)
     bounds = (0, 5, 70, 200)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     q, k, v = (torch.randn(1, heads, 200, 64, device=device, dtype=dtype, generator=generator, requires_grad=True)
                for heads in (8, 2, 2))
-    with torch.enable_grad():  # the first packed forward may run under no_grad (reference, evaluation)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         try:
-            flash = _flash_varlen(q, k, v, torch.tensor(bounds, dtype=torch.int32, device=device), 130, None)
-            grads = torch.autograd.grad(flash.float().square().sum(), (q, k, v))
-        except Exception as error:  # a missing kernel for this GPU or build: use the exact per-sequence path
-            return SDPA_PER_SEQUENCE, f"flash varlen failed its self-check: {type(error).__name__}: {error}"
-        reference = _per_sequence(q, k, v, bounds, None)
+            out = kernel(q, k, v, bounds, cu, 130, 0.1)
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        except Exception as error:  # e.g. no kernel for this GPU or build: the caller uses the exact per-sequence path
+            return False, f"failed its self-check: {type(error).__name__}: {error}"
+        reference = _per_sequence(q, k, v, bounds, cu, 130, 0.1)
         reference_grads = torch.autograd.grad(reference.float().square().sum(), (q, k, v))
-    worst = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
-                for a, b in zip((flash, *grads), (reference, *reference_grads)))
-    if worst > 5e-2:  # two bf16 kernels differ by ~1e-2 of the largest value at most; a wrong mask by O(1)
-        return SDPA_PER_SEQUENCE, f"flash varlen disagreed with per-sequence attention (max relative error {worst:.3g})"
-    return FLASH_VARLEN, f"flash varlen matched per-sequence attention (max relative error {worst:.3g})"
+    pairs = [(a.detach().float(), b.detach().float()) for a, b in zip((out, *grads), (reference, *reference_grads))]
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in pairs)
+    if worst > tolerance:
+        return False, f"disagreed with per-sequence attention (max relative error {worst:.3g})"
+    return True, f"matched per-sequence attention (max relative error {worst:.3g})"
 
 
 def kernels_used() -> str:
     """Which kernel packed attention used on each device and dtype so far, and why (for run metadata)."""
-    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {_KERNELS[(device, dtype)]} — {note}"
+    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {_CHOSEN[(device, dtype)]} — {note}"
                      for (device, dtype), note in KERNEL_NOTES.items())
