@@ -4,7 +4,7 @@ Owns the layout every forward pass of the project uses (the training step, the r
 the held-out evaluation): `pack(sequences)` concatenates (prompt_ids, completion_ids) sequences into a
 single row with positions restarting at 0 for each sequence, and records, on the host, where each
 sequence starts and which positions predict a completion token. No padding token is ever computed:
-PRISM's pairs vary from tens to a thousand tokens, and a padded batch of 16 of them is mostly padding.
+PRISM's pairs vary from tens to a thousand tokens, and a padded batch of 16 of them is about half padding.
 
 The attention is `packed_attention`, registered with transformers' AttentionInterface as
 `PACKED_ATTENTION` and switched on only while a packed row is computed (`attention_of`: the forward
