@@ -64,14 +64,20 @@ def _imported_modules(source: str) -> set[str]:
 
 def code_modules(*modules: ModuleType | str) -> list[str]:
     """The given modules, then every logic module reachable from the logic ones through imports, by name."""
-    given = [_source(m)[0] for m in modules]
-    found, queue = set(given), [name for name in given if _is_logic(name)]
+    return list(_code_sources(*modules))
+
+
+def _code_sources(*modules: ModuleType | str) -> dict[str, str]:
+    """{name: source} of `code_modules(*modules)`, in that order; each module read once."""
+    sources = dict(_source(m) for m in modules)
+    given = list(sources)
+    queue = [name for name in given if _is_logic(name)]
     while queue:
-        for name in sorted(_imported_modules(_source(queue.pop())[1])):
-            if _is_logic(name) and name not in found and _module_file(name).is_file():
-                found.add(name)
+        for name in sorted(_imported_modules(sources[queue.pop()])):
+            if _is_logic(name) and name not in sources and _module_file(name).is_file():
+                sources[name] = _source(name)[1]
                 queue.append(name)
-    return given + sorted(found - set(given))
+    return {name: sources[name] for name in given + sorted(set(sources) - set(given))}
 
 
 def _module_file(name: str) -> Path:
@@ -81,10 +87,8 @@ def _module_file(name: str) -> Path:
 
 def source_version(*modules: ModuleType | str) -> str:
     """12 hex digits of the code of `code_modules(*modules)`, blind to comments, layout and docstrings."""
-    by_name = {_source(m)[0]: m for m in modules}
     digest = hashlib.sha256()
-    for name in code_modules(*modules):
-        _, source = _source(by_name.get(name, name))
+    for name, source in _code_sources(*modules).items():
         tree = _without_docstrings(ast.parse(source))
         digest.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:12]
