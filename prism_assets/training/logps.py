@@ -14,7 +14,6 @@ from contextlib import nullcontext
 import torch
 
 from prism_assets.training import packing
-from prism_assets.training.packing import Packed
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -71,7 +70,7 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def summed_logps(model, packed: Packed) -> torch.Tensor:
+def summed_logps(model, packed: packing.Packed) -> torch.Tensor:
     """(sequences,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
     precompute and the held-out evaluation share. A padding-free row (`packing.pack`); the LM head runs only
     where a completion token is predicted: prompts never reach the vocabulary projection."""

@@ -163,16 +163,15 @@ def _flash_varlen(query, key, value, bounds, cu_seq_lens, max_length, scaling):
 
 
 KERNELS = {FLASH_VARLEN: _flash_varlen, SDPA_PER_SEQUENCE: _per_sequence}
-_CHOSEN: dict[tuple[str, torch.dtype], str] = {}
-KERNEL_NOTES: dict[tuple[str, torch.dtype], str] = {}
+_CHOSEN: dict[tuple[str, torch.dtype], tuple[str, str]] = {}  # (device, dtype) → (kernel, why)
 
 
 def kernel_for(device: torch.device, dtype: torch.dtype) -> str:
     """The attention kernel packed rows use on this device in this dtype; decided once (see the module doc)."""
     key = (str(device), dtype)
     if key not in _CHOSEN:
-        _CHOSEN[key], KERNEL_NOTES[key] = _choose(device, dtype)
-    return _CHOSEN[key]
+        _CHOSEN[key] = _choose(device, dtype)
+    return _CHOSEN[key][0]
 
 
 def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -214,5 +213,5 @@ def self_check(kernel, device, dtype, tolerance: float = 5e-2) -> tuple[bool, st
 
 def kernels_used() -> str:
     """Which kernel packed attention used on each device and dtype so far, and why (for run metadata)."""
-    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {_CHOSEN[(device, dtype)]} — {note}"
-                     for (device, dtype), note in KERNEL_NOTES.items())
+    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {kernel} — {note}"
+                     for (device, dtype), (kernel, note) in _CHOSEN.items())
