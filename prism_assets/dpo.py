@@ -17,11 +17,13 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from pydantic import model_validator
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_config import (
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout)
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout,
+    step_problem)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
@@ -32,15 +34,15 @@ REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.referenc
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
 REFERENCE_FIELDS = ("base_model", "max_length")  # what the base model's log-probs of a pair depend on
-TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "max_length",
-                   "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
+TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "eval_steps",
+                   "max_length", "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
 
 
 # `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
 RECIPES = {
     "tiny": {},
     "original": {"max_steps": 2000, "batch_size": 8, "beta": 0.1, "learning_rate": 5e-6, "logging_steps": 25,
-                 "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_steps": 250},
+                 "eval_steps": 100, "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_steps": 250},
 }
 
 
@@ -57,6 +59,7 @@ class DpoSettings(dg.ConfigurableResource):
     beta: float = 0.1
     learning_rate: float = 1e-3
     logging_steps: int = 5
+    eval_steps: int | None = None           # held-out evaluation every N steps (None: every logged step)
     max_length: int = 256
     heldout_fraction: float = 0.1
     heldout_max_pairs: int = 64
@@ -64,6 +67,13 @@ class DpoSettings(dg.ConfigurableResource):
     gradient_checkpointing: bool = False
     checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
     device: str = "auto"
+
+    @model_validator(mode="after")
+    def _steps_fit_logging(self):
+        problem = step_problem(self.logging_steps, self.checkpoint_steps, self.eval_steps)
+        if problem:
+            raise ValueError(f"DPO settings: {problem}")
+        return self
 
     def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
         """Hash of the settings that change what a run learns (not where it runs)."""
@@ -184,7 +194,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         retry_policy=RETRY_POLICY,
         description="One DPO fine-tuning run (TRL's DPO loss, reference log-probs from reference_logps) per "
                     "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
-                    "(held-out accuracy/margin every log step) and summary metrics.",
+                    "(held-out accuracy/margin every eval step) and summary metrics.",
     )
     def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
                       within_model_pairs: pd.DataFrame, significant_splits: dict,

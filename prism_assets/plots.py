@@ -70,7 +70,7 @@ def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str)
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False, sharey=True)
     for ax, split in zip(axes.flat, splits.itertuples()):
         for group, color in GROUP_COLORS:
-            data = curves[(curves["split"] == split.split) & (curves["group"] == group)]
+            data = curves[(curves["split"] == split.split) & (curves["group"] == group)].dropna(subset=[metric])
             if data.empty:
                 continue
             by_step = data.groupby("step")[metric]

@@ -46,3 +46,23 @@ def test_heldout_sampling_errors_come_from_the_last_row():
     m = summarize_curve(curve, max_steps=100)
     assert m["heldout_acc_se"] == 0.05 and m["heldout_margin_se"] == 0.01
     assert "heldout_acc_se" not in summarize_curve(_curve(), max_steps=100)
+
+
+def test_heldout_summaries_use_only_the_evaluated_rows():
+    # eval_steps 20 on a 10-step logging interval: held-out values at steps 20, 40, …, 100 only
+    curve = _curve()
+    skipped = curve["step"] % 20 != 0
+    curve.loc[skipped, ["heldout_acc", "heldout_margin"]] = float("nan")
+    curve = curve.assign(heldout_acc_se=[float("nan") if s else 0.03 for s in skipped])
+    m = summarize_curve(curve, max_steps=100)
+    assert m["final_heldout_acc"] == 0.68 and m["heldout_acc_se"] == 0.03
+    assert m["mean_heldout_acc_tail"] == 0.68                                  # last 20% of 5 evaluated rows = 1
+    assert m["mid_heldout_margin"] == pytest.approx((0.02 + 0.06) / 2)        # steps 20 and 40
+    assert m["mean_pref_acc_tail"] == pytest.approx((0.85 + 0.9) / 2)         # training metrics: every logged row
+    assert m["logged_steps"] == 10
+
+
+def test_a_metric_never_measured_is_named():
+    curve = _curve().assign(heldout_margin=float("nan"))
+    with pytest.raises(ValueError, match="no value of heldout_margin"):
+        summarize_curve(curve, max_steps=100)

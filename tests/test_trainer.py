@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+from prism_assets.training.dpo import HeldoutEvaluator
 from prism_assets.training.metrics import summarize_curve
 from prism_assets.training.run_config import RunConfig, split_heldout
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
@@ -92,6 +93,36 @@ def test_tiny_model_builds_deterministically_and_loads_as_qwen2(tmp_path, tiny_m
     assert text == "<|im_start|>user\nHey! Honestly?<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("Kind regards, café")["input_ids"]) == "Kind regards, café"
     assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.model_type == "qwen2"
+
+
+def test_heldout_evaluated_every_eval_steps_and_at_the_last_logged_step(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, out = first_run
+    sparse = pd.read_parquet(_train(tmp_path, "eval", tiny_model_dir, small_pairs_path, eval_steps=4) / "curve.parquet")
+    dense = pd.read_parquet(out / "curve.parquet")  # the same run evaluated at every logged step (2, 4, 6)
+    assert list(sparse["step"]) == [2, 4, 6]
+    assert list(sparse.dropna(subset=["heldout_acc"])["step"]) == [4, 6]  # every 4 steps, and the last
+    # Evaluating less often changes nothing else: the same training steps, the same held-out values where evaluated.
+    evaluated = sparse["heldout_acc"].notna()
+    pd.testing.assert_frame_equal(sparse[evaluated], dense[evaluated])
+    heldout = list(HeldoutEvaluator.COLUMNS)
+    pd.testing.assert_frame_equal(sparse.drop(columns=heldout), dense.drop(columns=heldout))
+    assert sparse.loc[~evaluated, heldout].isna().all().all()
+
+
+@pytest.mark.parametrize("steps, message", [
+    ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
+    ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
+    ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
+])
+def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, steps, message):
+    from prism_assets.dpo import DpoSettings
+
+    (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "seed": 0,
+                                                 "logging_steps": 2, **steps}))
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_json(tmp_path / "c.json")
+    with pytest.raises(ValueError, match=message):
+        DpoSettings(logging_steps=2, **steps)
 
 
 def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, small_pairs_path):

@@ -6,7 +6,8 @@ pair_id, so every seed and every run sees the same held-out pairs) and training 
 project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer; fp32 master
 weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed here
 from the base model only when the file carries none), evaluates held-out
-implicit-reward accuracy and margin at every logging step, and writes `run.json`, `curve.parquet` and
+implicit-reward accuracy and margin at every logging step (or every `eval_steps`, and at the last; the
+curve's held-out columns are NaN at logged steps without an evaluation), and writes `run.json`, `curve.parquet` and
 `metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
 data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
 
@@ -142,6 +143,8 @@ class HeldoutEvaluator:
     reference_logps asset) or, for a pairs file without them, are computed here before training starts.
     """
 
+    COLUMNS = ("heldout_acc", "heldout_margin", "heldout_acc_se", "heldout_margin_se")
+
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
         self.beta = cfg.beta
         self.chosen, self.rejected = tokenize_pairs(tokenizer, heldout, cfg.max_length)
@@ -230,10 +233,12 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                                           "rewards/rejected")},
                "grad_norm": window[-1]["grad_norm"], "learning_rate": window[-1]["learning_rate"]}
         window = []
-        row.update(evaluator.evaluate(model))
+        evaluated = cfg.evaluates_at(step)
+        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
         rows.append(row)
-        reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f} "
-                      f"heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}")
+        reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}" +
+                      (f" heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}"
+                       if evaluated else ""))
         # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
         if stop.signal is not None or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
             save_checkpoint(checkpoints, step, model, optimizer, schedule, rows)

@@ -3,9 +3,10 @@
 A curve has one row per logged step: `step`, the logging window's training `loss`, `margin`
 (rewards/margins) and `pref_acc` (rewards/accuracies) as TRL logs them, and the held-out
 `heldout_acc` / `heldout_margin` (implicit-reward accuracy and mean margin on the run's fixed held-out
-pairs, evaluated at that step). Summaries:
-- final_*: the last logged row;
-- mean_*_tail: the mean over the last 20% of logged rows (at least one row);
+pairs, evaluated at that step; NaN at a logged step without an evaluation). Each summary of a metric is
+over the rows where it has a value:
+- final_*: the last row;
+- mean_*_tail: the mean over the last 20% of rows (at least one row);
 - mid_*: the mean over rows with step in [10%, 40%] of max_steps, where differences may show before
   curves converge (the nearest row when no row falls inside);
 - steps_to_60pct: the first logged step with pref_acc ≥ 0.6 (None when never reached);
@@ -32,19 +33,27 @@ def summarize_curve(curve: pd.DataFrame, max_steps: int) -> dict:
     if curve.empty:
         raise ValueError("learning curve has no logged steps")
     curve = curve.sort_values("step").reset_index(drop=True)
-    tail = curve.tail(max(1, math.ceil(TAIL_FRACTION * len(curve))))
-    low, high = (fraction * max_steps for fraction in MID_WINDOW)
-    mid = curve[(curve["step"] >= low) & (curve["step"] <= high)]
-    if mid.empty:
-        mid = curve.iloc[[int((curve["step"] - (low + high) / 2).abs().idxmin())]]
     metrics: dict = {"logged_steps": len(curve), "last_step": int(curve["step"].iloc[-1])}
     for name, column in CURVE_METRICS.items():
-        metrics[f"final_{name}"] = float(curve[column].iloc[-1])
-        metrics[f"mean_{name}_tail"] = float(tail[column].mean())
-        metrics[f"mid_{name}"] = float(mid[column].mean())
+        metrics.update(_summaries(name, curve.loc[curve[column].notna(), ["step", column]], max_steps))
     reached = curve[curve["pref_acc"] >= 0.6]
     metrics["steps_to_60pct"] = int(reached["step"].iloc[0]) if len(reached) else None
     for column in SAMPLING_ERRORS:
-        if column in curve.columns:
-            metrics[column] = float(curve[column].iloc[-1])
+        if column in curve.columns and curve[column].notna().any():
+            metrics[column] = float(curve[column].dropna().iloc[-1])
     return metrics
+
+
+def _summaries(name: str, values: pd.DataFrame, max_steps: int) -> dict:
+    """final_, mean_…_tail and mid_ of one metric over the rows where it was measured (held-out metrics may be
+    evaluated at fewer steps than are logged: `eval_steps`)."""
+    step, value = values.columns
+    if values.empty:
+        raise ValueError(f"learning curve has no value of {value}")
+    tail = values.tail(max(1, math.ceil(TAIL_FRACTION * len(values))))
+    low, high = (fraction * max_steps for fraction in MID_WINDOW)
+    mid = values[(values[step] >= low) & (values[step] <= high)]
+    if mid.empty:
+        mid = values.loc[[(values[step] - (low + high) / 2).abs().idxmin()]]
+    return {f"final_{name}": float(values[value].iloc[-1]), f"mean_{name}_tail": float(tail[value].mean()),
+            f"mid_{name}": float(mid[value].mean())}

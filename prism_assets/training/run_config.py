@@ -31,6 +31,8 @@ class RunConfig:
     beta: float = 0.1
     learning_rate: float = 5e-6
     logging_steps: int = 25
+    eval_steps: int | None = None           # held-out evaluation every N steps (None: every logged step); the last
+                                            # logged step is always evaluated
     max_length: int = 1024
     heldout_fraction: float = 0.1
     heldout_max_pairs: int = 256
@@ -46,10 +48,26 @@ class RunConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "RunConfig":
         config = read_config(cls, path)
-        if config.checkpoint_steps and config.checkpoint_steps % config.logging_steps:
-            raise ValueError(f"{path}: checkpoint_steps {config.checkpoint_steps} must be a multiple of "
-                             f"logging_steps {config.logging_steps} (a resumed run must log as an uninterrupted one)")
+        problem = step_problem(config.logging_steps, config.checkpoint_steps, config.eval_steps)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         return config
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the held-out pairs are evaluated at logged step `step`."""
+        return self.eval_steps is None or step % self.eval_steps == 0 or step + self.logging_steps > self.max_steps
+
+
+def step_problem(logging_steps: int, checkpoint_steps: int | None, eval_steps: int | None) -> str | None:
+    """What is wrong with a run's step intervals, or None. Checkpoints and held-out evaluations happen on logged
+    steps only, so a resumed run logs and evaluates exactly as an uninterrupted one."""
+    if logging_steps < 1:
+        return f"logging_steps {logging_steps} must be at least 1"
+    if checkpoint_steps and (checkpoint_steps < 0 or checkpoint_steps % logging_steps):  # 0 or None: no periodic ones
+        return f"checkpoint_steps {checkpoint_steps} must be a multiple of logging_steps {logging_steps}"
+    if eval_steps is not None and (eval_steps < 1 or eval_steps % logging_steps):
+        return f"eval_steps {eval_steps} must be a positive multiple of logging_steps {logging_steps}"
+    return None
 
 
 @dataclasses.dataclass
