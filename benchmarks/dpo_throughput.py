@@ -15,7 +15,10 @@ turns ≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
 Prints one JSON line per measurement and a table: ms/step (the mean over the timed steps after warm-up,
 the device drained only at both ends, so a loop that never waits for it is timed as it runs), real
 (unpadded) tokens/s, peak memory, and project/stock ratios — per run, and for K runs packed side by side
-(K worker processes on one device, as `runs_per_gpu` places them). A variant that fails is reported with
+(K worker processes on one device, as `runs_per_gpu` places them). The project's rows are repeated as the
+trainer runs them, with one held-out evaluation (256 pairs, timed) every 25 steps (every logging step of
+the original recipe) and every 100 (its `eval_steps`); the last line estimates the device-hours of the
+research grid (17 runs × 5 seeds × 2000 steps). A variant that fails is reported with
 its error and the others still run. Numbers are never asserted in tests.
 
     python benchmarks/dpo_throughput.py --tiny            # CPU, the tiny Qwen2 (seconds)
@@ -50,6 +53,9 @@ from prism_assets.training.reference import reference_logps  # noqa: E402
 from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig  # noqa: E402
 
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
+HELDOUT_PAIRS = 256                 # the original recipe's held-out set (heldout_max_pairs)
+EVAL_EVERY = (25, 100)              # held-out evaluation every logging step of the original recipe; its eval_steps
+GRID_RUNS, GRID_STEPS = 17 * 5, 2000  # baseline + 8 splits × 2 groups, 5 seeds, of the original recipe's steps
 
 
 def qwen05_directory(directory: Path) -> Path:
@@ -148,6 +154,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         lengths = [len(p) + len(c) + len(p2) + len(r) for (p, c), (p2, r) in zip(chosen, rejected)]
         mean_loss = float(np.mean([m["loss"] for m in engine.read_metrics(results)]))
         result["attention_kernel"] = packing.kernels_used()
+        result["heldout_eval_ms"] = heldout_eval_ms(model, tokenizer, pairs.head(HELDOUT_PAIRS), cfg)
     else:
         if variant == TRL_REFS:
             trainer = make_trainer(cfg, model, tokenizer, pairs, cuda, [clock])
@@ -179,6 +186,24 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     return result
 
 
+def heldout_eval_ms(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> float:
+    """One held-out evaluation as the trainer runs it (`HeldoutEvaluator`), after one untimed."""
+    from prism_assets.training.dpo import HeldoutEvaluator
+
+    evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
+    evaluator.evaluate(model)
+    started = time.perf_counter()
+    evaluator.evaluate(model)  # ends by copying its numbers to the host: the device is drained
+    return round(1000 * (time.perf_counter() - started), 2)
+
+
+def with_heldout(row: dict, every: int) -> dict:
+    """A project row as the trainer runs it: one held-out evaluation every `every` steps added to each step."""
+    step_ms = row["step_ms"] + row["heldout_eval_ms"] / every
+    return {**row, "variant": f"{row['variant']}, held-out every {every}", "step_ms": round(step_ms, 2),
+            "tokens_per_s": round(row["tokens_per_s"] * row["step_ms"] / step_ms)}
+
+
 def packed(variant: str, k: int, argv: list[str]) -> dict:
     """K workers of one variant at once on the same device; their throughputs add up."""
     threads = str(max(1, (os.cpu_count() or 1) // k))
@@ -193,7 +218,9 @@ def packed(variant: str, k: int, argv: list[str]) -> dict:
     return {"variant": f"{variant} ×{k} packed", "device": results[0]["device"],
             "step_ms": round(float(np.mean([r["step_ms"] for r in results])), 2),
             "tokens_per_s": sum(r["tokens_per_s"] for r in results),
-            "peak_gpu_gb": results[0]["peak_gpu_gb"]}
+            "peak_gpu_gb": results[0]["peak_gpu_gb"],
+            **({"heldout_eval_ms": round(float(np.mean([r["heldout_eval_ms"] for r in results])), 2)}
+               if variant == PROJECT else {})}
 
 
 def main() -> int:
@@ -219,7 +246,7 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         tiny_model.build_tiny_qwen2(model_dir) if args.tiny else qwen05_directory(model_dir)
     words = word_list(AutoTokenizer.from_pretrained(model_dir), args.tiny)
-    synthetic_pairs(8 * (steps + warm), words, np.random.default_rng(0)).to_parquet(pairs_path, index=False)
+    synthetic_pairs(max(8 * (steps + warm), HELDOUT_PAIRS), words, np.random.default_rng(0)).to_parquet(pairs_path, index=False)
     pairs = pd.read_parquet(pairs_path)
     argv = ["--workdir", str(work), "--steps", str(steps), "--warm", str(warm), *(["--tiny"] if args.tiny else [])]
     print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pairs": len(pairs),
@@ -231,6 +258,8 @@ def main() -> int:
         for variant in (STOCK, PROJECT):
             rows.append(reported(f"{variant} ×{args.packed} packed", lambda v=variant: packed(v, args.packed, argv)))
     stock, project = rows[0], rows[2]
+    rows += [with_heldout(row, every) for row in rows if row["variant"].startswith(PROJECT) and "error" not in row
+             for every in EVAL_EVERY]
     print("\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
@@ -242,7 +271,14 @@ def main() -> int:
     if "error" not in stock and "error" not in project:
         print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
               f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
-              f"of a grid); attention: {project['attention_kernel']}")
+              f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms; "
+              f"attention: {project['attention_kernel']}")
+        best = max((r for r in rows if r["variant"].endswith(f"held-out every {EVAL_EVERY[-1]}")),
+                   key=lambda r: r["tokens_per_s"])
+        tokens = GRID_RUNS * GRID_STEPS * project["real_tokens_per_step"]
+        stock_h, best_h = (tokens / r["tokens_per_s"] / 3600 for r in (stock, best))
+        print(f"grid of {GRID_RUNS} runs × {GRID_STEPS} steps: stock {stock_h:.1f} device-hours (no held-out "
+              f"evaluation); {best['variant']}: {best_h:.1f} ({stock_h / best_h:.1f}× less)")
     return 1 if any("error" in row for row in rows) else 0
 
 

@@ -16,6 +16,8 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| stock", "| trl+refs", "| project", "| stock ×2 packed",
-                                                        "| project ×2 packed"]
-    assert "project/stock per run:" in done.stdout
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| stock", "| trl+refs", "| project", "| stock ×2 packed", "| project ×2 packed",
+        "| project, held-out every 25", "| project, held-out every 100",
+        "| project ×2 packed, held-out every 25", "| project ×2 packed, held-out every 100"]
+    assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps: stock" in done.stdout
