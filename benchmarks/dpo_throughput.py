@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,8 +104,10 @@ def word_list(tokenizer, tiny: bool) -> list[str]:
                    if w.isalpha() and len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1})[:500]
 
 
-def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path) -> dict:
-    """Train `variant` for warm + steps steps; ms/step over the steps after warm-up."""
+def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path,
+            checkpoint: bool = False) -> dict:
+    """Train `variant` for warm + steps steps; ms/step over the steps after warm-up (and, with `checkpoint`, the
+    cost of one of the trainer's checkpoints of the project's model and optimizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -155,6 +158,8 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         mean_loss = float(np.mean([m["loss"] for m in engine.read_metrics(results)]))
         result["attention_kernel"] = packing.kernels_used()
         result["heldout_eval_ms"] = heldout_eval_ms(model, tokenizer, pairs.head(HELDOUT_PAIRS), cfg)
+        if checkpoint:
+            result.update(checkpoint_cost(out / "checkpoints", model, optimizer, schedule))
     else:
         if variant == TRL_REFS:
             trainer = make_trainer(cfg, model, tokenizer, pairs, cuda, [clock])
@@ -195,6 +200,18 @@ def heldout_eval_ms(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> 
     started = time.perf_counter()
     evaluator.evaluate(model)  # ends by copying its numbers to the host: the device is drained
     return round(1000 * (time.perf_counter() - started), 2)
+
+
+def checkpoint_cost(directory: Path, model, optimizer, schedule) -> dict:
+    """Seconds and size of one checkpoint as the trainer writes it (`save_checkpoint`)."""
+    from prism_assets.training.dpo import save_checkpoint
+
+    started = time.perf_counter()
+    target = save_checkpoint(directory, 1, model, optimizer, schedule, [])
+    seconds = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in target.iterdir())
+    shutil.rmtree(directory)
+    return {"checkpoint_s": round(seconds, 2), "checkpoint_gib": round(size / 2**30, 2)}
 
 
 def with_heldout(row: dict, every: int) -> dict:
@@ -253,7 +270,7 @@ def main() -> int:
                       "steps": steps, "warm": warm, "workdir": str(work)}), flush=True)
     rows = []
     for variant in (STOCK, TRL_REFS, PROJECT):
-        rows.append(reported(variant, lambda v=variant: measure(v, model_dir, pairs, steps, warm, work)))
+        rows.append(reported(variant, lambda v=variant: measure(v, model_dir, pairs, steps, warm, work, v == PROJECT)))
     if args.packed > 1:
         for variant in (STOCK, PROJECT):
             rows.append(reported(f"{variant} ×{args.packed} packed", lambda v=variant: packed(v, args.packed, argv)))
@@ -272,6 +289,7 @@ def main() -> int:
         print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
               f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
               f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms; "
+              f"one checkpoint (model and optimizer, {project['checkpoint_gib']} GiB): {project['checkpoint_s']} s; "
               f"attention: {project['attention_kernel']}")
         best = max((r for r in rows if r["variant"].endswith(f"held-out every {EVAL_EVERY[-1]}")),
                    key=lambda r: r["tokens_per_s"])

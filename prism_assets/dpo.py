@@ -42,7 +42,7 @@ TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_ra
 RECIPES = {
     "tiny": {},
     "original": {"max_steps": 2000, "batch_size": 8, "beta": 0.1, "learning_rate": 5e-6, "logging_steps": 25,
-                 "eval_steps": 100, "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_steps": 250},
+                 "eval_steps": 100, "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_minutes": 10},
 }
 
 
@@ -66,11 +66,12 @@ class DpoSettings(dg.ConfigurableResource):
     balance_groups: bool = False
     gradient_checkpointing: bool = False
     checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
+    checkpoint_minutes: float | None = None # … or at the first logged step this long after the last one
     device: str = "auto"
 
     @model_validator(mode="after")
     def _steps_fit_logging(self):
-        problem = step_problem(self.logging_steps, self.checkpoint_steps, self.eval_steps)
+        problem = step_problem(self)
         if problem:
             raise ValueError(f"DPO settings: {problem}")
         return self

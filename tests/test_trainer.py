@@ -109,10 +109,21 @@ def test_heldout_evaluated_every_eval_steps_and_at_the_last_logged_step(first_ru
     assert sparse.loc[~evaluated, heldout].isna().all().all()
 
 
+@pytest.mark.parametrize("minutes, kept", [(1e-9, ["checkpoint-2", "checkpoint-4"]), (60, [])])
+def test_checkpoints_every_checkpoint_minutes_but_not_at_the_last_step(first_run, tiny_model_dir, small_pairs_path,
+                                                                       minutes, kept):
+    tmp_path, out = first_run
+    run = _train(tmp_path, f"minutes{minutes}", tiny_model_dir, small_pairs_path, checkpoint_minutes=minutes,
+                 keep_checkpoints=True)
+    assert sorted(p.name for p in (run / "trainer").glob("checkpoint-*")) == kept  # the last 2 kept; none at step 6
+    assert pd.read_parquet(run / "curve.parquet").equals(pd.read_parquet(out / "curve.parquet"))
+
+
 @pytest.mark.parametrize("steps, message", [
     ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
     ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
     ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
+    ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must not be negative"),
 ])
 def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, steps, message):
     from prism_assets.dpo import DpoSettings

@@ -39,6 +39,7 @@ class RunConfig:
     max_train_pairs: int | None = None      # balance_groups: both groups of a split train on this many pairs
     gradient_checkpointing: bool = False
     checkpoint_steps: int | None = None     # also checkpoint every N steps (a signal always checkpoints)
+    checkpoint_minutes: float | None = None # also checkpoint at the first logged step N minutes after the last one
     keep_checkpoints: bool = False          # keep <output_dir>/trainer/checkpoint-* after a finished run
     device: str = "auto"                    # "auto", "cpu" or "cuda"
     label: dict = dataclasses.field(default_factory=dict)  # cell / split / group, for humans
@@ -48,7 +49,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "RunConfig":
         config = read_config(cls, path)
-        problem = step_problem(config.logging_steps, config.checkpoint_steps, config.eval_steps)
+        problem = step_problem(config)
         if problem:
             raise ValueError(f"{path}: {problem}")
         return config
@@ -58,12 +59,16 @@ class RunConfig:
         return self.eval_steps is None or step % self.eval_steps == 0 or step + self.logging_steps > self.max_steps
 
 
-def step_problem(logging_steps: int, checkpoint_steps: int | None, eval_steps: int | None) -> str | None:
-    """What is wrong with a run's step intervals, or None. Checkpoints and held-out evaluations happen on logged
-    steps only, so a resumed run logs and evaluates exactly as an uninterrupted one."""
+def step_problem(settings) -> str | None:
+    """What is wrong with the step intervals of `settings` (a RunConfig or the DPO settings), or None. Checkpoints
+    and held-out evaluations happen on logged steps only, so a resumed run logs and evaluates exactly as an
+    uninterrupted one. A checkpoint interval of 0 or None: no periodic checkpoints."""
+    logging_steps, checkpoint_steps, eval_steps = settings.logging_steps, settings.checkpoint_steps, settings.eval_steps
+    if settings.checkpoint_minutes is not None and settings.checkpoint_minutes < 0:
+        return f"checkpoint_minutes {settings.checkpoint_minutes:g} must not be negative"
     if logging_steps < 1:
         return f"logging_steps {logging_steps} must be at least 1"
-    if checkpoint_steps and (checkpoint_steps < 0 or checkpoint_steps % logging_steps):  # 0 or None: no periodic ones
+    if checkpoint_steps and (checkpoint_steps < 0 or checkpoint_steps % logging_steps):
         return f"checkpoint_steps {checkpoint_steps} must be a multiple of logging_steps {logging_steps}"
     if eval_steps is not None and (eval_steps < 1 or eval_steps % logging_steps):
         return f"eval_steps {eval_steps} must be a positive multiple of logging_steps {logging_steps}"
