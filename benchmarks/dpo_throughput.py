@@ -120,15 +120,16 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
 
     class Clock(TrainerCallback):
         """The time at the end of the warm-up and at the end of the last step, the device drained at both (and
-        nowhere else: a loop that never waits for the device is timed as it runs)."""
+        nowhere else: a loop that never waits for the device is timed as it runs); the peak memory of training."""
 
         def __init__(self):
-            self.ticks = []
+            self.ticks, self.peak_gb = [], None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in (warm, warm + steps):
                 if cuda:
                     torch.cuda.synchronize()
+                    self.peak_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 self.ticks.append(time.perf_counter())
 
     clock, result = Clock(), {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -186,7 +187,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     result.update({"step_ms": round(1000 * step_s, 2),
                    "tokens_per_s": round(tokens_per_step / step_s),
                    "real_tokens_per_step": round(tokens_per_step),
-                   "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   "peak_gpu_gb": clock.peak_gb,
                    "mean_loss": round(mean_loss, 4)})
     return result
 
@@ -295,8 +296,9 @@ def main() -> int:
                    key=lambda r: r["tokens_per_s"])
         tokens = GRID_RUNS * GRID_STEPS * project["real_tokens_per_step"]
         stock_h, best_h = (tokens / r["tokens_per_s"] / 3600 for r in (stock, best))
-        print(f"grid of {GRID_RUNS} runs × {GRID_STEPS} steps: stock {stock_h:.1f} device-hours (no held-out "
-              f"evaluation); {best['variant']}: {best_h:.1f} ({stock_h / best_h:.1f}× less)")
+        print(f"grid of {GRID_RUNS} runs × {GRID_STEPS} steps, training only (no start-up, reference log-probs or "
+              f"checkpoints): stock {stock_h:.1f} device-hours (no held-out evaluation); {best['variant']}: "
+              f"{best_h:.1f} ({stock_h / best_h:.1f}× less)")
     return 1 if any("error" in row for row in rows) else 0
 
 

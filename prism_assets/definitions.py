@@ -16,12 +16,14 @@ The only module that reads environment variables. One switch per concern:
 """
 
 import os
+import typing
 from pathlib import Path
 
 import dagster as dg
 from pydantic import TypeAdapter, ValidationError
 
 from prism_assets import automation, data, dpo, report, stats, versions
+from prism_assets.training.run_config import step_problem
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 from resources.slurm import SlurmLauncher
@@ -44,9 +46,13 @@ def settings_from_env(prefix: str, settings: type[dg.ConfigurableResource], igno
         if name not in settings.model_fields:
             raise ValueError(f"{key}: {settings.__name__} has no setting {name!r}; "
                              f"settings: {', '.join(sorted(settings.model_fields))}")
+        annotation = settings.model_fields[name].annotation
+        if not raw.strip() and type(None) in typing.get_args(annotation):  # DPO_EVAL_STEPS= : back to None
+            values[name] = None
+            continue
         value = (lists or {}).get(name, lambda text: text)(raw)
         try:
-            values[name] = TypeAdapter(settings.model_fields[name].annotation).validate_python(value)
+            values[name] = TypeAdapter(annotation).validate_python(value)
         except ValidationError as error:
             raise ValueError(f"{key}={raw!r}: {error.errors()[0]['msg']}") from None
     return values
@@ -78,12 +84,21 @@ def _recipe() -> dict:
     return dpo.RECIPES[name]
 
 
-# The recipe's values, then any DPO_<FIELD> (DPO_LEARNING_RATE=1e-4, DPO_BASE_MODEL=…, DPO_PYTHON=…) on top.
-DPO_SETTINGS = dpo.DpoSettings(**{
-    "models_dir": str(STORAGE / "models"), "runs_dir": str(STORAGE / "runs"), "reports_dir": str(STORAGE / "reports"),
-    **_recipe(),
-    **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
-})
+def dpo_settings_from_env() -> dpo.DpoSettings:
+    """The recipe's values, then any DPO_<FIELD> (DPO_LEARNING_RATE=1e-4, DPO_BASE_MODEL=…, DPO_PYTHON=…) on top; their
+    step intervals checked here, before anything runs."""
+    settings = dpo.DpoSettings(**{
+        "models_dir": str(STORAGE / "models"), "runs_dir": str(STORAGE / "runs"), "reports_dir": str(STORAGE / "reports"),
+        **_recipe(),
+        **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
+    })
+    problem = step_problem(settings)
+    if problem:
+        raise ValueError(f"DPO settings (DPO_RECIPE={os.environ.get('DPO_RECIPE', 'tiny')} and DPO_<FIELD>): {problem}")
+    return settings
+
+
+DPO_SETTINGS = dpo_settings_from_env()
 
 *UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions([
     data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits,

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from pydantic import model_validator
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_config import (
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout,
-    step_problem)
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
@@ -68,13 +66,6 @@ class DpoSettings(dg.ConfigurableResource):
     checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
     checkpoint_minutes: float | None = None # … or at the first logged step this long after the last one
     device: str = "auto"
-
-    @model_validator(mode="after")
-    def _steps_fit_logging(self):
-        problem = step_problem(self)
-        if problem:
-            raise ValueError(f"DPO settings: {problem}")
-        return self
 
     def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
         """Hash of the settings that change what a run learns (not where it runs)."""
@@ -139,6 +130,17 @@ def fresh_run_dir(path: Path) -> Path:
     return path
 
 
+def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, ...] = TRAINING_FIELDS) -> None:
+    """Refuse settings other than those the asset's code version records (the code location's DPO_* environment),
+    e.g. a run-config override of `dpo_settings` (which also resets every field it omits to the class default):
+    the materialization would claim settings it was not computed with."""
+    if settings.fingerprint(fields) != fingerprint:
+        differing = {name: getattr(settings, name) for name in fields}
+        raise dg.Failure(f"dpo_settings {differing} are not those this code location was loaded with (fingerprint "
+                         f"{settings.fingerprint(fields)}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and "
+                         "reload the code location instead of overriding the resource", allow_retries=False)
+
+
 def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
         name="reference_logps", group_name="dpo", kinds={"pytorch", "parquet"}, owners=versions.OWNERS, pool="gpu",
@@ -150,6 +152,7 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
     )
     def reference_logps(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
                         within_model_pairs: pd.DataFrame) -> dg.Output:
+        check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / "reference").resolve())
         within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
         config = ReferenceConfig(base_model=dpo_settings.resolved_base_model(), pairs_path="pairs.parquet",
@@ -200,6 +203,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
                       within_model_pairs: pd.DataFrame, significant_splits: dict,
                       reference_logps: pd.DataFrame) -> dg.Output:
+        check_settings(dpo_settings, settings_fingerprint)
         keys = context.partition_key.keys_by_dimension
         try:
             cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))

@@ -20,4 +20,4 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
         "| stock", "| trl+refs", "| project", "| stock ×2 packed", "| project ×2 packed",
         "| project, held-out every 25", "| project, held-out every 100",
         "| project ×2 packed, held-out every 25", "| project ×2 packed, held-out every 100"]
-    assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps: stock" in done.stdout
+    assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps, training only" in done.stdout

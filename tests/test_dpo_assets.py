@@ -75,6 +75,18 @@ def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
     assert "the trainer exited with code 1" in message and "no-such-model" in message
 
 
+def test_settings_other_than_the_code_versions_are_refused(v3_instance):
+    tmp_path, assets, resources, instance = v3_instance
+    settings = resources["dpo_settings"]
+    changed = dpo.DpoSettings(**{**{name: getattr(settings, name) for name in dpo.DpoSettings.model_fields},
+                                 "learning_rate": 0.5})
+    overridden = {**resources, "dpo_settings": changed}
+    result = _materialize_partition(assets, overridden, instance, "S1_age.A", 0, raise_on_error=False)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "are not those this code location was loaded with" in failure.step_failure_data.error.message
+    assert not (tmp_path / "runs" / "S1_age.A").exists()  # refused before anything was written or launched
+
+
 def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
     with pytest.raises(dg.Failure, match="left no metrics.json"):
         dpo.read_run_outputs(tmp_path)

@@ -1,5 +1,7 @@
 """The run summary metrics, computed from a known learning curve."""
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -51,9 +53,9 @@ def test_heldout_sampling_errors_come_from_the_last_row():
 def test_heldout_summaries_use_only_the_evaluated_rows():
     # eval_steps 20 on a 10-step logging interval: held-out values at steps 20, 40, …, 100 only
     curve = _curve()
-    skipped = curve["step"] % 20 != 0
-    curve.loc[skipped, ["heldout_acc", "heldout_margin"]] = float("nan")
-    curve = curve.assign(heldout_acc_se=[float("nan") if s else 0.03 for s in skipped])
+    evaluated = curve["step"] % 20 == 0
+    curve.loc[~evaluated, ["heldout_acc", "heldout_margin"]] = float("nan")
+    curve = curve.assign(heldout_evaluated=evaluated, heldout_acc_se=[0.03 if e else float("nan") for e in evaluated])
     m = summarize_curve(curve, max_steps=100)
     assert m["final_heldout_acc"] == 0.68 and m["heldout_acc_se"] == 0.03
     assert m["mean_heldout_acc_tail"] == 0.68                                  # last 20% of 5 evaluated rows = 1
@@ -62,7 +64,10 @@ def test_heldout_summaries_use_only_the_evaluated_rows():
     assert m["logged_steps"] == 10
 
 
-def test_a_metric_never_measured_is_named():
-    curve = _curve().assign(heldout_margin=float("nan"))
-    with pytest.raises(ValueError, match="no value of heldout_margin"):
-        summarize_curve(curve, max_steps=100)
+def test_a_diverged_run_shows_nan_and_a_curve_never_evaluated_is_refused():
+    diverged = _curve()
+    diverged.loc[diverged["step"] >= 60, ["loss", "heldout_margin"]] = float("nan")
+    m = summarize_curve(diverged.assign(heldout_evaluated=True), max_steps=100)
+    assert math.isnan(m["final_loss"]) and math.isnan(m["mean_loss_tail"]) and math.isnan(m["final_heldout_margin"])
+    with pytest.raises(ValueError, match="no held-out evaluation"):
+        summarize_curve(_curve().assign(heldout_evaluated=False), max_steps=100)

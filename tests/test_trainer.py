@@ -1,6 +1,7 @@
 """The job-side DPO trainer on the tiny model: complete outputs, determinism, real parameter updates."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from prism_assets.training.run_config import RunConfig, split_heldout
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
 
 
-def _train(tmp_path, name, model, pairs, **overrides):
+def _train(tmp_path, name, model, pairs, log=False, **overrides):
+    """The trainer's output directory (or, with `log`, what it printed) after a run with these settings."""
     out = tmp_path / name
     config = {"base_model": str(model), "pairs_path": str(pairs), "output_dir": str(out), "seed": 0,
               "max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128,
@@ -22,7 +24,7 @@ def _train(tmp_path, name, model, pairs, **overrides):
     done = subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / f"{name}.json")],
                           capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return done.stdout + done.stderr if log else out
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,24 @@ def test_heldout_evaluated_every_eval_steps_and_at_the_last_logged_step(first_ru
     # Evaluating less often changes nothing else: the same training steps, the same held-out values where evaluated.
     evaluated = sparse["heldout_acc"].notna()
     pd.testing.assert_frame_equal(sparse[evaluated], dense[evaluated])
-    heldout = list(HeldoutEvaluator.COLUMNS)
+    heldout = [*HeldoutEvaluator.COLUMNS, "heldout_evaluated"]
     pd.testing.assert_frame_equal(sparse.drop(columns=heldout), dense.drop(columns=heldout))
-    assert sparse.loc[~evaluated, heldout].isna().all().all()
+    assert sparse.loc[~evaluated, list(HeldoutEvaluator.COLUMNS)].isna().all().all()
+    assert list(sparse["heldout_evaluated"]) == [False, True, True] and dense["heldout_evaluated"].all()
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, _ = first_run
+    settings = dict(max_steps=8, eval_steps=4, checkpoint_steps=2, keep_checkpoints=True)
+    out = _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, **settings)
+    uninterrupted = pd.read_parquet(out / "curve.parquet")
+    assert sorted(p.name for p in (out / "trainer").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    shutil.rmtree(out / "trainer" / "checkpoint-6")  # as if the job had died after step 6's checkpoint was lost
+    for name in ("curve.parquet", "metrics.json"):
+        (out / name).unlink()
+    log = _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, log=True, **settings)
+    assert "resuming from" in log and "at step 4 (2 logged steps so far)" in log
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "curve.parquet"), uninterrupted)
 
 
 @pytest.mark.parametrize("minutes, kept", [(1e-9, ["checkpoint-2", "checkpoint-4"]), (60, [])])
@@ -123,17 +140,22 @@ def test_checkpoints_every_checkpoint_minutes_but_not_at_the_last_step(first_run
     ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
     ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
     ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
-    ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must not be negative"),
+    ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must be a finite number of minutes, not negative"),
+    ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes nan must be a finite"),
+    ({"checkpoint_steps": -4}, "checkpoint_steps -4 must not be negative"),
 ])
-def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, steps, message):
-    from prism_assets.dpo import DpoSettings
+def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, monkeypatch, steps, message):
+    from prism_assets.definitions import dpo_settings_from_env
 
     (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "seed": 0,
                                                  "logging_steps": 2, **steps}))
     with pytest.raises(ValueError, match=message):
         RunConfig.from_json(tmp_path / "c.json")
-    with pytest.raises(ValueError, match=message):
-        DpoSettings(logging_steps=2, **steps)
+    # the same check when the code location loads its settings from the environment
+    for key, value in {"logging_steps": 2, **steps}.items():
+        monkeypatch.setenv(f"DPO_{key.upper()}", str(value))
+    with pytest.raises(ValueError, match=rf"DPO settings \(DPO_RECIPE=tiny and DPO_<FIELD>\): {message}"):
+        dpo_settings_from_env()
 
 
 def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, small_pairs_path):

@@ -47,6 +47,11 @@ def test_settings_from_env_converts_types_and_names_unknown_variables(monkeypatc
     with pytest.raises(ValueError, match="DPO_LERNING_RATE: DpoSettings has no setting 'lerning_rate'"):
         settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))
     monkeypatch.delenv("DPO_LERNING_RATE")
+    monkeypatch.setenv("DPO_CHECKPOINT_MINUTES", "")  # empty: back to None (no periodic checkpoints)
+    assert settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))["checkpoint_minutes"] is None
+    monkeypatch.setenv("DPO_MAX_STEPS", "")  # not optional: an empty value is an error
+    with pytest.raises(ValueError, match="DPO_MAX_STEPS=''"):
+        settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))
     monkeypatch.setenv("DPO_MAX_STEPS", "many")
     with pytest.raises(ValueError, match="DPO_MAX_STEPS='many'"):
         settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))

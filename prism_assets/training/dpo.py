@@ -6,13 +6,13 @@ pair_id, so every seed and every run sees the same held-out pairs) and training 
 project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer; fp32 master
 weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed here
 from the base model only when the file carries none), evaluates held-out
-implicit-reward accuracy and margin at every logging step (or every `eval_steps`, and at the last; the
-curve's held-out columns are NaN at logged steps without an evaluation), and writes `run.json`, `curve.parquet` and
+implicit-reward accuracy and margin at every logging step (or every `eval_steps`, and at the last;
+`heldout_evaluated` marks the rows, the held-out columns are NaN on the others), and writes `run.json`, `curve.parquet` and
 `metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
 data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
 
 Preemption and time limits lose no work: the trainer checkpoints every `checkpoint_steps` or
-`checkpoint_minutes` (not at the last step: the run is about to finish) and on
+`checkpoint_minutes` (not at the last logged step: the run is about to finish) and on
 SIGUSR1 (SLURM's warning before the time limit: save, exit REQUEUE_EXIT_CODE so the job requeues
 itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A
 checkpoint holds model, optimizer and schedule states and the curve so far; a restarted run resumes from
@@ -248,13 +248,14 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                "grad_norm": window[-1]["grad_norm"], "learning_rate": window[-1]["learning_rate"]}
         window = []
         evaluated = cfg.evaluates_at(step)
-        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
+        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan),
+                   heldout_evaluated=evaluated)
         rows.append(row)
         reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}" +
                       (f" heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}"
                        if evaluated else ""))
         # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
-        if stop.signal is not None or (step < cfg.max_steps and checkpoint_due(cfg, step, last_checkpoint)):
+        if stop.signal is not None or (not cfg.last_logged(step) and checkpoint_due(cfg, step, last_checkpoint)):
             save_checkpoint(checkpoints, step, model, optimizer, schedule, rows)
             last_checkpoint = time.monotonic()
         if stop.signal is not None:

@@ -3,8 +3,8 @@
 A curve has one row per logged step: `step`, the logging window's training `loss`, `margin`
 (rewards/margins) and `pref_acc` (rewards/accuracies) as TRL logs them, and the held-out
 `heldout_acc` / `heldout_margin` (implicit-reward accuracy and mean margin on the run's fixed held-out
-pairs, evaluated at that step; NaN at a logged step without an evaluation). Each summary of a metric is
-over the rows where it has a value:
+pairs, evaluated at that step; with `eval_steps`, only at the rows `heldout_evaluated` marks, NaN on the
+others). The held-out summaries are over the evaluated rows, the others over every logged row:
 - final_*: the last row;
 - mean_*_tail: the mean over the last 20% of rows (at least one row);
 - mid_*: the mean over rows with step in [10%, 40%] of max_steps, where differences may show before
@@ -22,6 +22,8 @@ CURVE_METRICS = {"loss": "loss", "margin": "margin", "pref_acc": "pref_acc",
                  "heldout_acc": "heldout_acc", "heldout_margin": "heldout_margin"}
 TAIL_FRACTION = 0.2
 MID_WINDOW = (0.10, 0.40)
+HELDOUT_METRICS = ("heldout_acc", "heldout_margin")
+EVALUATED = "heldout_evaluated"  # the rows where the held-out metrics were evaluated (absent: every row)
 REQUIRED_COLUMNS = ("step", *CURVE_METRICS)
 SAMPLING_ERRORS = ("heldout_acc_se", "heldout_margin_se")
 
@@ -33,27 +35,27 @@ def summarize_curve(curve: pd.DataFrame, max_steps: int) -> dict:
     if curve.empty:
         raise ValueError("learning curve has no logged steps")
     curve = curve.sort_values("step").reset_index(drop=True)
+    evaluated = curve[curve[EVALUATED].astype(bool)] if EVALUATED in curve.columns else curve
+    if evaluated.empty:
+        raise ValueError("learning curve has no held-out evaluation")
     metrics: dict = {"logged_steps": len(curve), "last_step": int(curve["step"].iloc[-1])}
     for name, column in CURVE_METRICS.items():
-        metrics.update(_summaries(name, curve.loc[curve[column].notna(), ["step", column]], max_steps))
+        rows = evaluated if column in HELDOUT_METRICS else curve  # a NaN where measured (divergence) stays visible
+        metrics.update(_summaries(name, rows["step"], rows[column], max_steps))
     reached = curve[curve["pref_acc"] >= 0.6]
     metrics["steps_to_60pct"] = int(reached["step"].iloc[0]) if len(reached) else None
     for column in SAMPLING_ERRORS:
-        if column in curve.columns and curve[column].notna().any():
-            metrics[column] = float(curve[column].dropna().iloc[-1])
+        if column in evaluated.columns:
+            metrics[column] = float(evaluated[column].iloc[-1])
     return metrics
 
 
-def _summaries(name: str, values: pd.DataFrame, max_steps: int) -> dict:
-    """final_, mean_…_tail and mid_ of one metric over the rows where it was measured (held-out metrics may be
-    evaluated at fewer steps than are logged: `eval_steps`)."""
-    step, value = values.columns
-    if values.empty:
-        raise ValueError(f"learning curve has no value of {value}")
+def _summaries(name: str, steps: pd.Series, values: pd.Series, max_steps: int) -> dict:
+    """final_, mean_…_tail and mid_ of one metric over the rows where it is measured."""
     tail = values.tail(max(1, math.ceil(TAIL_FRACTION * len(values))))
     low, high = (fraction * max_steps for fraction in MID_WINDOW)
-    mid = values[(values[step] >= low) & (values[step] <= high)]
+    mid = values[(steps >= low) & (steps <= high)]
     if mid.empty:
-        mid = values.loc[[(values[step] - (low + high) / 2).abs().idxmin()]]
-    return {f"final_{name}": float(values[value].iloc[-1]), f"mean_{name}_tail": float(tail[value].mean()),
-            f"mid_{name}": float(mid[value].mean())}
+        mid = values.loc[[(steps - (low + high) / 2).abs().idxmin()]]
+    return {f"final_{name}": float(values.iloc[-1]), f"mean_{name}_tail": float(tail.mean()),
+            f"mid_{name}": float(mid.mean())}

@@ -10,6 +10,7 @@ Imports neither torch nor Dagster.
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -54,9 +55,13 @@ class RunConfig:
             raise ValueError(f"{path}: {problem}")
         return config
 
+    def last_logged(self, step: int) -> bool:
+        """Whether `step` is the run's last logged step (max_steps need not be a multiple of logging_steps)."""
+        return step + self.logging_steps > self.max_steps
+
     def evaluates_at(self, step: int) -> bool:
         """Whether the held-out pairs are evaluated at logged step `step`."""
-        return self.eval_steps is None or step % self.eval_steps == 0 or step + self.logging_steps > self.max_steps
+        return self.eval_steps is None or step % self.eval_steps == 0 or self.last_logged(step)
 
 
 def step_problem(settings) -> str | None:
@@ -64,11 +69,14 @@ def step_problem(settings) -> str | None:
     and held-out evaluations happen on logged steps only, so a resumed run logs and evaluates exactly as an
     uninterrupted one. A checkpoint interval of 0 or None: no periodic checkpoints."""
     logging_steps, checkpoint_steps, eval_steps = settings.logging_steps, settings.checkpoint_steps, settings.eval_steps
-    if settings.checkpoint_minutes is not None and settings.checkpoint_minutes < 0:
-        return f"checkpoint_minutes {settings.checkpoint_minutes:g} must not be negative"
+    minutes = settings.checkpoint_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
+        return f"checkpoint_minutes {minutes:g} must be a finite number of minutes, not negative"
     if logging_steps < 1:
         return f"logging_steps {logging_steps} must be at least 1"
-    if checkpoint_steps and (checkpoint_steps < 0 or checkpoint_steps % logging_steps):
+    if checkpoint_steps is not None and checkpoint_steps < 0:
+        return f"checkpoint_steps {checkpoint_steps} must not be negative"
+    if checkpoint_steps and checkpoint_steps % logging_steps:
         return f"checkpoint_steps {checkpoint_steps} must be a multiple of logging_steps {logging_steps}"
     if eval_steps is not None and (eval_steps < 1 or eval_steps % logging_steps):
         return f"eval_steps {eval_steps} must be a positive multiple of logging_steps {logging_steps}"
