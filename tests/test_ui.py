@@ -70,6 +70,21 @@ def _browser(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
 
 
+def _expand_all_groups(page, attempts: int = 4):
+    """The graph's settings menu → "Expand all groups". The newsletter dialog may show while the menu is open; its
+    handler's "Skip" closes the menu too, so the menu is opened again until the click lands."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        page.locator('[aria-label="settings"]').last.click()
+        try:
+            page.get_by_text("Expand all groups").last.click(timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(served):
     from playwright.sync_api import expect, sync_playwright
 
@@ -82,8 +97,7 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
                                  lambda: page.get_by_role("button", name="Skip").click())
         page.goto(f"{served}/asset-groups")
         page.locator('[aria-label="unfold_more"]').first.wait_for(timeout=60_000)  # the graph, its groups folded
-        page.locator('[aria-label="settings"]').last.click()  # the graph's settings menu
-        page.get_by_text("Expand all groups").last.click()
+        _expand_all_groups(page)
         page.reload()  # the graph fits its view to the unfolded groups (kept in the browser) when it loads
         try:
             for asset in ASSETS:
