@@ -134,11 +134,12 @@ def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, .
     """Refuse settings other than those the asset's code version records (the code location's DPO_* environment),
     e.g. a run-config override of `dpo_settings` (which also resets every field it omits to the class default):
     the materialization would claim settings it was not computed with."""
-    if settings.fingerprint(fields) != fingerprint:
-        differing = {name: getattr(settings, name) for name in fields}
-        raise dg.Failure(f"dpo_settings {differing} are not those this code location was loaded with (fingerprint "
-                         f"{settings.fingerprint(fields)}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and "
-                         "reload the code location instead of overriding the resource", allow_retries=False)
+    found = settings.fingerprint(fields)
+    if found != fingerprint:
+        values = {name: getattr(settings, name) for name in fields}
+        raise dg.Failure(f"dpo_settings {values} are not those this code location was loaded with (fingerprint "
+                         f"{found}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and reload the code "
+                         "location instead of overriding the resource", allow_retries=False)
 
 
 def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from prism_assets.training import engine, packing  # noqa: E402
 from prism_assets.training.logps import frozen_logps, tokenize_pairs  # noqa: E402
-from prism_assets.training.metrics import summarize_curve  # noqa: E402
+from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_config import (  # noqa: E402
     CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, RunConfig, split_heldout)
@@ -156,7 +156,7 @@ class HeldoutEvaluator:
     reference_logps asset) or, for a pairs file without them, are computed here before training starts.
     """
 
-    COLUMNS = ("heldout_acc", "heldout_margin", "heldout_acc_se", "heldout_margin_se")
+    COLUMNS = (*HELDOUT_METRICS, *SAMPLING_ERRORS)  # what `evaluate` returns
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
         self.beta = cfg.beta
@@ -248,8 +248,8 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                "grad_norm": window[-1]["grad_norm"], "learning_rate": window[-1]["learning_rate"]}
         window = []
         evaluated = cfg.evaluates_at(step)
-        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan),
-                   heldout_evaluated=evaluated)
+        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
+        row[EVALUATED] = evaluated
         rows.append(row)
         reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}" +
                       (f" heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}"
