@@ -79,9 +79,15 @@ def test_sliding_window_models_are_refused_by_name(model):
         summed_logps(sliding, packing.pack(sequences(), "cpu"))
 
 
-def test_the_kernel_is_chosen_once_and_said_why():
-    assert packing.kernel_for(torch.device("cpu"), torch.float32) == packing.SDPA_PER_SEQUENCE
-    assert "needs CUDA" in packing.kernels_used()
+def heads_of(model) -> tuple[int, int, int]:
+    config = model.config
+    return config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+
+def test_the_kernel_is_chosen_once_per_device_dtype_and_head_shape_and_said_why(model):
+    summed_logps(model, packing.pack(sequences(), "cpu"))
+    assert packing.kernel_for(torch.device("cpu"), torch.float32, heads_of(model)) == packing.SDPA_PER_SEQUENCE
+    assert "cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence — flash varlen needs CUDA" in packing.kernels_used()
 
 
 def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointed_layer():
@@ -96,6 +102,17 @@ def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointe
     assert packing.self_check(leaky, cpu, torch.float32)[1].startswith("disagreed")
     assert packing.self_check(missing, cpu, torch.float32) == (
         False, "failed its self-check: RuntimeError: no kernel image for this device")
+
+    def no_small_heads(q, k, v, *args):  # a kernel built without the model's head dimension
+        if q.shape[-1] < 32:
+            raise RuntimeError(f"head dimension {q.shape[-1]} not supported")
+        return exact(q, k, v, *args)
+
+    # checked at the model's own head shape: a shape the kernel lacks is caught before training, not during it
+    assert packing.self_check(no_small_heads, cpu, torch.float32)[0]
+    assert packing.self_check(no_small_heads, cpu, torch.float32, (4, 2, 16)) == (
+        False, "failed its self-check: RuntimeError: head dimension 16 not supported")
+    assert packing.self_check(exact, cpu, torch.float32, (14, 2, 64))[0]  # Qwen2.5-0.5B's heads
     # The check first runs inside a model's forward: under no_grad (evaluation), or in a layer whose
     # activations gradient checkpointing recomputes in backward — where the check does not run again.
     with torch.no_grad():
@@ -120,7 +137,8 @@ def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):
     cuda_model = model.to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         packed = summed_logps(cuda_model, packing.pack(sequences(), device))
-    assert packing.kernel_for(device, torch.bfloat16) == packing.FLASH_VARLEN, packing.kernels_used()
+    # the kernel the model's forward chose, for its own heads
+    assert "cuda:0 bfloat16 (4 heads, 2 kv, dim 16): flash varlen" in packing.kernels_used(), packing.kernels_used()
     single = torch.stack([alone(model.float().cpu(), p, c) for p, c in sequences()])
     torch.testing.assert_close(packed.cpu(), single.detach(), rtol=2e-2, atol=1.0)  # bf16 activations
 

@@ -46,7 +46,7 @@ def test_trainer_writes_complete_consistent_outputs(first_run):
     assert ran["seed"] == 0 and ran["num_heldout_pairs"] == 16 and ran["device"] == "cpu"
     assert metrics["num_train_pairs"] == 6 * 8  # only the pairs 6 steps of batch 8 consume are drawn
     assert len(metrics["data_version"]) == 24
-    assert metrics["attention_kernel"].startswith("cpu float32: sdpa per sequence")  # the kernel is reported
+    assert metrics["attention_kernel"].startswith("cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence")  # reported
     assert not list(out.glob(".*.tmp"))
 
 
@@ -164,3 +164,27 @@ def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, s
     columns = ["loss", "margin", "pref_acc", "grad_norm", "heldout_acc", "heldout_margin"]
     pd.testing.assert_frame_equal(pd.read_parquet(checkpointed / "curve.parquet")[columns],
                                   pd.read_parquet(out / "curve.parquet")[columns], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_trainer_trains_the_cpu_run_in_bf16_and_resumes(first_run, tiny_model_dir, small_pairs_path):
+    tmp_path, out = first_run
+    settings = dict(device="cuda", checkpoint_steps=2, keep_checkpoints=True)
+    run = _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, **settings)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "run.json").read_text())["device"] == "cuda"
+    assert "cuda:0 bfloat16 (4 heads, 2 kv, dim 16): flash varlen" in metrics["attention_kernel"], metrics["attention_kernel"]
+    assert 0 < metrics["peak_gpu_memory_gb"] < 2
+    # The CPU run in fp32 and this one in bf16 autocast (flash attention, fused AdamW): the same training, up to bf16.
+    curve, cpu_curve = pd.read_parquet(run / "curve.parquet"), pd.read_parquet(out / "curve.parquet")
+    assert list(curve["step"]) == list(cpu_curve["step"])
+    columns = ["loss", "margin", "reward_chosen", "reward_rejected", "heldout_margin", "learning_rate"]
+    pd.testing.assert_frame_equal(curve[columns], cpu_curve[columns], rtol=5e-2, atol=2e-2)
+    # Resumed on the device from the checkpoint at step 2 (the one at 4 lost): the curve of the whole run again.
+    shutil.rmtree(run / "trainer" / "checkpoint-4")
+    for name in ("curve.parquet", "metrics.json"):
+        (run / name).unlink()
+    log = _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, log=True, **settings)
+    assert "at step 2 (1 logged steps so far)" in log
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "curve.parquet"), curve, rtol=1e-2, atol=1e-3)

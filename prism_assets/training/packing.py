@@ -9,13 +9,15 @@ PRISM's pairs vary from tens to a thousand tokens, and a padded batch of 16 of t
 The attention is `packed_attention`, registered with transformers' AttentionInterface as
 `PACKED_ATTENTION` and switched on only while a packed row is computed (`attention_of`: the forward
 pass, and a training step's backward, where gradient checkpointing recomputes the forward).
-It is exact causal attention within each sequence, through one of two kernels chosen once per device
-and dtype (`kernel_for`):
+It is exact causal attention within each sequence, through one of two kernels chosen once per device,
+dtype and head shape (`kernel_for`):
 - "flash varlen" — PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen.varlen_attn`,
   CUDA, bf16/fp16): one kernel for the whole row, cost Σ Tᵢ² instead of (Σ Tᵢ)².
 - "sdpa per sequence" — `scaled_dot_product_attention` on each sequence's slice (any device, any
   dtype). Used on CPU, in fp32, and wherever the flash kernel is missing or fails its self-check
-  against this one (the check runs once per device and dtype, and its outcome is reported).
+  against this one (the check runs once per device, dtype and head shape — the model's own heads and
+  head dimension, so a shape the kernel lacks falls back rather than failing mid-training — and its
+  outcome is reported).
 The transformers kwargs are the ones its own flash-attention path takes (`cu_seq_lens_q/k`,
 `max_length_q/k`), plus the boundaries on the host so that the per-sequence kernel never waits on
 the device. Models with sliding-window layers are refused (their window is not implemented here).
@@ -115,7 +117,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         raise ValueError("packed attention takes packed rows only (prism_assets.training.packing.pack)")
     if dropout:
         raise ValueError("packed attention has no attention dropout (the model's attention_dropout must be 0)")
-    kernel = KERNELS[kernel_for(query.device, _compute_dtype(query))]
+    heads = (query.shape[1], key.shape[1], query.shape[-1])
+    kernel = KERNELS[kernel_for(query.device, _compute_dtype(query), heads)]
     return kernel(query, key, value, packed_bounds, cu_seq_lens_q, max_length_q, scaling), None
 
 
@@ -163,39 +166,43 @@ def _flash_varlen(query, key, value, bounds, cu_seq_lens, max_length, scaling):
 
 
 KERNELS = {FLASH_VARLEN: _flash_varlen, SDPA_PER_SEQUENCE: _per_sequence}
-_CHOSEN: dict[tuple[str, torch.dtype], tuple[str, str]] = {}  # (device, dtype) → (kernel, why)
+SELF_CHECK_HEADS = (8, 2, 64)  # query heads, key/value heads, head dimension: a grouped-query shape
+_CHOSEN: dict[tuple[str, torch.dtype, tuple[int, int, int]], tuple[str, str]] = {}  # (device, dtype, heads) → (kernel, why)
 
 
-def kernel_for(device: torch.device, dtype: torch.dtype) -> str:
-    """The attention kernel packed rows use on this device in this dtype; decided once (see the module doc)."""
-    key = (str(device), dtype)
+def kernel_for(device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS) -> str:
+    """The attention kernel packed rows use on this device, in this dtype, for `heads` (query heads, key/value heads,
+    head dimension); decided once (see the module doc)."""
+    key = (str(device), dtype, tuple(heads))
     if key not in _CHOSEN:
-        _CHOSEN[key] = _choose(device, dtype)
+        _CHOSEN[key] = _choose(device, dtype, key[2])
     return _CHOSEN[key][0]
 
 
-def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def _choose(device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int]) -> tuple[str, str]:
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return SDPA_PER_SEQUENCE, f"flash varlen needs CUDA and bf16/fp16 ({device.type}, {dtype})"
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return SDPA_PER_SEQUENCE, f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    agrees, note = self_check(_flash_varlen, device, dtype)
+    agrees, note = self_check(_flash_varlen, device, dtype, heads)
     return (FLASH_VARLEN if agrees else SDPA_PER_SEQUENCE), f"flash varlen {note}"
 
 
-def self_check(kernel, device, dtype, tolerance: float = 5e-2) -> tuple[bool, str]:
-    """Does `kernel` give per-sequence causal attention's outputs and gradients on a small GQA row of three
-    sequences (with a non-default scale)? Relative to the largest value: two bf16 kernels differ by ~1e-2 at
-    most, a wrong mask, scale or head grouping by O(1). Runs isolated from the caller's autograd state — it is
+def self_check(kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS,
+               tolerance: float = 5e-2) -> tuple[bool, str]:
+    """Does `kernel` give per-sequence causal attention's outputs and gradients on a small row of three sequences
+    with these `heads` (query heads, key/value heads, head dimension) and a non-default scale? Relative to the
+    largest value: two bf16 kernels differ by ~1e-2 at most, a wrong mask, scale or head grouping by O(1). Runs isolated from the caller's autograd state — it is
     first called inside a model's forward, which may be under no_grad (evaluation) or inside a checkpointed
     layer, whose saved-tensor hooks must not see these tensors (the recomputation does not repeat them)."""
     generator = torch.Generator(device=device).manual_seed(0)
     bounds = (0, 5, 70, 200)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(1, heads, 200, 64, device=device, dtype=dtype, generator=generator, requires_grad=True)
-               for heads in (8, 2, 2))
+    query_heads, kv_heads, dim = heads
+    q, k, v = (torch.randn(1, n, 200, dim, device=device, dtype=dtype, generator=generator, requires_grad=True)
+               for n in (query_heads, kv_heads, kv_heads))
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         try:
             out = kernel(q, k, v, bounds, cu, 130, 0.1)
@@ -212,6 +219,6 @@ def self_check(kernel, device, dtype, tolerance: float = 5e-2) -> tuple[bool, st
 
 
 def kernels_used() -> str:
-    """Which kernel packed attention used on each device and dtype so far, and why (for run metadata)."""
-    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')}: {kernel} — {note}"
-                     for (device, dtype), (kernel, note) in _CHOSEN.items())
+    """Which kernel packed attention used on each device, dtype and head shape so far, and why (run metadata)."""
+    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')} ({query_heads} heads, {kv_heads} kv, dim {dim}): "
+                     f"{kernel} — {note}" for (device, dtype, (query_heads, kv_heads, dim)), (kernel, note) in _CHOSEN.items())
