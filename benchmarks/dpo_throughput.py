@@ -49,7 +49,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from prism_assets.training import engine, packing, tiny_model  # noqa: E402
-from prism_assets.training.logps import tokenize_pairs  # noqa: E402
+from prism_assets.training.logps import sequences_of, tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
 from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig  # noqa: E402
 
@@ -144,7 +144,13 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if variant == PROJECT:
-        chosen, rejected = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+        # A run's start: tokenizing its pairs (as runs did), or reading back the ids reference_logps stored.
+        started = time.perf_counter()
+        tokenize_pairs(tokenizer, pairs, cfg.max_length)
+        result["tokenize_s"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        chosen, rejected, _ = sequences_of(tokenizer, pairs, cfg.max_length)
+        result["stored_ids_s"] = round(time.perf_counter() - started, 3)
         refs = [pairs[c].to_numpy() for c in REFERENCE_COLUMNS]
         optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, cuda)
         model.train()
@@ -291,7 +297,8 @@ def main() -> int:
               f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
               f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms; "
               f"one checkpoint (model and optimizer, {project['checkpoint_gib']} GiB): {project['checkpoint_s']} s; "
-              f"attention: {project['attention_kernel']}")
+              f"token ids of the {len(pairs)} pairs at a run's start: tokenized {project['tokenize_s']} s, read back "
+              f"from reference_logps {project['stored_ids_s']} s; attention: {project['attention_kernel']}")
         best = max((r for r in rows if r["variant"].endswith(f"held-out every {EVAL_EVERY[-1]}")),
                    key=lambda r: r["tokens_per_s"])
         tokens = GRID_RUNS * GRID_STEPS * project["real_tokens_per_step"]

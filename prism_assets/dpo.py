@@ -21,7 +21,8 @@ import pandas as pd
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_config import (
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, ReferenceConfig, RunConfig, split_heldout)
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, TOKEN_COLUMNS, ReferenceConfig, RunConfig,
+    split_heldout)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
@@ -148,8 +149,8 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
         code_version=f"{REFERENCE_CODE_VERSION}-{settings_fingerprint}", retry_policy=RETRY_POLICY,
         description="The frozen base model's summed log-probabilities of every pair's chosen and rejected response "
                     "(TRL's tokenization and truncation), computed once per base model and pairs version in large "
-                    "batches, as one job through the launcher; every DPO run reads them instead of running a "
-                    "reference model.",
+                    "batches, as one job through the launcher, with the token ids they are of; every DPO run reads "
+                    "them instead of running a reference model and tokenizing its pairs.",
     )
     def reference_logps(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
                         within_model_pairs: pd.DataFrame) -> dg.Output:
@@ -168,6 +169,10 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
             raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see stderr.log there)",
                              allow_retries=False)
         frame = pd.read_parquet(output)
+        absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS) if c not in frame.columns]
+        if absent:
+            raise dg.Failure(f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
+                             "run this version of the project?", allow_retries=False)
         missing = len(set(within_model_pairs["pair_id"]) - set(frame["pair_id"]))
         bad = int((~frame[list(REFERENCE_COLUMNS)].apply(pd.to_numeric).map(math.isfinite)).to_numpy().sum())
         if missing or bad:
@@ -177,14 +182,17 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
                          metadata={"num_pairs": len(frame), "run_dir": dg.MetadataValue.path(str(run_dir)),
                                    "base_model": dpo_settings.base_model, "max_length": dpo_settings.max_length,
                                    "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
-                                   "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean())})
+                                   "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
+                                   "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS))})
 
     return reference_logps
 
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
-    """The pairs with their base-model log-probs; a pair without them fails the run (stale reference_logps)."""
-    merged = pairs.merge(references[["pair_id", *REFERENCE_COLUMNS]], on="pair_id", how="left", validate="one_to_one")
+    """The pairs with their base-model log-probs and token ids; a pair without them fails the run (stale
+    reference_logps)."""
+    merged = pairs.merge(references[["pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS]], on="pair_id", how="left",
+                         validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
         raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",

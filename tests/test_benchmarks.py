@@ -21,3 +21,4 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
         "| project, held-out every 25", "| project, held-out every 100",
         "| project ×2 packed, held-out every 25", "| project ×2 packed, held-out every 100"]
     assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps, training only" in done.stdout
+    assert "pairs at a run's start: tokenized" in done.stdout

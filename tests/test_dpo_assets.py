@@ -60,7 +60,10 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     assert metadata["run_dir"].value == str(run_dir)
     assert event.materialization.tags["dagster/data_version"] == metrics["data_version"]
     assert (run_dir / "pipes_messages.jsonl").read_text().count("report_asset_materialization") == 1
-    assert "step 6/6" in "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
+    logs = "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
+    assert "step 6/6" in logs
+    # the run reads the base model's log-probs and the token ids from reference_logps: no reference model, no tokenizing
+    assert "reference log-probs: precomputed (reference_logps); token ids: stored by reference_logps" in logs
     config = json.loads((run_dir / "config.json").read_text())
     assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
 

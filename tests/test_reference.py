@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from prism_assets.training.logps import messages
+from prism_assets.training.logps import messages, sequences_of, token_columns, tokenize_pairs
 from prism_assets.training.reference import reference_logps
-from prism_assets.training.run_config import REFERENCE_COLUMNS
+from prism_assets.training.run_config import REFERENCE_COLUMNS, TOKEN_COLUMNS
 
 # Stated tolerance: 2e-4 relative (at most 0.05 nats on these sums of 10–300 token log-probs). Same token ids,
 # fp32 on CPU, but TRL computes the LM head in chunks and pads batches differently: the float rounding of
@@ -48,6 +48,27 @@ def test_reference_logps_equal_trls_own_precompute(tiny_model_dir, pairs, tmp_pa
     assert sum(n > max_length for n in lengths) >= 10  # truncation is exercised
     for column in REFERENCE_COLUMNS:
         np.testing.assert_allclose(ours[column].to_numpy(), np.asarray(trl[column]), rtol=RTOL, atol=ATOL)
+    # the ids they are of, stored for the runs: TRL's untruncated ids, truncated as TRL's keep_end does
+    for side in ("chosen", "rejected"):
+        for prompt, completion, trl_prompt, trl_completion in zip(ours[f"{side}_prompt_ids"], ours[f"{side}_completion_ids"],
+                                                                  trl["prompt_ids"], trl[f"{side}_ids"]):
+            assert [*prompt, *completion] == (trl_prompt + trl_completion)[-max_length:]
+            assert len(completion) == min(len(trl_completion), max_length)
+
+
+def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made_them(tiny_model_dir, pairs):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # the columns the reference precompute stores, at three max_lengths
+    stored = {length: pairs.assign(**token_columns(*tokenize_pairs(tokenizer, pairs, length))) for length in (64, 96, 128)}
+    chosen, rejected, was_stored = sequences_of(tokenizer, stored[96], 96)
+    assert was_stored and (chosen, rejected) == tokenize_pairs(tokenizer, pairs, 96)
+    assert sequences_of(tokenizer, pairs, 96)[2] is False  # no stored ids: tokenized
+    for length in (64, 128):  # truncated more, or less, than the run's max_length: refused, the pair named
+        with pytest.raises(ValueError, match=r"pair '.+': its stored token ids .* at max_length 96; they were made "
+                                             r"with another tokenizer or max_length"):
+            sequences_of(tokenizer, stored[length], 96)
 
 
 def _run(tmp_path, name, module="prism_assets.training.dpo", **config):
@@ -71,7 +92,9 @@ def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_
               "learning_rate": 1e-3, "max_length": 96, "heldout_max_pairs": 8, "batch_size": 4}
     logs = {name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name),
                        **common) for name, path in (("live", plain), ("fed", fed))}
-    assert "precomputed (reference_logps)" in logs["fed"] and "computed here from the base model" in logs["live"]
+    assert "precomputed (reference_logps); token ids: stored by reference_logps" in logs["fed"]
+    assert "computed here from the base model (the pairs carry none); token ids: tokenized here" in logs["live"]
+    assert set(TOKEN_COLUMNS) <= set(pd.read_parquet(fed).columns)
     live, fed_curve = (pd.read_parquet(tmp_path / name / "curve.parquet") for name in ("live", "fed"))
     assert list(fed_curve["step"]) == [2, 4]
     columns = ["loss", "margin", "pref_acc", "reward_chosen", "reward_rejected", "heldout_acc", "heldout_margin"]

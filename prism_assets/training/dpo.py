@@ -45,7 +45,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from prism_assets.training import engine, packing  # noqa: E402
-from prism_assets.training.logps import frozen_logps, tokenize_pairs  # noqa: E402
+from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_config import (  # noqa: E402
@@ -160,7 +160,7 @@ class HeldoutEvaluator:
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
         self.beta = cfg.beta
-        self.chosen, self.rejected = tokenize_pairs(tokenizer, heldout, cfg.max_length)
+        self.chosen, self.rejected, _ = sequences_of(tokenizer, heldout, cfg.max_length)
         if set(REFERENCE_COLUMNS) <= set(heldout.columns):
             self.ref_chosen, self.ref_rejected = (torch.tensor(heldout[c].to_numpy(), dtype=torch.float32)
                                                   for c in REFERENCE_COLUMNS)
@@ -206,10 +206,11 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     reporter.info(f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
                   f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}")
 
-    chosen, rejected = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
+    chosen, rejected, stored = sequences_of(tokenizer, train_pairs, cfg.max_length)
     refs = [train_pairs[c].to_numpy() for c in REFERENCE_COLUMNS] if precomputed else None
     reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
-                                             "computed here from the base model (the pairs carry none)"))
+                                             "computed here from the base model (the pairs carry none)") +
+                  "; token ids: " + ("stored by reference_logps" if stored else "tokenized here"))
     if refs is None:  # the model is still the base model here
         values = frozen_logps(model, chosen + rejected).numpy()
         refs = [values[:len(chosen)], values[len(chosen):]]

@@ -7,13 +7,19 @@ sequences stop agreeing — and its truncation (`keep_end`, which the trainer as
 longer than `max_length` keeps its last `max_length` tokens, i.e. the whole response and the most recent
 context). On the same ids, the summed log-probability of the completion tokens under a causal LM, in
 padding-free rows (`packing`): what the reference precompute, the held-out evaluation and TRL compute.
+The reference precompute stores the ids beside its log-probs (`token_columns`); a run reads them back
+(`sequences_of`) instead of tokenizing its pairs again — after checking a sample against its own tokenizer.
 """
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from prism_assets.training import packing
+from prism_assets.training.run_config import TOKEN_COLUMNS
+
+CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -63,6 +69,34 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> tuple[list, list]:
     n = len(prompts)
     split = [split_pair(ids[i], ids[n + i], ids[2 * n + i], max_length) for i in range(n)]
     return [s[0] for s in split], [s[1] for s in split]
+
+
+def token_columns(chosen: list, rejected: list) -> dict:
+    """The columns (TOKEN_COLUMNS) holding each pair's two (prompt_ids, completion_ids) sequences, as int32 arrays."""
+    columns = ([p for p, _ in chosen], [c for _, c in chosen], [p for p, _ in rejected], [c for _, c in rejected])
+    return {name: [np.asarray(ids, dtype=np.int32) for ids in values] for name, values in zip(TOKEN_COLUMNS, columns)}
+
+
+def sequences_of(tokenizer, pairs, max_length: int) -> tuple[list, list, bool]:
+    """(chosen sequences, rejected sequences, whether they were stored) of a pairs frame: the ids the reference
+    precompute stored (TOKEN_COLUMNS), or `tokenize_pairs`. Stored ids must be this tokenizer's at this max_length:
+    a sample (the pairs with the longest stored sequences — a truncation at another max_length shows there first —
+    and the first pairs) is tokenized again, and any difference is an error naming the pair."""
+    if not set(TOKEN_COLUMNS) <= set(pairs.columns):
+        return *tokenize_pairs(tokenizer, pairs, max_length), False
+    stored = [[ids.tolist() for ids in pairs[name]] for name in TOKEN_COLUMNS]
+    chosen, rejected = list(zip(stored[0], stored[1])), list(zip(stored[2], stored[3]))
+    lengths = np.array([max(len(p) + len(c), len(q) + len(r)) for (p, c), (q, r) in zip(chosen, rejected)], dtype=int)
+    longest = np.argsort(-lengths, kind="stable")[:CHECKED_PAIRS // 2].tolist()
+    sample = sorted({*longest, *range(min(CHECKED_PAIRS // 2, len(pairs)))})
+    again = tokenize_pairs(tokenizer, pairs.iloc[sample], max_length)
+    for position, i in enumerate(sample):
+        if (chosen[i], rejected[i]) != (again[0][position], again[1][position]):
+            raise ValueError(f"pair {pairs['pair_id'].iloc[i]!r}: its stored token ids ({', '.join(TOKEN_COLUMNS)}) are "
+                             f"not what {getattr(tokenizer, 'name_or_path', 'the tokenizer')} gives at max_length "
+                             f"{max_length}; they were made with another tokenizer or max_length (rematerialize "
+                             "reference_logps, or drop those columns to tokenize here)")
+    return chosen, rejected, True
 
 
 def autocast_for(device: torch.device):

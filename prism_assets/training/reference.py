@@ -3,8 +3,9 @@
 Computes, once per base model and pairs version, the frozen base model's summed log-probability of
 every pair's chosen and rejected response — tokenized and truncated exactly as the trainer's TRL
 DPOTrainer does (`logps.tokenize_pairs`) — in large padding-free batches (bf16 autocast on CUDA, fp32
-on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps` as parquet (atomically). Every DPO
-run then reads these instead of loading and running a reference model. Reports through dagster-pipes
+on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps` and the token ids they are of
+(TOKEN_COLUMNS) as parquet (atomically). Every DPO run then reads these instead of loading and running a
+reference model, and the ids instead of tokenizing its pairs again. Reports through dagster-pipes
 like the trainer; imports nothing else of Dagster.
 """
 
@@ -17,18 +18,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from prism_assets.training.logps import frozen_logps, tokenize_pairs
+from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
 from prism_assets.training.run_config import REFERENCE_COLUMNS, ReferenceConfig
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int) -> pd.DataFrame:
-    """pair_id and the model's summed completion log-probs of each pair's chosen and rejected response."""
+    """pair_id, the model's summed completion log-probs of each pair's chosen and rejected response, and their ids."""
     chosen, rejected = tokenize_pairs(tokenizer, pairs, max_length)
     values = frozen_logps(model, chosen + rejected, batch_size)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(),
                          REFERENCE_COLUMNS[0]: values[:len(chosen)].numpy(),
-                         REFERENCE_COLUMNS[1]: values[len(chosen):].numpy()})
+                         REFERENCE_COLUMNS[1]: values[len(chosen):].numpy(), **token_columns(chosen, rejected)})
 
 
 def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:

@@ -18,6 +18,9 @@ import pandas as pd
 RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metrics.json"
 # The base model's summed log-probs of each pair's responses (reference_logps), carried in the pairs file.
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# The token ids those log-probs are of (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation), also
+# carried, so that a run need not tokenize its pairs again.
+TOKEN_COLUMNS = ("chosen_prompt_ids", "chosen_completion_ids", "rejected_prompt_ids", "rejected_completion_ids")
 
 
 @dataclasses.dataclass
