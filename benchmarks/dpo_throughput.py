@@ -164,7 +164,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         lengths = [len(p) + len(c) + len(p2) + len(r) for (p, c), (p2, r) in zip(chosen, rejected)]
         mean_loss = float(np.mean([m["loss"] for m in engine.read_metrics(results)]))
         result["attention_kernel"] = packing.kernels_used()
-        result["heldout_eval_ms"] = heldout_eval_ms(model, tokenizer, pairs.head(HELDOUT_PAIRS), cfg)
+        result.update(heldout_eval_cost(model, tokenizer, pairs.head(HELDOUT_PAIRS), cfg))
         if checkpoint:
             result.update(checkpoint_cost(out / "checkpoints", model, optimizer, schedule))
     else:
@@ -198,15 +198,21 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     return result
 
 
-def heldout_eval_ms(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> float:
-    """One held-out evaluation as the trainer runs it (`HeldoutEvaluator`), after one untimed."""
+def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> dict:
+    """Milliseconds (and on CUDA the peak memory) of one held-out evaluation as the trainer runs it
+    (`HeldoutEvaluator`), after one untimed."""
     from prism_assets.training.dpo import HeldoutEvaluator
 
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     evaluator.evaluate(model)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     evaluator.evaluate(model)  # ends by copying its numbers to the host: the device is drained
-    return round(1000 * (time.perf_counter() - started), 2)
+    return {"heldout_eval_ms": round(1000 * (time.perf_counter() - started), 2),
+            # the run's memory while it evaluates (weights and optimizer state included)
+            "heldout_eval_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
 
 
 def checkpoint_cost(directory: Path, model, optimizer, schedule) -> dict:
@@ -293,9 +299,10 @@ def main() -> int:
         print(f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
               f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | {ratio} |")
     if "error" not in stock and "error" not in project:
+        eval_peak = "" if project["heldout_eval_peak_gb"] is None else f", peak {project['heldout_eval_peak_gb']} GiB"
         print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
               f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
-              f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms; "
+              f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms{eval_peak}; "
               f"one checkpoint (model and optimizer, {project['checkpoint_gib']} GiB): {project['checkpoint_s']} s; "
               f"token ids of the {len(pairs)} pairs at a run's start: tokenized {project['tokenize_s']} s, read back "
               f"from reference_logps {project['stored_ids_s']} s; attention: {project['attention_kernel']}")

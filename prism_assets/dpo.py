@@ -189,10 +189,11 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
 
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
-    """The pairs with their base-model log-probs and token ids; a pair without them fails the run (stale
+    """The pairs with their base-model log-probs and token ids (when reference_logps has them: a value materialized
+    before it stored ids has none, and the run tokenizes); a pair without log-probs fails the run (stale
     reference_logps)."""
-    merged = pairs.merge(references[["pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS]], on="pair_id", how="left",
-                         validate="one_to_one")
+    carried = [c for c in (*REFERENCE_COLUMNS, *TOKEN_COLUMNS) if c in references.columns]
+    merged = pairs.merge(references[["pair_id", *carried]], on="pair_id", how="left", validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
         raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",

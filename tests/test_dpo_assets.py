@@ -143,3 +143,22 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 10_000
     [event] = result.get_asset_materialization_events()
     assert "| S1_age" in event.materialization.metadata["correspondence"].value
+
+
+def test_run_pairs_carry_the_reference_token_ids_when_reference_logps_has_them():
+    import numpy as np
+    import pandas as pd
+
+    from prism_assets.training.run_config import REFERENCE_COLUMNS, TOKEN_COLUMNS
+
+    pairs = pd.DataFrame({"pair_id": ["a", "b"], "user_id": ["u1", "u2"]})
+    references = pd.DataFrame({"pair_id": ["b", "a", "c"], REFERENCE_COLUMNS[0]: [-1.0, -2.0, -3.0],
+                               REFERENCE_COLUMNS[1]: [-4.0, -5.0, -6.0],
+                               **{c: [np.array([i, 7], dtype=np.int32) for i in range(3)] for c in TOKEN_COLUMNS}})
+    merged = dpo.with_references(pairs, references)
+    assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [[1, 7], [0, 7]]
+    # a reference_logps value from before it stored ids: the log-probs alone (the run then tokenizes)
+    older = dpo.with_references(pairs, references.drop(columns=list(TOKEN_COLUMNS)))
+    assert list(older.columns) == ["pair_id", "user_id", *REFERENCE_COLUMNS]
+    with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
+        dpo.with_references(pd.concat([pairs, pd.DataFrame({"pair_id": ["z"], "user_id": ["u3"]})]), references)

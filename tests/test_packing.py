@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prism_assets.training import packing
+from prism_assets.training import logps, packing
 from prism_assets.training.logps import completion_logps, summed_logps
 
 # fp32 on CPU: the same arithmetic in differently shaped matmuls and attention calls.
@@ -38,7 +38,7 @@ def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     return token_logps[max(len(prompt), 1) - 1:].sum()
 
 
-def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model):
+def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model, monkeypatch):
     seqs = sequences()
     model.zero_grad()
     packed = summed_logps(model, packing.pack(seqs, "cpu"))
@@ -55,6 +55,9 @@ def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model):
         torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
     # chunked like the reference precompute: the same values, in the caller's order
     torch.testing.assert_close(completion_logps(model, seqs, batch_size=2), single.detach(), rtol=RTOL, atol=1e-3)
+    # without gradients the LM head runs LOGITS_CHUNK positions at a time (here 7: chunks across sequences)
+    monkeypatch.setattr(logps, "LOGITS_CHUNK", 7)
+    torch.testing.assert_close(completion_logps(model, seqs, batch_size=5), single.detach(), rtol=RTOL, atol=1e-3)
 
 
 def test_pack_layout():

@@ -19,6 +19,7 @@ import torch
 from prism_assets.training import packing
 from prism_assets.training.run_config import TOKEN_COLUMNS
 
+LOGITS_CHUNK = 1024  # positions whose logits exist at once outside training (≈ 1.2 GiB in fp32 at 152k tokens)
 CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first
 
 
@@ -107,12 +108,21 @@ def autocast_for(device: torch.device):
 def summed_logps(model, packed: packing.Packed) -> torch.Tensor:
     """(sequences,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
     precompute and the held-out evaluation share. A padding-free row (`packing.pack`); the LM head runs only
-    where a completion token is predicted: prompts never reach the vocabulary projection."""
+    where a completion token is predicted: prompts never reach the vocabulary projection. Without gradients
+    (reference precompute, held-out evaluation) the LM head runs `LOGITS_CHUNK` positions at a time: the
+    logits of a 32-sequence row over Qwen's 152k-token vocabulary would otherwise take several GiB at once."""
     with packing.attention_of(model):
         hidden = model.get_decoder()(**packing.decoder_kwargs(packed)).last_hidden_state[0]
-    logits = model.get_output_embeddings()(hidden[packed.predicting]).float()
-    token_logps = logits.gather(1, packed.targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    head, states = model.get_output_embeddings(), hidden[packed.predicting]
+    chunk = max(len(states), 1) if torch.is_grad_enabled() else LOGITS_CHUNK
+    token_logps = torch.cat([_token_logps(head, states[i:i + chunk], packed.targets[i:i + chunk])
+                             for i in range(0, len(states), chunk)] or [states.new_zeros(0, dtype=torch.float32)])
     return torch.zeros(packed.count, device=token_logps.device, dtype=torch.float32).index_add(0, packed.rows, token_logps)
+
+
+def _token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(states).float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.no_grad()
