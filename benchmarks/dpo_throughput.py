@@ -149,7 +149,8 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         tokenize_pairs(tokenizer, pairs, cfg.max_length)
         result["tokenize_s"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
-        chosen, rejected, _ = sequences_of(tokenizer, pairs, cfg.max_length)
+        chosen, rejected, stored = sequences_of(tokenizer, pairs, cfg.max_length)
+        assert stored, "the pairs lost the token ids reference_logps stored"
         result["stored_ids_s"] = round(time.perf_counter() - started, 3)
         refs = [pairs[c].to_numpy() for c in REFERENCE_COLUMNS]
         optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, cuda)

@@ -11,13 +11,13 @@
 # and WARM set the benchmark's --packed (3), --steps (60) and --warm (10); WORKDIR where it builds the 0.5B model,
 # its pairs and one 5.5 GiB checkpoint (default: a temporary directory, removed afterwards).
 set -uo pipefail
+out=$(realpath -m -- "${1:-gpu-check}")  # relative to where it is run, before the cd below
+workdir=$(realpath -m -- "${WORKDIR:-$(mktemp -d)}")
+[ -n "${WORKDIR:-}" ] || trap 'rm -rf "$workdir"' EXIT
 cd "$(dirname "$0")/.."
-out=${1:-gpu-check}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-workdir=${WORKDIR:-$(mktemp -d)}
-[ -n "${WORKDIR:-}" ] || trap 'rm -rf "$workdir"' EXIT
 
 { nvidia-smi -L; "$python" -c 'import torch, transformers, trl
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, trl {trl.__version__}")
@@ -27,7 +27,7 @@ assert torch.cuda.is_available(), "torch sees no CUDA device"'; } 2>&1 | tee "$o
 "$python" -m pytest -m gpu -p no:cacheprovider -rA -q $(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 "$python" benchmarks/dpo_throughput.py --packed "${PACKED:-3}" --steps "${STEPS:-60}" --warm "${WARM:-10}" \
-  --workdir "$workdir" "${@:2}" 2>&1 | grep -v "^Loading\|^Writing" | tee "$out/dpo_throughput.log"
+  --workdir "$workdir" "${@:2}" 2>&1 | grep --line-buffered -v "^Loading\|^Writing" | tee "$out/dpo_throughput.log"
 benchmark=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests; benchmark: exit $benchmark" | tee -a "$out/device.txt"
 [ "$tests" = 0 ] && [ "$benchmark" = 0 ]

@@ -87,10 +87,17 @@ def heads_of(model) -> tuple[int, int, int]:
     return config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
 
 
-def test_the_kernel_is_chosen_once_per_device_dtype_and_head_shape_and_said_why(model):
-    summed_logps(model, packing.pack(sequences(), "cpu"))
-    assert packing.kernel_for(torch.device("cpu"), torch.float32, heads_of(model)) == packing.SDPA_PER_SEQUENCE
-    assert "cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence — flash varlen needs CUDA" in packing.kernels_used()
+def test_the_kernel_is_chosen_once_per_device_dtype_and_head_shape_and_said_why(model, monkeypatch):
+    monkeypatch.setattr(packing, "_CHOSEN", {})
+    choices = []
+    choose = packing._choose
+    monkeypatch.setattr(packing, "_choose", lambda *args: choices.append(args) or choose(*args))
+    for _ in range(2):
+        summed_logps(model, packing.pack(sequences(), "cpu"))
+    # decided by the model's own forward, for its heads (4 query, 2 key/value, dimension 16), once
+    assert choices == [(torch.device("cpu"), torch.float32, heads_of(model))]
+    assert packing.kernels_used() == ("cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence — "
+                                      "flash varlen needs CUDA and bf16/fp16 (cpu, torch.float32)")
 
 
 def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointed_layer():

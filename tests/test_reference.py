@@ -1,5 +1,6 @@
 """Reference log-probs computed once (reference_logps) against TRL's own precompute, and training on them."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -65,10 +66,18 @@ def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made
     chosen, rejected, was_stored = sequences_of(tokenizer, stored[96], 96)
     assert was_stored and (chosen, rejected) == tokenize_pairs(tokenizer, pairs, 96)
     assert sequences_of(tokenizer, pairs, 96)[2] is False  # no stored ids: tokenized
+    refused = r"pair '.+': its stored token ids .* at max_length 96; they were made with another tokenizer or max_length"
     for length in (64, 128):  # truncated more, or less, than the run's max_length: refused, the pair named
-        with pytest.raises(ValueError, match=r"pair '.+': its stored token ids .* at max_length 96; they were made "
-                                             r"with another tokenizer or max_length"):
+        with pytest.raises(ValueError, match=refused):
             sequences_of(tokenizer, stored[length], 96)
+    other = copy.deepcopy(tokenizer)  # another tokenizer: here the same vocabulary, one character more in the template
+    other.chat_template = tokenizer.chat_template.replace("<|im_start|>", " <|im_start|>")
+    with pytest.raises(ValueError, match=refused):
+        sequences_of(other, stored[96], 96)
+    missing = stored[96].copy()
+    missing.loc[3, "rejected_completion_ids"] = None
+    with pytest.raises(ValueError, match=rf"pair '{pairs['pair_id'][3]}' has no rejected_completion_ids \(1 of 48 pairs"):
+        sequences_of(tokenizer, missing, 96)
 
 
 def _run(tmp_path, name, module="prism_assets.training.dpo", **config):

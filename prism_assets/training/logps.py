@@ -85,7 +85,12 @@ def sequences_of(tokenizer, pairs, max_length: int) -> tuple[list, list, bool]:
     and the first pairs) is tokenized again, and any difference is an error naming the pair."""
     if not set(TOKEN_COLUMNS) <= set(pairs.columns):
         return *tokenize_pairs(tokenizer, pairs, max_length), False
-    stored = [[ids.tolist() for ids in pairs[name]] for name in TOKEN_COLUMNS]
+    for name in TOKEN_COLUMNS:
+        absent = pairs[name].map(lambda ids: ids is None or (isinstance(ids, float) and ids != ids))
+        if absent.any():
+            raise ValueError(f"pair {pairs['pair_id'][absent].iloc[0]!r} has no {name} ({int(absent.sum())} of "
+                             f"{len(pairs)} pairs lack stored token ids): store them for every pair or for none")
+    stored = [[np.asarray(ids).tolist() for ids in pairs[name]] for name in TOKEN_COLUMNS]
     chosen, rejected = list(zip(stored[0], stored[1])), list(zip(stored[2], stored[3]))
     lengths = np.array([max(len(p) + len(c), len(q) + len(r)) for (p, c), (q, r) in zip(chosen, rejected)], dtype=int)
     longest = np.argsort(-lengths, kind="stable")[:CHECKED_PAIRS // 2].tolist()
