@@ -86,7 +86,7 @@ def sequences_of(tokenizer, pairs, max_length: int) -> tuple[list, list, bool]:
     if not set(TOKEN_COLUMNS) <= set(pairs.columns):
         return *tokenize_pairs(tokenizer, pairs, max_length), False
     for name in TOKEN_COLUMNS:
-        absent = pairs[name].map(lambda ids: ids is None or (isinstance(ids, float) and ids != ids))
+        absent = pairs[name].isna()  # None or NaN; an array of ids, even empty, is a value
         if absent.any():
             raise ValueError(f"pair {pairs['pair_id'][absent].iloc[0]!r} has no {name} ({int(absent.sum())} of "
                              f"{len(pairs)} pairs lack stored token ids): store them for every pair or for none")

@@ -194,9 +194,10 @@ def self_check(kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_H
                tolerance: float = 5e-2) -> tuple[bool, str]:
     """Does `kernel` give per-sequence causal attention's outputs and gradients on a small row of three sequences
     with these `heads` (query heads, key/value heads, head dimension) and a non-default scale? Relative to the
-    largest value: two bf16 kernels differ by ~1e-2 at most, a wrong mask, scale or head grouping by O(1). Runs isolated from the caller's autograd state — it is
-    first called inside a model's forward, which may be under no_grad (evaluation) or inside a checkpointed
-    layer, whose saved-tensor hooks must not see these tensors (the recomputation does not repeat them)."""
+    largest value: two bf16 kernels differ by ~1e-2 at most, a wrong mask, scale or head grouping by O(1).
+    Runs isolated from the caller's autograd state — it is first called inside a model's forward, which may be
+    under no_grad (evaluation) or inside a checkpointed layer, whose saved-tensor hooks must not see these
+    tensors (the recomputation does not repeat them)."""
     generator = torch.Generator(device=device).manual_seed(0)
     bounds = (0, 5, 70, 200)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
