@@ -60,23 +60,17 @@ GRID_RUNS, GRID_STEPS = 17 * 5, 2000  # baseline + 8 splits × 2 groups, 5 seeds
 
 
 def qwen05_directory(directory: Path) -> Path:
-    """Qwen2.5-0.5B-Instruct's architecture with random weights and a word-level tokenizer of its vocabulary size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """Qwen2.5-0.5B-Instruct's architecture with random weights, and the tiny model's byte-level BPE tokenizer
+    (its ids use the first rows of the 151,936-token embedding; every word `word_list` picks is one token)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    tokenizer = tiny_model.save_tokenizer(tiny_model.train_tokenizer(), directory)
     config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-    vocab = {token: i for i, token in enumerate(["<pad>", *tiny_model.SPECIAL_TOKENS, "<unk>", "user", "assistant"])}
-    vocab.update({f"w{i}": len(vocab) + i for i in range(30000)})
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>",
-                                   unk_token="<unk>")
-    fast.chat_template = tiny_model.CHAT_TEMPLATE.replace("'\\n'", "' '").replace("\n", " ")
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(directory)
-    fast.save_pretrained(directory)
     return directory
 
 
@@ -96,12 +90,22 @@ def synthetic_pairs(n: int, words: list[str], rng: np.random.Generator) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def word_list(tokenizer, tiny: bool) -> list[str]:
-    if not tiny:
-        return [f"w{i}" for i in range(30000)]
-    # words the tiny BPE tokenizer encodes as one token each
+def word_list(tokenizer) -> list[str]:
+    """Words the tokenizer encodes as one token each (after a space): a synthetic text of n words is n tokens."""
     return sorted({w for w in (tokenizer.convert_tokens_to_string([t]).strip() for t in tokenizer.get_vocab())
                    if w.isalpha() and len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1})[:500]
+
+
+def check_lengths(tokenizer, pairs: pd.DataFrame, low: int = 250, high: int = 650) -> float:
+    """Mean real tokens per pair (prompt + chosen, prompt + rejected) of the first pairs, as the trainer tokenizes
+    them; outside [low, high] (PRISM-shaped pairs are ≈ 434) the model directory's tokenizer did not load as it
+    was written, and every number would be of other sequences than intended: an error, not a table."""
+    chosen, rejected = tokenize_pairs(tokenizer, pairs.head(64), max_length=1024)
+    mean = float(np.mean([len(p) + len(c) + len(q) + len(r) for (p, c), (q, r) in zip(chosen, rejected)]))
+    if not low <= mean <= high:
+        raise SystemExit(f"the synthetic pairs are {mean:.0f} tokens each under {tokenizer.name_or_path}, not "
+                         f"PRISM's ≈ 434 ({low}–{high}): its tokenizer does not encode each word as one token")
+    return mean
 
 
 def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path,
@@ -276,12 +280,14 @@ def main() -> int:
 
     if not (model_dir / "config.json").exists():
         tiny_model.build_tiny_qwen2(model_dir) if args.tiny else qwen05_directory(model_dir)
-    words = word_list(AutoTokenizer.from_pretrained(model_dir), args.tiny)
-    synthetic_pairs(max(8 * (steps + warm), HELDOUT_PAIRS), words, np.random.default_rng(0)).to_parquet(pairs_path, index=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as every variant loads it
+    synthetic_pairs(max(8 * (steps + warm), HELDOUT_PAIRS), word_list(tokenizer), np.random.default_rng(0)).to_parquet(pairs_path, index=False)
     pairs = pd.read_parquet(pairs_path)
+    tokens_per_pair = check_lengths(tokenizer, pairs)
     argv = ["--workdir", str(work), "--steps", str(steps), "--warm", str(warm), *(["--tiny"] if args.tiny else [])]
     print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pairs": len(pairs),
-                      "steps": steps, "warm": warm, "workdir": str(work)}), flush=True)
+                      "tokens_per_pair": round(tokens_per_pair), "steps": steps, "warm": warm,
+                      "workdir": str(work)}), flush=True)
     rows = []
     for variant in (STOCK, TRL_REFS, PROJECT):
         rows.append(reported(variant, lambda v=variant: measure(v, model_dir, pairs, steps, warm, work, v == PROJECT)))

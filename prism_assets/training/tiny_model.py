@@ -66,9 +66,7 @@ def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     staging = directory.with_name(directory.name + ".building")
-    staging.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer()
-    tokenizer.save_pretrained(staging)
+    tokenizer = save_tokenizer(train_tokenizer(), staging)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -76,12 +74,21 @@ def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(staging)
-    # AutoTokenizer must load it as Qwen2Tokenizer, the class the real model uses.
-    tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text())
-    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
-    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     staging.replace(directory)
     return directory
+
+
+def save_tokenizer(tokenizer, directory: str | Path):
+    """Write `tokenizer` (train_tokenizer's) to `directory` so that `AutoTokenizer` loads it as Qwen2Tokenizer,
+    the class the real model uses — and the class transformers picks for a qwen2 model directory anyway, which
+    rebuilds a byte-level BPE from the saved vocabulary and merges (any other tokenizer model would load wrong)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return tokenizer
 
 
 def fingerprint(directory: str | Path) -> str:
