@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, in one go: the GPU tests (pytest -m gpu: FlashAttention's varlen kernel against
-# per-sequence attention, the training step against TRL's DPOTrainer in bf16, the trainer end to end and resumed)
-# and the DPO throughput benchmark on the Qwen2.5-0.5B shape. Writes device.txt, gpu-tests.log and
-# dpo_throughput.log (its last lines: the README's table) into OUTPUT_DIR; exits non-zero if either part failed.
+# per-sequence attention, the training step against TRL's DPOTrainer in bf16, the trainer end to end and resumed),
+# the LM head's memory benchmark and the DPO throughput benchmark on the Qwen2.5-0.5B shape. Writes device.txt,
+# gpu-tests.log, lm_head.log and dpo_throughput.log (its last lines: the README's table) into OUTPUT_DIR; exits
+# non-zero if any part failed.
 #
 #   scripts/gpu-check.sh [OUTPUT_DIR [BENCHMARK_ARGS...]]     (default: gpu-check/; e.g. --steps 100)
 #
@@ -26,8 +27,10 @@ assert torch.cuda.is_available(), "torch sees no CUDA device"'; } 2>&1 | tee "$o
 # Only the modules that hold GPU tests: the others import what a GPU machine need not have (Dagster, a browser).
 "$python" -m pytest -m gpu -p no:cacheprovider -rA -q $(grep -l "mark.gpu" tests/test_*.py) 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
+"$python" benchmarks/lm_head.py 2>&1 | tee "$out/lm_head.log"
+head_benchmark=${PIPESTATUS[0]}
 "$python" benchmarks/dpo_throughput.py --packed "${PACKED:-3}" --steps "${STEPS:-60}" --warm "${WARM:-10}" \
   --workdir "$workdir" "${@:2}" 2>&1 | grep --line-buffered -v "^Loading\|^Writing" | tee "$out/dpo_throughput.log"
 benchmark=${PIPESTATUS[0]}
-echo "gpu tests: exit $tests; benchmark: exit $benchmark" | tee -a "$out/device.txt"
-[ "$tests" = 0 ] && [ "$benchmark" = 0 ]
+echo "gpu tests: exit $tests; lm_head: exit $head_benchmark; dpo_throughput: exit $benchmark" | tee -a "$out/device.txt"
+[ "$tests" = 0 ] && [ "$benchmark" = 0 ] && [ "$head_benchmark" = 0 ]

@@ -38,7 +38,9 @@ def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     return token_logps[max(len(prompt), 1) - 1:].sum()
 
 
-def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model, monkeypatch):
+@pytest.mark.parametrize("chunk", [1024, 7])  # LOGITS_CHUNK: one chunk, or chunks that cut across sequences
+def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model, monkeypatch, chunk):
+    monkeypatch.setattr(logps, "LOGITS_CHUNK", chunk)
     seqs = sequences()
     model.zero_grad()
     packed = summed_logps(model, packing.pack(seqs, "cpu"))
@@ -53,11 +55,38 @@ def test_a_packed_row_gives_each_sequence_its_own_logps_and_gradients(model, mon
     torch.testing.assert_close(packed, single.detach(), rtol=RTOL, atol=1e-3)
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
-    # chunked like the reference precompute: the same values, in the caller's order
-    torch.testing.assert_close(completion_logps(model, seqs, batch_size=2), single.detach(), rtol=RTOL, atol=1e-3)
-    # without gradients the LM head runs LOGITS_CHUNK positions at a time (here 7: chunks across sequences)
+    # batched like the reference precompute: the same values, in the caller's order
+    for batch_size in (2, 5):
+        torch.testing.assert_close(completion_logps(model, seqs, batch_size), single.detach(), rtol=RTOL, atol=1e-3)
+
+
+def plain_token_logps(head, states, targets):
+    """The definition with all logits at once, autograd through them: what TokenLogps computes in chunks."""
+    logits = head(states).float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+# fp32: the same sums in other orders; bf16 autocast: the weight gradient is summed over chunks of bf16
+# products in fp32 instead of one bf16 product (more exact, not bit-equal).
+@pytest.mark.parametrize("autocast,tolerance", [(False, 1e-5), (True, 2e-2)])
+def test_the_lm_head_in_chunks_gives_the_values_and_gradients_of_all_logits_at_once(monkeypatch, autocast, tolerance):
     monkeypatch.setattr(logps, "LOGITS_CHUNK", 7)
-    torch.testing.assert_close(completion_logps(model, seqs, batch_size=5), single.detach(), rtol=RTOL, atol=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50)  # with a bias (Qwen's head has none): its gradient is checked too
+    states = torch.randn(23, 16, generator=generator).requires_grad_()  # 23 positions: 3 chunks of 7 and 2
+    targets = torch.randint(0, 50, (23,), generator=generator)
+    upstream = torch.randn(23, generator=generator)
+    runs = []
+    for token_logps in (logps.token_logps, plain_token_logps):
+        head.zero_grad()
+        states.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            values = token_logps(head, states, targets)
+        (values * upstream).sum().backward()
+        runs.append([values.detach(), states.grad, head.weight.grad, head.bias.grad])
+    for name, chunked, plain in zip(("values", "states", "weight", "bias"), *runs):
+        assert chunked.dtype == plain.dtype, name
+        torch.testing.assert_close(chunked, plain, rtol=tolerance, atol=tolerance, msg=name)
 
 
 def test_pack_layout():

@@ -6,7 +6,8 @@ tokenizes conversational pairs — the chat template of the prompt with the gene
 sequences stop agreeing — and its truncation (`keep_end`, which the trainer asks TRL for: a sequence
 longer than `max_length` keeps its last `max_length` tokens, i.e. the whole response and the most recent
 context). On the same ids, the summed log-probability of the completion tokens under a causal LM, in
-padding-free rows (`packing`): what the reference precompute, the held-out evaluation and TRL compute.
+padding-free rows (`packing`), the LM head's logits made a chunk of positions at a time in the forward and
+the backward pass (`TokenLogps`): what the reference precompute, the held-out evaluation and TRL compute.
 The reference precompute stores the ids beside its log-probs (`token_columns`); a run reads them back
 (`sequences_of`) instead of tokenizing its pairs again — after checking a sample against its own tokenizer.
 """
@@ -19,7 +20,7 @@ import torch
 from prism_assets.training import packing
 from prism_assets.training.run_config import TOKEN_COLUMNS
 
-LOGITS_CHUNK = 1024  # positions whose logits exist at once outside training (≈ 1.2 GiB in fp32 at 152k tokens)
+LOGITS_CHUNK = 1024  # positions whose logits exist at once (≈ 0.6 GiB in fp32 at 152k tokens)
 CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first
 
 
@@ -113,21 +114,75 @@ def autocast_for(device: torch.device):
 def summed_logps(model, packed: packing.Packed) -> torch.Tensor:
     """(sequences,) Σ log p(completion token | earlier tokens), fp32 — the one definition the step, the reference
     precompute and the held-out evaluation share. A padding-free row (`packing.pack`); the LM head runs only
-    where a completion token is predicted: prompts never reach the vocabulary projection. Without gradients
-    (reference precompute, held-out evaluation) the LM head runs `LOGITS_CHUNK` positions at a time: the
-    logits of a 32-sequence row over Qwen's 152k-token vocabulary would otherwise take several GiB at once."""
+    where a completion token is predicted: prompts never reach the vocabulary projection, and the logits of those
+    positions exist only `LOGITS_CHUNK` positions at a time, in the forward pass and in the backward pass
+    (`TokenLogps`): a training step's ≈ 2.2k completion positions over Qwen's 152k-token vocabulary would
+    otherwise hold several GiB of logits and their gradients at once."""
     with packing.attention_of(model):
         hidden = model.get_decoder()(**packing.decoder_kwargs(packed)).last_hidden_state[0]
-    head, states = model.get_output_embeddings(), hidden[packed.predicting]
-    chunk = max(len(states), 1) if torch.is_grad_enabled() else LOGITS_CHUNK
-    token_logps = torch.cat([_token_logps(head, states[i:i + chunk], packed.targets[i:i + chunk])
-                             for i in range(0, len(states), chunk)] or [states.new_zeros(0, dtype=torch.float32)])
-    return torch.zeros(packed.count, device=token_logps.device, dtype=torch.float32).index_add(0, packed.rows, token_logps)
+    values = token_logps(model.get_output_embeddings(), hidden[packed.predicting], packed.targets)
+    return torch.zeros(packed.count, device=values.device, dtype=torch.float32).index_add(0, packed.rows, values)
 
 
-def _token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(states).float()
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+def token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(positions,) log p(target | state) through the LM head (a Linear), fp32, in chunks (`TokenLogps`); its
+    matmuls in the autocast dtype where autocast is on (as the head's own forward would run them)."""
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"the model's output embeddings are a {type(head).__name__}, not a Linear layer: "
+                        "completion log-probs need the vocabulary projection's weight")
+    device = states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    return TokenLogps.apply(states, head.weight, head.bias, targets, dtype)
+
+
+class TokenLogps(torch.autograd.Function):
+    """log p(target) = logit[target] − logsumexp(logits) at each position, logits = states·Wᵀ (+ b), computed
+    `LOGITS_CHUNK` positions at a time in forward and again in backward, so the (positions × vocabulary) logits
+    and their gradient never exist whole. The matmuls run in `dtype` (what autocast's linear would use: bf16 on
+    CUDA), the softmax in fp32. Saved for backward: the states, the targets and each position's logsumexp.
+    Gradient: ∂/∂logits = g·(onehot(target) − softmax), then through the projection."""
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, dtype):
+        chunk, device = LOGITS_CHUNK, states.device.type
+        with torch.autocast(device, enabled=False):
+            w, b, s = _cast(weight, dtype), _cast(bias, dtype), states.to(dtype)
+            out = torch.empty(len(s), device=states.device, dtype=torch.float32)
+            lse = torch.empty_like(out)
+            for i in range(0, len(s), chunk):
+                logits = torch.nn.functional.linear(s[i:i + chunk], w, b).float()
+                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+                out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
+        ctx.save_for_backward(states, weight, bias, targets, lse)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        states, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, chunk, (need_states, need_weight, need_bias) = ctx.dtype, LOGITS_CHUNK, ctx.needs_input_grad[:3]
+        w, b, s = _cast(weight, dtype), _cast(bias, dtype), states.to(dtype)
+        grad_states = torch.empty_like(states) if need_states else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for i in range(0, len(s), chunk):
+            g = grad[i:i + chunk, None].float()
+            probs = torch.nn.functional.linear(s[i:i + chunk], w, b).float().sub_(lse[i:i + chunk, None]).exp_()
+            grad_logits = probs.mul_(-g).scatter_add_(1, targets[i:i + chunk, None], g).to(dtype)
+            if need_states:
+                grad_states[i:i + chunk] = grad_logits @ w
+            if need_weight and dtype == torch.float32:  # no (vocabulary × hidden) product beside the sum
+                grad_weight.addmm_(grad_logits.t(), s[i:i + chunk])
+            elif need_weight:  # each chunk's bf16 product summed in fp32
+                grad_weight.add_(grad_logits.t() @ s[i:i + chunk])
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))
+        return (grad_states, _cast(grad_weight, weight.dtype), _cast(grad_bias, None if bias is None else bias.dtype),
+                None, None)
+
+
+def _cast(tensor, dtype):
+    return None if tensor is None else tensor.to(dtype)
 
 
 @torch.no_grad()
