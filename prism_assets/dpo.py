@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_config import (
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, TOKEN_COLUMNS, ReferenceConfig, RunConfig,
-    split_heldout)
+    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, ReferenceConfig,
+    RunConfig, pair_text_digests, split_heldout)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
@@ -169,7 +170,7 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
             raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see stderr.log there)",
                              allow_retries=False)
         frame = pd.read_parquet(output)
-        absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS) if c not in frame.columns]
+        absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]
         if absent:
             raise dg.Failure(f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
                              "run this version of the project?", allow_retries=False)
@@ -190,15 +191,22 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
     """The pairs with their base-model log-probs and token ids (when reference_logps has them: a value materialized
-    before it stored ids has none, and the run tokenizes); a pair without log-probs fails the run (stale
-    reference_logps)."""
-    carried = [c for c in (*REFERENCE_COLUMNS, *TOKEN_COLUMNS) if c in references.columns]
+    before it stored ids has none, and the run tokenizes). A stale reference_logps fails the run: a pair without
+    log-probs, or one whose text is not what they were computed from (pair ids alone cannot tell: another PRISM
+    release or synthetic configuration reuses them for other text)."""
+    carried = [c for c in (*REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c in references.columns]
     merged = pairs.merge(references[["pair_id", *carried]], on="pair_id", how="left", validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
         raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
                          allow_retries=False)
-    return merged
+    if TEXT_DIGEST_COLUMN in merged:  # a value materialized before it stored digests has none
+        changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
+        if changed.any():
+            raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: {merged['pair_id'][changed].iloc[0]!r}) "
+                             "have other text than reference_logps computed its log-probs from: rematerialize "
+                             "reference_logps", allow_retries=False)
+    return merged.drop(columns=TEXT_DIGEST_COLUMN, errors="ignore")
 
 
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:

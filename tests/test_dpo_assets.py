@@ -145,20 +145,34 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert "| S1_age" in event.materialization.metadata["correspondence"].value
 
 
-def test_run_pairs_carry_the_reference_token_ids_when_reference_logps_has_them():
+def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps():
     import numpy as np
     import pandas as pd
 
-    from prism_assets.training.run_config import REFERENCE_COLUMNS, TOKEN_COLUMNS
+    from prism_assets.training.run_config import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, pair_text_digests
 
-    pairs = pd.DataFrame({"pair_id": ["a", "b"], "user_id": ["u1", "u2"]})
+    def texts(ids, answer="yes"):
+        return pd.DataFrame({"pair_id": ids, "prompt": [[{"role": "user", "content": f"q {i}"}] for i in ids],
+                             "chosen": [answer] * len(ids), "rejected": ["no"] * len(ids)})
+
+    pairs = texts(["a", "b"]).assign(user_id=["u1", "u2"])
+    computed_from = texts(["b", "a", "c"])
     references = pd.DataFrame({"pair_id": ["b", "a", "c"], REFERENCE_COLUMNS[0]: [-1.0, -2.0, -3.0],
                                REFERENCE_COLUMNS[1]: [-4.0, -5.0, -6.0],
-                               **{c: [np.array([i, 7], dtype=np.int32) for i in range(3)] for c in TOKEN_COLUMNS}})
+                               **{c: [np.array([i, 7], dtype=np.int32) for i in range(3)] for c in TOKEN_COLUMNS},
+                               TEXT_DIGEST_COLUMN: pair_text_digests(computed_from)})
     merged = dpo.with_references(pairs, references)
     assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [[1, 7], [0, 7]]
-    # a reference_logps value from before it stored ids: the log-probs alone (the run then tokenizes)
-    older = dpo.with_references(pairs, references.drop(columns=list(TOKEN_COLUMNS)))
-    assert list(older.columns) == ["pair_id", "user_id", *REFERENCE_COLUMNS]
+    assert list(merged.columns) == [*pairs.columns, *REFERENCE_COLUMNS, *TOKEN_COLUMNS]  # the digest stays behind
+    # a reference_logps value from before it stored ids and digests: the log-probs alone (the run then tokenizes)
+    older = dpo.with_references(pairs, references.drop(columns=[*TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]))
+    assert list(older.columns) == [*pairs.columns, *REFERENCE_COLUMNS]
     with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
-        dpo.with_references(pd.concat([pairs, pd.DataFrame({"pair_id": ["z"], "user_id": ["u3"]})]), references)
+        dpo.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
+    # the same pair ids with other text (another PRISM release or synthetic configuration): every pair is compared
+    edited = pairs.assign(chosen=["yes", "yes!"])
+    with pytest.raises(dg.Failure, match=r"1 of 2 pairs \(first: 'b'\) have other text than reference_logps computed"):
+        dpo.with_references(edited, references)
+    prompt_edited = pairs.assign(prompt=[[{"role": "user", "content": "q a"}], [{"role": "system", "content": "q b"}]])
+    with pytest.raises(dg.Failure, match=r"1 of 2 pairs \(first: 'b'\)"):
+        dpo.with_references(prompt_edited, references)

@@ -3,8 +3,8 @@
 Computes, once per base model and pairs version, the frozen base model's summed log-probability of
 every pair's chosen and rejected response — tokenized and truncated exactly as the trainer's TRL
 DPOTrainer does (`logps.tokenize_pairs`) — in large padding-free batches (bf16 autocast on CUDA, fp32
-on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps` and the token ids they are of
-(TOKEN_COLUMNS) as parquet (atomically). Every DPO run then reads these instead of loading and running a
+on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps`, the token ids they are of
+(TOKEN_COLUMNS) and a digest of each pair's text (TEXT_DIGEST_COLUMN) as parquet (atomically). Every DPO run then reads these instead of loading and running a
 reference model, and the ids instead of tokenizing its pairs again. Reports through dagster-pipes
 like the trainer; imports nothing else of Dagster.
 """
@@ -20,16 +20,18 @@ import torch
 
 from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
-from prism_assets.training.run_config import REFERENCE_COLUMNS, ReferenceConfig
+from prism_assets.training.run_config import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, ReferenceConfig, pair_text_digests
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int) -> pd.DataFrame:
-    """pair_id, the model's summed completion log-probs of each pair's chosen and rejected response, and their ids."""
+    """pair_id, the model's summed completion log-probs of each pair's chosen and rejected response, their ids, and
+    a digest of the text they are of."""
     chosen, rejected = tokenize_pairs(tokenizer, pairs, max_length)
     values = frozen_logps(model, chosen + rejected, batch_size)
     return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(),
                          REFERENCE_COLUMNS[0]: values[:len(chosen)].numpy(),
-                         REFERENCE_COLUMNS[1]: values[len(chosen):].numpy(), **token_columns(chosen, rejected)})
+                         REFERENCE_COLUMNS[1]: values[len(chosen):].numpy(), **token_columns(chosen, rejected),
+                         TEXT_DIGEST_COLUMN: pair_text_digests(pairs)})
 
 
 def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:

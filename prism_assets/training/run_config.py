@@ -21,6 +21,17 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # The token ids those log-probs are of (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation), also
 # carried, so that a run need not tokenize its pairs again.
 TOKEN_COLUMNS = ("chosen_prompt_ids", "chosen_completion_ids", "rejected_prompt_ids", "rejected_completion_ids")
+# A digest of each pair's text that both were made from (`pair_text_digests`): a run's pairs must still have that text.
+TEXT_DIGEST_COLUMN = "pair_text_digest"
+
+
+def pair_text_digests(pairs: pd.DataFrame) -> list[str]:
+    """Per pair, a hash of what tokenizing it reads: its prompt messages' roles and contents, and both responses."""
+    def digest(prompt, chosen: str, rejected: str) -> str:
+        text = json.dumps([[[m["role"], m["content"]] for m in prompt], chosen, rejected], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return [digest(*row) for row in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
 
 
 @dataclasses.dataclass
