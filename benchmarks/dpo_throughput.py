@@ -104,7 +104,8 @@ def check_lengths(tokenizer, pairs: pd.DataFrame, low: int = 250, high: int = 65
     mean = float(np.mean([len(p) + len(c) + len(q) + len(r) for (p, c), (q, r) in zip(chosen, rejected)]))
     if not low <= mean <= high:
         raise SystemExit(f"the synthetic pairs are {mean:.0f} tokens each under {tokenizer.name_or_path}, not "
-                         f"PRISM's ≈ 434 ({low}–{high}): its tokenizer does not encode each word as one token")
+                         f"PRISM's ≈ 434 ({low}–{high}): its tokenizer does not encode each word as one token "
+                         "(a model directory an older version of this benchmark left in --workdir: delete it)")
     return mean
 
 

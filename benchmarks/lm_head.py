@@ -6,15 +6,18 @@ positions of one batch (8 pairs × 2 responses × ≈ 140 tokens ≈ 2.2k positi
 did before) and as `chunked` (`logps.TokenLogps`, LOGITS_CHUNK positions at a time in both passes). On CUDA
 in bf16 autocast over fp32 weights, as the trainer runs; on CPU in fp32. Each variant runs in its own
 process, so its peak (GPU: max allocated; CPU: the growth of peak resident memory) is its own, and the
-table prints the ratio chunked ÷ plain. Both variants' values and gradients are compared before timing.
+table prints the ratio chunked ÷ plain. Both variants' values and gradients (of the last timed step) are compared
+before the table is printed: a mismatch stops the benchmark.
 Usage: python benchmarks/lm_head.py [--positions 2200] [--repeat 5] [--device auto|cpu|cuda]
 """
 
 import argparse
 import multiprocessing
+import queue as queues
 import resource
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -51,7 +54,15 @@ def step(variant: str, head, states, targets, upstream):
 
 
 def measure(variant: str, positions: int, repeat: int, device: str, queue) -> None:
-    """In a fresh process: one step to warm up, then `repeat` timed steps; the peak of all above the inputs'."""
+    """In a fresh process: one step to warm up, then `repeat` timed steps; the peak of all above the inputs'.
+    What goes wrong goes back to the parent as its traceback."""
+    try:
+        queue.put(timed(variant, positions, repeat, device))
+    except BaseException:  # the parent prints it
+        queue.put({"error": traceback.format_exc()})
+
+
+def timed(variant: str, positions: int, repeat: int, device: str) -> dict:
     head, states, targets, upstream = inputs(positions, device)
     cuda = device == "cuda"
     if cuda:
@@ -61,6 +72,8 @@ def measure(variant: str, positions: int, repeat: int, device: str, queue) -> No
     else:  # the process's peak so far: its imports and the inputs
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step(variant, head, states, targets, upstream)
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         result = None  # the last step's gradients are not kept alive through this one
@@ -73,8 +86,8 @@ def measure(variant: str, positions: int, repeat: int, device: str, queue) -> No
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     values, state_grads, weight_grads = (t.float().cpu() for t in result)
     rows = torch.cat([targets.cpu()[:500], torch.arange(0, VOCAB, 151)])  # target rows and others, to compare
-    queue.put({"ms": 1e3 * statistics.median(times), "peak_gib": peak / 2**30,
-               "result": [values.numpy(), state_grads.numpy(), weight_grads[rows].numpy()]})
+    return {"ms": 1e3 * statistics.median(times), "peak_gib": peak / 2**30,
+            "result": [values.numpy(), state_grads.numpy(), weight_grads[rows].numpy()]}
 
 
 def run(variant: str, positions: int, repeat: int, device: str) -> dict:
@@ -82,8 +95,17 @@ def run(variant: str, positions: int, repeat: int, device: str) -> dict:
     queue = context.Queue()
     process = context.Process(target=measure, args=(variant, positions, repeat, device, queue))
     process.start()
-    result = queue.get()
+    while True:  # a child that dies without a word (killed, out of memory) must not leave the parent waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queues.Empty:
+            if not process.is_alive():
+                raise SystemExit(f"the {variant} variant's process ended (exit code {process.exitcode}) "
+                                 "without a result")
     process.join()
+    if "error" in result:
+        raise SystemExit(f"the {variant} variant failed on {device}:\n{result['error']}")
     return result
 
 
@@ -99,13 +121,16 @@ def main():
           f"LOGITS_CHUNK {logps.LOGITS_CHUNK}; median of {args.repeat}")
     results = {name: run(name, args.positions, args.repeat, device) for name in VARIANTS}
     tolerance = 2e-2 if device == "cuda" else 1e-4
-    for name, a, b in zip(("values", "state gradients", "weight gradients (a sample of rows)"), *(r["result"] for r in results.values())):
-        torch.testing.assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=tolerance, atol=tolerance, msg=f"chunked and plain differ in {name}")
+    names = ("values", "state gradients", "weight gradients (a sample of rows)")
+    for name, a, b in zip(names, *(r["result"] for r in results.values())):
+        torch.testing.assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=tolerance, atol=tolerance,
+                                   msg=f"chunked and plain differ in {name}")
     print("| variant | ms/step | peak memory above the inputs (GiB) |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['ms']:.1f} | {r['peak_gib']:.2f} |")
     plain_, chunked = results["plain"], results["chunked"]
-    print(f"chunked ÷ plain: time {chunked['ms'] / plain_['ms']:.2f}×, peak memory {chunked['peak_gib'] / plain_['peak_gib']:.2f}×")
+    print(f"chunked ÷ plain: time {chunked['ms'] / plain_['ms']:.2f}×, "
+          f"peak memory {chunked['peak_gib'] / plain_['peak_gib']:.2f}×")
 
 
 if __name__ == "__main__":

@@ -200,12 +200,15 @@ def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFra
     if missing:
         raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
                          allow_retries=False)
-    if TEXT_DIGEST_COLUMN in merged:  # a value materialized before it stored digests has none
+    if TEXT_DIGEST_COLUMN not in merged:  # a value materialized before it stored digests has none
+        dg.get_dagster_logger().warning("reference_logps has no text digests (materialized by an older version): "
+                                        "whether its pairs' text is this run's is not checked; rematerialize it")
+    else:
         changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
         if changed.any():
-            raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: {merged['pair_id'][changed].iloc[0]!r}) "
-                             "have other text than reference_logps computed its log-probs from: rematerialize "
-                             "reference_logps", allow_retries=False)
+            raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: "
+                             f"{merged['pair_id'][changed].iloc[0]!r}) have other text than reference_logps "
+                             "computed its log-probs from: rematerialize reference_logps", allow_retries=False)
     return merged.drop(columns=TEXT_DIGEST_COLUMN, errors="ignore")
 
 

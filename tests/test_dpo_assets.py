@@ -145,7 +145,7 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert "| S1_age" in event.materialization.metadata["correspondence"].value
 
 
-def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps():
+def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps(caplog):
     import numpy as np
     import pandas as pd
 
@@ -165,8 +165,10 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
     assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [[1, 7], [0, 7]]
     assert list(merged.columns) == [*pairs.columns, *REFERENCE_COLUMNS, *TOKEN_COLUMNS]  # the digest stays behind
     # a reference_logps value from before it stored ids and digests: the log-probs alone (the run then tokenizes)
-    older = dpo.with_references(pairs, references.drop(columns=[*TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]))
+    with caplog.at_level("WARNING"):
+        older = dpo.with_references(pairs, references.drop(columns=[*TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]))
     assert list(older.columns) == [*pairs.columns, *REFERENCE_COLUMNS]
+    assert "reference_logps has no text digests" in caplog.text  # unchecked, and the log says so
     with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
         dpo.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
     # the same pair ids with other text (another PRISM release or synthetic configuration): every pair is compared

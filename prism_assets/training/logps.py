@@ -20,7 +20,7 @@ import torch
 from prism_assets.training import packing
 from prism_assets.training.run_config import TOKEN_COLUMNS
 
-LOGITS_CHUNK = 1024  # positions whose logits exist at once (≈ 0.6 GiB in fp32 at 152k tokens)
+LOGITS_CHUNK = 1024  # positions whose logits exist at once (≈ 0.6 GiB in fp32 at 152k tokens; a chunk's peak ≈ 1.2 GiB)
 CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first
 
 
@@ -158,28 +158,30 @@ class TokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         states, weight, bias, targets, lse = ctx.saved_tensors
         dtype, chunk, (need_states, need_weight, need_bias) = ctx.dtype, LOGITS_CHUNK, ctx.needs_input_grad[:3]
-        w, b, s = _cast(weight, dtype), _cast(bias, dtype), states.to(dtype)
-        grad_states = torch.empty_like(states) if need_states else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for i in range(0, len(s), chunk):
-            g = grad[i:i + chunk, None].float()
-            probs = torch.nn.functional.linear(s[i:i + chunk], w, b).float().sub_(lse[i:i + chunk, None]).exp_()
-            grad_logits = probs.mul_(-g).scatter_add_(1, targets[i:i + chunk, None], g).to(dtype)
-            if need_states:
-                grad_states[i:i + chunk] = grad_logits @ w
-            if need_weight and dtype == torch.float32:  # no (vocabulary × hidden) product beside the sum
-                grad_weight.addmm_(grad_logits.t(), s[i:i + chunk])
-            elif need_weight:  # each chunk's bf16 product summed in fp32
-                grad_weight.add_(grad_logits.t() @ s[i:i + chunk])
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0))
+        accumulate = torch.promote_types(dtype, torch.float32)  # the weight's and bias's gradient sums
+        with torch.autocast(states.device.type, enabled=False):  # a backward() called under autocast changes nothing
+            w, b, s = _cast(weight, dtype), _cast(bias, dtype), states.to(dtype)
+            grad_states = torch.empty_like(states) if need_states else None
+            grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
+            for i in range(0, len(s), chunk):
+                g = grad[i:i + chunk, None].float()
+                probs = torch.nn.functional.linear(s[i:i + chunk], w, b).float().sub_(lse[i:i + chunk, None]).exp_()
+                grad_logits = probs.mul_(-g).scatter_add_(1, targets[i:i + chunk, None], g).to(dtype)
+                if need_states:
+                    grad_states[i:i + chunk] = grad_logits @ w
+                if need_weight and dtype == accumulate:  # no (vocabulary × hidden) product beside the sum
+                    grad_weight.addmm_(grad_logits.t(), s[i:i + chunk])
+                elif need_weight:  # each chunk's bf16 product summed in fp32
+                    grad_weight.add_(grad_logits.t() @ s[i:i + chunk])
+                if need_bias:
+                    grad_bias.add_(grad_logits.sum(0))
         return (grad_states, _cast(grad_weight, weight.dtype), _cast(grad_bias, None if bias is None else bias.dtype),
                 None, None)
-
 
 def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)

@@ -4,9 +4,9 @@ Computes, once per base model and pairs version, the frozen base model's summed 
 every pair's chosen and rejected response — tokenized and truncated exactly as the trainer's TRL
 DPOTrainer does (`logps.tokenize_pairs`) — in large padding-free batches (bf16 autocast on CUDA, fp32
 on CPU), and writes `pair_id, ref_chosen_logps, ref_rejected_logps`, the token ids they are of
-(TOKEN_COLUMNS) and a digest of each pair's text (TEXT_DIGEST_COLUMN) as parquet (atomically). Every DPO run then reads these instead of loading and running a
-reference model, and the ids instead of tokenizing its pairs again. Reports through dagster-pipes
-like the trainer; imports nothing else of Dagster.
+(TOKEN_COLUMNS) and a digest of each pair's text (TEXT_DIGEST_COLUMN) as parquet (atomically). Every
+DPO run then reads these instead of loading and running a reference model, and the ids instead of
+tokenizing its pairs again. Reports through dagster-pipes like the trainer; imports nothing else of Dagster.
 """
 
 import argparse
