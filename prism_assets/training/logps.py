@@ -20,7 +20,7 @@ import torch
 from prism_assets.training import packing
 from prism_assets.training.run_config import TOKEN_COLUMNS
 
-LOGITS_CHUNK = 1024  # positions whose logits exist at once (≈ 0.6 GiB in fp32 at 152k tokens; a chunk's peak ≈ 1.2 GiB)
+LOGITS_CHUNK = 1024  # positions whose logits exist at once (fp32, 152k tokens: 0.6 GiB; a chunk's peak ≈ 1.2 GiB)
 CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first
 
 
@@ -182,6 +182,7 @@ class TokenLogps(torch.autograd.Function):
                     grad_bias.add_(grad_logits.sum(0))
         return (grad_states, _cast(grad_weight, weight.dtype), _cast(grad_bias, None if bias is None else bias.dtype),
                 None, None)
+
 
 def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
