@@ -172,7 +172,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         result["attention_kernel"] = packing.kernels_used()
         result.update(heldout_eval_cost(model, tokenizer, pairs.head(HELDOUT_PAIRS), cfg))
         if checkpoint:
-            result.update(checkpoint_cost(out / "checkpoints", model, optimizer, schedule))
+            result.update(checkpoint_cost(out / "checkpoints", cfg, model, optimizer, schedule))
     else:
         if variant == TRL_REFS:
             trainer = make_trainer(cfg, model, tokenizer, pairs, cuda, [clock])
@@ -221,12 +221,12 @@ def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -
             "heldout_eval_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
 
 
-def checkpoint_cost(directory: Path, model, optimizer, schedule) -> dict:
+def checkpoint_cost(directory: Path, cfg: RunConfig, model, optimizer, schedule) -> dict:
     """Seconds and size of one checkpoint as the trainer writes it (`save_checkpoint`)."""
     from prism_assets.training.dpo import save_checkpoint
 
     started = time.perf_counter()
-    target = save_checkpoint(directory, 1, model, optimizer, schedule, [])
+    target = save_checkpoint(directory, 1, cfg, model, optimizer, schedule, [])
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in target.iterdir())
     shutil.rmtree(directory)

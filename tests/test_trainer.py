@@ -118,12 +118,28 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(first_run
     out = _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, **settings)
     uninterrupted = pd.read_parquet(out / "curve.parquet")
     assert sorted(p.name for p in (out / "trainer").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    shutil.rmtree(out / "trainer" / "checkpoint-6")  # as if the job had died after step 6's checkpoint was lost
+    # As if the node had died: step 6's state only partly on disk, and an attempt's step 8 begun and never finished.
+    state = out / "trainer" / "checkpoint-6" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (out / "trainer" / "checkpoint-8").mkdir()
     for name in ("curve.parquet", "metrics.json"):
         (out / name).unlink()
     log = _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, log=True, **settings)
+    assert "checkpoint-6 cannot be read" in log and "trying the checkpoint before it" in log
     assert "resuming from" in log and "at step 4 (2 logged steps so far)" in log
     pd.testing.assert_frame_equal(pd.read_parquet(out / "curve.parquet"), uninterrupted)
+    # The two newest whole checkpoints are kept; the unfinished one does not push out the older whole one.
+    assert sorted(p.name for p in (out / "trainer").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+    # Resuming under settings that change the run's course is refused, naming them; where checkpoints go is not.
+    (out / "metrics.json").unlink()
+    config = json.loads((tmp_path / "resume.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**config, "beta": 0.2, "seed": 1, "checkpoint_steps": 4}))
+    done = subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / "other.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "checkpoint-6 was written by a run with other settings: beta 0.1 (now 0.2), seed 0 (now 1); delete" \
+        in done.stderr
 
 
 @pytest.mark.parametrize("minutes, kept", [(1e-9, ["checkpoint-2", "checkpoint-4"]), (60, [])])

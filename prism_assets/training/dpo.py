@@ -1,23 +1,24 @@
-"""The job-side DPO trainer: `python -m prism_assets.training.dpo --config run.json`.
+"""The job-side DPO trainer: `python -m prism_assets.training.dpo --config config.json`.
 
 Owns one DPO run: it reads a JSON run config (base model, pairs file, optional user filter, seed,
 hyperparameters, output directory), splits the pairs into a fixed held-out set (chosen by a hash of
-pair_id, so every seed and every run sees the same held-out pairs) and training pairs, trains with the
-project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer; fp32 master
-weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed here
-from the base model only when the file carries none), evaluates held-out
-implicit-reward accuracy and margin at every logging step (or every `eval_steps`, and at the last;
-`heldout_evaluated` marks the rows, the held-out columns are NaN on the others), and writes `run.json`, `curve.parquet` and
-`metrics.json` (last, each atomically) into the output directory. It reports progress, metrics and a
-data version through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
+pair_id among the run's pairs, so every seed of a group sees the same held-out pairs) and training pairs,
+trains with the project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer;
+fp32 master weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed
+here from the base model only when the file carries none), evaluates held-out implicit-reward accuracy and
+margin at every logging step (or every `eval_steps`, and at the last; `heldout_evaluated` marks the rows,
+the held-out columns are NaN on the others), and writes `run.json`, `curve.parquet` and `metrics.json`
+(last, each atomically) into the output directory. It reports progress, metrics and a data version
+through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
 
 Preemption and time limits lose no work: the trainer checkpoints every `checkpoint_steps` or
 `checkpoint_minutes` (not at the last logged step: the run is about to finish) and on
 SIGUSR1 (SLURM's warning before the time limit: save, exit REQUEUE_EXIT_CODE so the job requeues
 itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A
-checkpoint holds model, optimizer and schedule states and the curve so far; a restarted run resumes from
-the latest complete one (the batch of a step is a function of seed and step, so it sees exactly the
-batches it had not) and ends with the curve and metrics of an uninterrupted run.
+checkpoint holds model, optimizer and schedule states, the settings that decide the run's course and the
+curve so far; a restarted run resumes from the latest readable one written under its own settings (the
+batch of a step is a function of seed and step, so it sees exactly the batches it had not) and ends with
+the curve and metrics of an uninterrupted run.
 """
 
 import argparse
@@ -84,23 +85,61 @@ def peak_memory(use_cuda: bool) -> dict:
     return peak
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest checkpoint that was written completely (training state and curve both present)."""
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints written completely (training state and curve both present), newest first."""
     complete = [p for p in directory.glob("checkpoint-*")
                 if (p / CHECKPOINT_STATE).exists() and (p / CHECKPOINT_CURVE).exists()]
-    return max(complete, key=lambda p: int(p.name.rpartition("-")[2]), default=None)
+    return sorted(complete, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, schedule, rows: list[dict], keep: int = 2) -> Path:
-    """Model, optimizer and schedule state and the curve so far; the curve is written last (completeness mark)."""
+# Settings a checkpoint may be resumed under when they differ: where things are, how often to checkpoint, memory
+# and device. Any other difference (seed, β, learning rate, steps, users, ...) would continue another run's state.
+RESUMABLE_CHANGES = frozenset({"base_model", "pairs_path", "output_dir", "gradient_checkpointing", "checkpoint_steps",
+                               "checkpoint_minutes", "keep_checkpoints", "device", "label"})
+
+
+def trajectory(cfg: RunConfig) -> dict:
+    """The settings that decide a run's curve, stored with its checkpoints."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+
+
+def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter) -> tuple[Path, dict, list] | None:
+    """(checkpoint, state, curve rows) of the newest readable checkpoint in `directory`, or None to start at step 0.
+    One that cannot be read (a node that died while the file system still held it in part) is reported and the
+    next older tried; one written under other settings is an error naming them."""
+    for candidate in complete_checkpoints(directory):
+        try:
+            state = torch.load(candidate / CHECKPOINT_STATE, map_location=device, weights_only=True)
+            rows = json.loads((candidate / CHECKPOINT_CURVE).read_text())
+        except Exception as error:  # any unreadable file: the checkpoint before it may be whole
+            reporter.info(f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                          "trying the checkpoint before it")
+            continue
+        ours, theirs = trajectory(cfg), state.get("trajectory", trajectory(cfg))
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if changed:
+            raise ValueError(f"{candidate} was written by a run with other settings: " +
+                             ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in changed) +
+                             f"; delete {directory} to start this run over")
+        return candidate, state, rows
+    return None
+
+
+def save_checkpoint(directory: Path, step: int, cfg: RunConfig, model, optimizer, schedule, rows: list[dict],
+                    keep: int = 2) -> Path:
+    """Model, optimizer and schedule state, the run's settings and the curve so far; the curve is written last
+    (completeness mark). Keeps the newest `keep` complete checkpoints and removes the rest, incomplete ones of an
+    earlier attempt included."""
     target = directory / f"checkpoint-{step}"
     target.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict()}
+             "schedule": schedule.state_dict(), "trajectory": trajectory(cfg)}
     write_atomic(target / CHECKPOINT_STATE, lambda file: torch.save(state, file))  # 5.5 GB at 0.5B: no copy in memory
     write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
-    for old in sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = set(complete_checkpoints(directory)[:keep])
+    for old in directory.glob("checkpoint-*"):
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -219,15 +258,15 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
 
     checkpoints = out / "trainer"
-    resume_from = latest_checkpoint(checkpoints)
+    resumed = load_checkpoint(checkpoints, cfg, device, reporter)
     rows: list[dict] = []
     step = 0
-    if resume_from:
-        state = torch.load(resume_from / CHECKPOINT_STATE, map_location=device, weights_only=True)
+    if resumed:
+        resume_from, state, rows = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        step, rows = state["step"], json.loads((resume_from / CHECKPOINT_CURVE).read_text())
+        step = state["step"]
         reporter.info(f"resuming from {resume_from} at step {step} ({len(rows)} logged steps so far)")
 
     model.train()
@@ -257,7 +296,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                        if evaluated else ""))
         # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
         if stop.signal is not None or (not cfg.last_logged(step) and checkpoint_due(cfg, step, last_checkpoint)):
-            save_checkpoint(checkpoints, step, model, optimizer, schedule, rows)
+            save_checkpoint(checkpoints, step, cfg, model, optimizer, schedule, rows)
             last_checkpoint = time.monotonic()
         if stop.signal is not None:
             reporter.info(f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step {step}; "
@@ -273,7 +312,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
     write_atomic(out / CURVE_FILE, curve_data)
     write_atomic(out / METRICS_FILE, json.dumps(
-        # Cost, not result: outside the data version, so the same seed still gives the same version.
+        # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
         {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage}, indent=2).encode())
     if not cfg.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)

@@ -3,7 +3,7 @@
 Owns the JSON run config (`RunConfig`, unknown or missing keys are errors), the names of the files a
 run writes into its directory, and the held-out rule: a pair is held out when the hash of its pair_id
 falls in the first `heldout_fraction` of the hash range (at most `heldout_max_pairs`, lowest hashes
-first), so every seed, every group and the baseline agree on which pairs are never trained on.
+first) among the run's own pairs, so every seed of a group holds out the same pairs and never trains on them.
 Imports neither torch nor Dagster.
 """
 
