@@ -46,6 +46,7 @@ def test_verdicts_follow_the_documented_rule():
     assert table.loc["S4", "verdict"] == corr.INCONCLUSIVE and np.isnan(table.loc["S4", "ci_low"])
     assert table.loc["NULL", "verdict"] == corr.NULL_OK
     assert table.loc["S1", "sign_consistency"] == "3/3" and table.loc["S2", "sign_consistency"] == "0/3"
+    assert table.loc["NULL", "sign_consistency"] == "—"  # the null control predicts no sign
     assert table.loc["S1", "per_seed_d"] == pytest.approx([0.20, 0.21, 0.17])
     d = np.array([0.20, 0.21, 0.17])
     half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
@@ -63,10 +64,20 @@ def test_a_significant_difference_no_larger_than_the_nulls_is_inconclusive():
     assert table.loc["NULL", "verdict"] == corr.NULL_NOT_OK
 
 
+def test_a_split_beyond_zero_is_not_a_match_while_the_null_control_has_no_difference():
+    seeds = [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)]
+    runs = _runs({"S1": seeds, "NULL": [(0.60, 0.61)] * 3})
+    runs = runs[~((runs["split"] == "NULL") & (runs["group"] == "B"))]  # the null control's B runs failed
+    table = _primary(corr.correspondence(corr.seed_differences(runs), SPLITS))
+    assert table.loc["S1", "ci_low"] > 0 and np.isnan(table.loc["S1", "null_abs_mean_d"])
+    assert table.loc["S1", "verdict"] == corr.INCONCLUSIVE
+    assert table.loc["NULL", "verdict"] == corr.INCONCLUSIVE
+
+
 def test_heldout_sampling_noise_widens_the_interval():
-    seeds = [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)]
-    narrow = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds})), SPLITS))
-    wide = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds}, se=0.05)), SPLITS))
+    seeds, null = [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)], [(0.60, 0.60)] * 3
+    narrow = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds, "NULL": null})), SPLITS))
+    wide = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds, "NULL": null}, se=0.05)), SPLITS))
     assert narrow.loc["S1", "verdict"] == corr.MATCH
     assert wide.loc["S1", "verdict"] == corr.INCONCLUSIVE  # 1.96·√2·0.05 ≈ 0.14 > the 0.05 difference
     assert wide.loc["S1", "eval_se"] == pytest.approx(np.sqrt(2) * 0.05)

@@ -34,6 +34,16 @@ def test_missing_required_field_fails_naming_field_and_row(tmp_path):
         load_prism_directory(directory)
 
 
+@pytest.mark.parametrize("turn", [None, -1, "1", 1.5])
+def test_a_turn_that_is_no_integer_from_0_fails_naming_file_and_line(tmp_path, turn):
+    directory = _two_user_prism(tmp_path)
+    rows = [json.loads(line) for line in (directory / "utterances.jsonl").read_text().splitlines()]
+    rows[1]["turn"] = turn
+    (directory / "utterances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PrismFormatError, match=r"utterances\.jsonl:2: turn must be an integer ≥ 0"):
+        load_prism_directory(directory)
+
+
 def test_duplicate_utterance_id_fails_naming_both_lines(tmp_path):
     directory = _two_user_prism(tmp_path)
     lines = (directory / "utterances.jsonl").read_text().splitlines()

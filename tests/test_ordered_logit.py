@@ -75,3 +75,39 @@ def test_unknown_covariate_is_named(full_synthetic_dir):
     pairs = within_model_pairs(tables.utterances, tables.conversations).pairs
     with pytest.raises(KeyError, match="stated_prefs_astrology"):
         cluster_robust_ordered_logit(pairs, tables.survey, CovariateSpec(continuous=("stated_prefs_astrology",)))
+
+
+def _users_and_pairs(levels: np.ndarray, effect: dict, seed: int = 0, without_pairs: set = frozenset()):
+    """A survey of users with covariate `level` (and `x`), and pairs whose gap grows with the level's effect."""
+    rng = np.random.default_rng(seed)
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(len(levels))], "level": levels,
+                          "x": rng.uniform(0, 100, len(levels))})
+    rows = [(user, int(np.clip(np.round(12 + 8 * (effect.get(level, 0.0) + rng.logistic())), 1, 99)))
+            for user, level in zip(users["user_id"], users["level"]) if user not in without_pairs
+            for _ in range(rng.integers(5, 30))]
+    return users, pd.DataFrame(rows, columns=["user_id", "score_gap"])
+
+
+def test_a_level_is_rare_by_its_users_with_pairs_not_its_survey_respondents():
+    levels = np.array(["a"] * 150 + ["b"] * 138 + ["rare"] * 12, dtype=object)
+    # 12 respondents hold "rare" (≥ min_level_users), but only 2 of them have pairs: its SE would rest on 2 users.
+    users, pairs = _users_and_pairs(levels, {"b": 0.5}, without_pairs={f"u{i}" for i in range(290, 300)})
+    fit = cluster_robust_ordered_logit(pairs, users, CovariateSpec(("level",), ("x",), min_level_users=10))
+    assert "level[rare]" not in set(fit.coefficients["term"])
+    assert fit.dropped["pairs_rare_or_missing_level"] == int(pairs["user_id"].isin({"u288", "u289"}).sum()) > 0
+    assert fit.num_users == 288
+
+
+def test_a_non_text_covariate_splits_its_users_by_the_fitted_levels():
+    from prism_assets.prism.splits import splits_from_fit
+
+    levels = np.repeat([1, 2, 3], 100)  # e.g. a count: the fit names its levels "1", "2", "3"
+    users, pairs = _users_and_pairs(levels, {3: 1.5}, seed=1)
+    fit = cluster_robust_ordered_logit(pairs, users, CovariateSpec(("level",), ("x",), min_level_users=10))
+    assert fit.coefficients.set_index("term").loc["level[3]", "p"] < 0.05
+    fitted = {"level": [fit.reference_levels["level"], *fit.coefficients.query("variable == 'level'")["level"]]}
+    survey = users.assign(location_special_region="UK")
+    split = splits_from_fit(fit.coefficients, survey, set(pairs["user_id"]), fitted, alpha=0.05)[0]
+    assert split.split.name == "S1_level" and split.split.group_a == "3"
+    groups = dict(zip(split.users["user_id"], split.users["group"]))
+    assert groups == {user: "A" if level == 3 else "B" for user, level in zip(users["user_id"], levels)}

@@ -25,7 +25,7 @@ def test_pairs_drop_ties_cross_model_and_non_two_response_turns(tmp_path):
     ])
     assert result.dropped == {
         "interaction_not_two_responses": 2, "cross_model_interaction": 1, "score_tie": 1,
-        "conversation_not_found": 0, "history_without_chosen_response": 0,
+        "conversation_not_found": 0, "history_without_turn": 0, "history_without_chosen_response": 0,
     }
     pairs = result.pairs.set_index("turn")
     assert list(pairs.index) == [1, 4]
@@ -59,3 +59,11 @@ def test_tied_turn_uses_the_participants_recorded_choice_in_later_prompts(tmp_pa
         ]),
     ])
     assert list(result.pairs.loc[0, "prompt"])[1]["content"] == "second"
+
+
+def test_a_turn_missing_from_the_history_is_dropped_under_its_own_reason(tmp_path):
+    row, utterances = conversation("u1", "c1", [[("m1", 50, "a")], [("m1", 10, "low"), ("m1", 60, "high")]])
+    row["conversation_history"] = [item for item in row["conversation_history"] if item["turn"] == 0]
+    result = _pairs(tmp_path, [(row, utterances)])
+    assert result.dropped["history_without_turn"] == 1 and result.dropped["history_without_chosen_response"] == 0
+    assert result.pairs.empty

@@ -9,7 +9,8 @@ seeds averages away: half-width = sqrt((t·s/√n)² + (1.96·se_eval)²), se_ev
 runs' held-out standard errors. The null control's |mean d| is the noise yardstick. Verdicts:
 - MATCH: the CI excludes 0 on the predicted side and |mean d| exceeds the null control's |mean d|;
 - MISMATCH: the CI excludes 0 on the opposite side;
-- INCONCLUSIVE: anything else (CI spans 0, fewer than two seeds, or not beyond the null's difference).
+- INCONCLUSIVE: anything else (CI spans 0, fewer than two seeds, not beyond the null's difference, or no
+  null-control difference yet).
 The null control itself is "null OK" when its CI contains 0, "null NOT OK" when it excludes 0, and
 INCONCLUSIVE with fewer than two seeds.
 """
@@ -75,7 +76,8 @@ def verdict(predicted: str, ci_low: float, ci_high: float, mean: float, null_abs
         return NULL_OK if ci_low <= 0 <= ci_high else NULL_NOT_OK
     sign = 1 if predicted == "A>B" else -1
     if (sign > 0 and ci_low > 0) or (sign < 0 and ci_high < 0):
-        return MATCH if np.isnan(null_abs_mean) or abs(mean) > null_abs_mean else INCONCLUSIVE
+        # Without the null control's difference (its runs missing or failed) there is no yardstick to beat.
+        return MATCH if not np.isnan(null_abs_mean) and abs(mean) > null_abs_mean else INCONCLUSIVE
     if (sign > 0 and ci_high < 0) or (sign < 0 and ci_low > 0):
         return MISMATCH
     return INCONCLUSIVE
@@ -95,13 +97,13 @@ def correspondence(diffs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
             values = d["d"].to_numpy()
             eval_se = float(d["eval_se"].mean()) if len(d) else 0.0
             mean, low, high = mean_ci(values, eval_se)
-            sign = {"A>B": 1, "A<B": -1}.get(split.predicted, 1)
+            sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null control: it predicts no sign
             rows.append({
                 "split": split.split, "metric": metric, "predicted": split.predicted,
                 "null_control": bool(split.null_control), "n_seeds": len(values),
                 "per_seed_d": [round(float(v), 4) for v in values],
                 "mean_d": mean, "ci_low": low, "ci_high": high, "eval_se": eval_se,
-                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}",
+                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
                 "null_abs_mean_d": null_abs_mean,
                 "verdict": verdict(split.predicted, low, high, mean, np.nan if split.null_control else null_abs_mean),
             })

@@ -72,6 +72,10 @@ def _valid_score(value) -> bool:
         and schema.MIN_SCORE <= value <= schema.MAX_SCORE
 
 
+def _valid_turn(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def tables_from_rows(survey: list[dict], conversations: list[dict], utterances: list[dict],
                      source: str, paths: dict[str, Path]) -> PrismTables:
     """Validate, drop-and-count, and type the three tables' rows."""
@@ -95,6 +99,9 @@ def tables_from_rows(survey: list[dict], conversations: list[dict], utterances: 
 
     kept_utterances = []
     for row in utterances:
+        if not _valid_turn(row["turn"]):
+            raise PrismFormatError(f"{paths['utterances']}:{row['_line']}: turn must be an integer ≥ 0 (0-based), "
+                                   f"got {row['turn']!r}")
         if row["user_id"] not in known_users:
             dropped["utterances_user_not_in_survey"] += 1
         elif not _valid_score(row["score"]):

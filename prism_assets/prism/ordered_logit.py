@@ -4,7 +4,8 @@ Owns the statistical model: Y ∈ {1, 2, 3, 4} bins score_gap at its quartiles (
 below the gap}, boundaries computed from the data), user covariates are joined on user_id, and
 statsmodels' `OrderedModel(distr="logit")` fits logit P(Y ≤ j) = θ_j − Xβ with standard errors
 clustered by user (many pairs per user). Categorical covariates become dummies against their most
-frequent level; levels held by fewer than `min_level_users` users are excluded and their pairs counted.
+frequent level; levels held by fewer than `min_level_users` of the users with pairs in the fit are excluded
+and their pairs counted.
 """
 
 from __future__ import annotations
@@ -116,12 +117,22 @@ def design_matrix(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec
         dropped[f"pairs_missing_{column}"] = int(bad.sum())
         keep &= ~bad
     references: dict[str, str] = {}
-    for column in spec.categorical:
-        users_per_level = users[column].value_counts(dropna=True)
-        rare = set(users_per_level[users_per_level < spec.min_level_users].index)
-        bad = keep & (joined[column].isna() | joined[column].isin(rare)).to_numpy()
-        dropped[f"pairs_rare_or_missing_{column}"] = int(bad.sum())
-        keep &= ~bad
+    # A level's users are counted among the users whose pairs are still in the fit (its clustered SE rests on
+    # them, not on survey respondents without pairs); dropping one covariate's rare levels can make another's
+    # level rare, so until no level is.
+    rare_or_missing = dict.fromkeys(spec.categorical, 0)
+    changed = True
+    while changed:
+        changed = False
+        for column in spec.categorical:
+            users_per_level = joined[keep].drop_duplicates("user_id")[column].value_counts(dropna=True)
+            rare = set(users_per_level[users_per_level < spec.min_level_users].index)
+            bad = keep & (joined[column].isna() | joined[column].isin(rare)).to_numpy()
+            if bad.any():
+                rare_or_missing[column] += int(bad.sum())
+                keep &= ~bad
+                changed = True
+    dropped.update({f"pairs_rare_or_missing_{column}": n for column, n in rare_or_missing.items()})
     kept = joined[keep].reset_index(drop=True)
     blocks = []
     for column in spec.categorical:

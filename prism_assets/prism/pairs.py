@@ -19,7 +19,7 @@ from prism_assets.prism import schema
 
 DROP_REASONS = (
     "interaction_not_two_responses", "cross_model_interaction", "score_tie", "conversation_not_found",
-    "history_without_chosen_response",
+    "history_without_turn", "history_without_chosen_response",
 )
 PAIR_COLUMNS = (
     "pair_id", "user_id", "conversation_id", "turn", "model_name", "prompt", "chosen", "rejected",
@@ -89,7 +89,11 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
         if conversation_id not in prompt_cache:
             history = histories[conversation_id]
             prompt_cache[conversation_id] = _prompts_by_turn(json.loads(history) if isinstance(history, str) else history)
-        prompt = prompt_cache[conversation_id].get(turn)
+        prompts = prompt_cache[conversation_id]
+        if turn not in prompts:  # the conversation's history has no user message for this turn
+            dropped["history_without_turn"] += 1
+            continue
+        prompt = prompts[turn]
         if prompt is None:
             dropped["history_without_chosen_response"] += 1
             continue

@@ -61,10 +61,11 @@ def _direction(sign: float) -> str:
 
 
 def _categorical_split(name: str, survey: pd.DataFrame, variable: str, a_levels, b_levels, **kw) -> SplitMembership:
-    column = survey[variable]
+    # As text on both sides: the fit names levels as text, whatever the covariate's type (an int or bool level too).
+    column = survey[variable].map(lambda value: None if pd.isna(value) else str(value))
     group = pd.Series(pd.NA, index=survey.index, dtype="object")
-    group[column.isin(list(a_levels))] = "A"
-    group[column.isin(list(b_levels))] = "B"
+    group[column.isin([str(level) for level in a_levels])] = "A"
+    group[column.isin([str(level) for level in b_levels])] = "B"
     users = pd.DataFrame({"user_id": survey["user_id"], "group": group}).dropna()
     split = Split(name=name, variable=variable, group_a=" | ".join(a_levels), group_b=" | ".join(b_levels), **kw)
     return SplitMembership(split, users.reset_index(drop=True))
