@@ -92,6 +92,17 @@ def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str
     return pairs[pairs["user_id"].isin(set(users))]
 
 
+def membership_digest(splits: dict, split: str | None, group: str | None) -> str | None:
+    """A hash of the users a cell trains on (None for the baseline, which trains on all pairs): a run records it, so
+    the report can tell a run of the split's current groups from one of a split of the same name made otherwise
+    (another preset, α or fit)."""
+    if split is None:
+        return None
+    membership = splits["membership"]
+    users = sorted(membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"].astype(str))
+    return hashlib.sha256("\n".join(users).encode()).hexdigest()[:16]
+
+
 def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: DpoSettings) -> int:
     """Training pairs of the split's smaller group (after its held-out pairs are set aside)."""
     sizes = []
@@ -249,7 +260,9 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
                      command=[dpo_settings.python, "-m", "prism_assets.training.dpo", "--config", str(config_path)])
         metrics, curve = read_run_outputs(run_dir)
         value = {"metrics": metrics, "curve": curve, "cell": cell, "split": split, "group": group, "seed": seed,
-                 "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text())}
+                 "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
+                 "membership_digest": membership_digest(significant_splits, split, group),
+                 "settings_fingerprint": settings_fingerprint}
         metadata = {
             **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
             "run_dir": dg.MetadataValue.path(str(run_dir)),

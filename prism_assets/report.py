@@ -12,9 +12,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from prism_assets import plots, versions
+from prism_assets import dpo, partitions, plots, versions
 from prism_assets.data import markdown_table
-from prism_assets.dpo import DpoSettings
 from prism_assets.prism import correspondence
 
 
@@ -24,9 +23,35 @@ class ReportConfig(dg.Config):
 
 def runs_table(runs: dict) -> pd.DataFrame:
     rows = [{"cell": run["cell"], "split": run["split"], "group": run["group"], "seed": int(run["seed"]),
+             "membership_digest": run.get("membership_digest"), "settings_fingerprint": run.get("settings_fingerprint"),
              **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]}}
             for run in runs.values()]
     return pd.DataFrame(rows)
+
+
+def current_runs(runs: pd.DataFrame, splits: dict, settings_fingerprint: str) -> tuple[pd.DataFrame, dict]:
+    """(the runs the table is made of, the others as reason → "cell seed N" list). Left out: a run whose split
+    `significant_splits` no longer has, one that trained on other users than the split's group now holds (a split
+    name is reused by another preset, α or fit), and one trained under other DPO settings than the code location's
+    — each would be scored against a prediction or averaged with runs it was not made for. A run recorded before
+    runs carried their membership and settings is kept, counted as unchecked."""
+    names = set(splits["splits"]["split"])
+    expected = {(s, g): dpo.membership_digest(splits, s, g) for s in names for g in partitions.GROUPS}
+    unchecked = runs["membership_digest"].isna() & runs["settings_fingerprint"].isna()
+    reasons = pd.Series(None, index=runs.index, dtype="object")
+    gone = runs["split"].notna() & ~runs["split"].isin(names)
+    reasons[gone] = "split no longer in significant_splits"
+    other_users = ~gone & runs["split"].notna() & ~unchecked & pd.Series(
+        [expected.get((s, g)) != d for s, g, d in zip(runs["split"], runs["group"], runs["membership_digest"])],
+        index=runs.index, dtype=bool)
+    reasons[other_users] = "trained on other users than the group now holds"
+    other_settings = reasons.isna() & ~unchecked & (runs["settings_fingerprint"] != settings_fingerprint)
+    reasons[other_settings] = "trained under other DPO settings"
+    left_out = {reason: [f"{cell} seed {seed}" for cell, seed in zip(group["cell"], group["seed"])]
+                for reason, group in runs[reasons.notna()].groupby(reasons[reasons.notna()], sort=True)}
+    if unchecked.any():
+        left_out["kept unchecked (recorded no membership or settings)"] = int(unchecked.sum())
+    return runs[reasons.isna()].reset_index(drop=True), left_out
 
 
 def curves_table(runs: dict) -> pd.DataFrame:
@@ -57,17 +82,21 @@ def _format_table(table: pd.DataFrame) -> pd.DataFrame:
                 "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
                 "parquet and learning-curve plots.",
 )
-def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig, dpo_settings: DpoSettings,
+def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig, dpo_settings: dpo.DpoSettings,
                          group_dpo_run: dict, significant_splits: dict) -> dict:
     if not group_dpo_run:
         raise dg.Failure("no group_dpo_run partition has been materialized yet")
     splits = significant_splits["splits"]
-    runs = runs_table(group_dpo_run)
-    runs = runs[runs["split"].isna() | runs["split"].isin(set(splits["split"]))]
+    runs, left_out = current_runs(runs_table(group_dpo_run), significant_splits, dpo_settings.fingerprint())
+    for reason, which in left_out.items():
+        context.log.warning(f"runs left out of the table, {reason}: {which}")
+    if runs.empty:
+        raise dg.Failure(f"no group_dpo_run partition fits the current splits and DPO settings: {left_out}")
     diffs = correspondence.seed_differences(runs)
     table = correspondence.correspondence(diffs, splits)
     primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
-    curves = curves_table(group_dpo_run)
+    kept = set(zip(runs["cell"], runs["seed"]))
+    curves = curves_table({key: run for key, run in group_dpo_run.items() if (run["cell"], int(run["seed"])) in kept})
     png = plots.learning_curve_plot(curves[curves["split"].notna()], splits, config.curve_metric)
     reports = Path(dpo_settings.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
@@ -83,6 +112,7 @@ def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig
         "learning_curves": dg.MetadataValue.md(plots.markdown_image(png, "learning curves")),
         "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
         "num_runs": len(runs),
+        "runs_left_out": dg.MetadataValue.json(left_out),
         "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),
     })
     return {"table": table, "seed_differences": diffs, "runs": runs}

@@ -178,3 +178,26 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
     prompt_edited = pairs.assign(prompt=[[{"role": "user", "content": "q a"}], [{"role": "system", "content": "q b"}]])
     with pytest.raises(dg.Failure, match=r"1 of 2 pairs \(first: 'b'\)"):
         dpo.with_references(prompt_edited, references)
+
+
+def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
+    import pandas as pd
+
+    membership = pd.DataFrame({"split": ["S1"] * 4 + ["S2"] * 2, "group": ["A", "A", "B", "B", "A", "B"],
+                               "user_id": ["u1", "u2", "u3", "u4", "u1", "u3"]})
+    splits = {"splits": pd.DataFrame({"split": ["S1", "S2"]}), "membership": membership}
+    digest = dpo.membership_digest
+    # S1's group B as a split of the same name made otherwise (another preset, α or fit) held it.
+    older_b = digest({"membership": membership.replace({"u4": "u5"})}, "S1", "B")
+    rows = [("baseline", None, None, None, "f"), ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f"),
+            ("S1.B", "S1", "B", older_b, "f"), ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g"),
+            ("S9.A", "S9", "A", "0" * 16, "f"), ("S2.B", "S2", "B", None, None)]
+    runs = pd.DataFrame([{"cell": c, "split": s, "group": g, "seed": 0, "membership_digest": d,
+                          "settings_fingerprint": f} for c, s, g, d, f in rows])
+    kept, left_out = report.current_runs(runs, splits, "f")
+    assert list(kept["cell"]) == ["baseline", "S1.A", "S2.B"]
+    assert left_out == {"split no longer in significant_splits": ["S9.A seed 0"],
+                        "trained on other users than the group now holds": ["S1.B seed 0"],
+                        "trained under other DPO settings": ["S2.A seed 0"],
+                        "kept unchecked (recorded no membership or settings)": 1}
+    assert digest(splits, None, None) is None and digest(splits, "S1", "A") != digest(splits, "S1", "B")
