@@ -23,11 +23,12 @@ import json
 from datetime import datetime, timezone
 
 import dagster as dg
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from prism_assets import partitions
 
 DPO_ASSET, TABLE_ASSET = dg.AssetKey("group_dpo_run"), dg.AssetKey("correspondence_table")
+NOT_FINISHED_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                         dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUSPENDED, dg.DagsterRunStatus.CANCELING]
 dpo_job = dg.define_asset_job("dpo_runs", selection=[DPO_ASSET], partitions_def=partitions.dpo_partitions,
                               description="group_dpo_run partitions (cell × seed), one run each.")
 report_job = dg.define_asset_job("correspondence_report", selection=[TABLE_ASSET],

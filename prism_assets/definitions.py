@@ -58,6 +58,17 @@ def settings_from_env(prefix: str, settings: type[dg.ConfigurableResource], igno
     return values
 
 
+def int_from_env(name: str, default: int | None) -> int | None:
+    """An integer variable (unset or empty: `default`); any other text is an error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+
 def _slurm_launcher() -> SlurmLauncher:
     """PRISM_SLURM_<FIELD> for each SlurmLauncher field (PRISM_SLURM_PARTITION=gpu, …)."""
     return SlurmLauncher(**settings_from_env("PRISM_SLURM_", SlurmLauncher, lists={
@@ -70,8 +81,7 @@ def _slurm_launcher() -> SlurmLauncher:
 def _launcher():
     kind = os.environ.get("DPO_LAUNCHER", "local")
     if kind == "local":
-        threads = os.environ.get("DPO_THREADS_PER_RUN")
-        return LocalLauncher(threads_per_run=int(threads) if threads else None)
+        return LocalLauncher(threads_per_run=int_from_env("DPO_THREADS_PER_RUN", None))
     if kind == "slurm":
         return _slurm_launcher()
     raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local' or 'slurm'")
@@ -110,8 +120,8 @@ CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no
 RESOURCES = {
     "prism_source": data.PrismSource(
         source=os.environ.get("PRISM_SOURCE", data.SYNTHETIC),
-        synthetic_users=int(os.environ.get("PRISM_SYNTHETIC_USERS", "1500")),
-        synthetic_seed=int(os.environ.get("PRISM_SYNTHETIC_SEED", "0")),
+        synthetic_users=int_from_env("PRISM_SYNTHETIC_USERS", 1500),
+        synthetic_seed=int_from_env("PRISM_SYNTHETIC_SEED", 0),
         synthetic_dir=str(STORAGE / "synthetic_prism"),
     ),
     "io_manager": ParquetIOManager(base_dir=str(STORAGE / "assets")),
@@ -129,7 +139,7 @@ def _automation_running() -> bool:
 
 RUNNING = _automation_running()
 SCHEDULES = [automation.build_add_seeds_schedule(os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"),
-                                                 int(os.environ.get("PRISM_SEEDS_PER_TICK", "2")), RUNNING)]
+                                                 int_from_env("PRISM_SEEDS_PER_TICK", 2), RUNNING)]
 SENSORS = [automation.build_new_cells_sensor(RUNNING), automation.build_report_sensor(RUNNING)]
 
 defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=RESOURCES,

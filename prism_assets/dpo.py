@@ -117,7 +117,8 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     metrics_path, curve_path = run_dir / METRICS_FILE, run_dir / CURVE_FILE
     for path in (metrics_path, curve_path):
         if not path.exists():
-            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see stderr.log there)",
+            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see its stderr there: "
+                             "stderr.log, or slurm-<job id>.err under SLURM)",
                              allow_retries=False)
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -174,11 +175,12 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
                                  device=dpo_settings.device)
         config_path = run_dir / "reference.json"
         config_path.write_text(json.dumps(config.__dict__, indent=2))
-        launcher.run(context=context, run_dir=str(run_dir),
+        launcher.run(context=context, run_dir=str(run_dir), outputs=[config.output_path],
                      command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)])
         output = run_dir / config.output_path
         if not output.exists():
-            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see stderr.log there)",
+            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see its stderr there: stderr.log, or "
+                             "slurm-<job id>.err under SLURM)",
                              allow_retries=False)
         frame = pd.read_parquet(output)
         absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]
@@ -256,7 +258,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(config.__dict__, indent=2))
         context.log.info(f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}")
-        launcher.run(context=context, run_dir=str(run_dir),
+        launcher.run(context=context, run_dir=str(run_dir), outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
                      command=[dpo_settings.python, "-m", "prism_assets.training.dpo", "--config", str(config_path)])
         metrics, curve = read_run_outputs(run_dir)
         value = {"metrics": metrics, "curve": curve, "cell": cell, "split": split, "group": group, "seed": seed,

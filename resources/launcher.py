@@ -1,6 +1,6 @@
 """Launchers: start a DPO run's command in its run directory and follow it through Dagster Pipes.
 
-Owns the launcher interface every backend fits. `run(context, command, run_dir)` opens a Pipes
+Owns the launcher interface every backend fits. `run(context, command, run_dir, outputs)` opens a Pipes
 session whose context and messages are files in the run directory (`pipes_context.json`,
 `pipes_messages.jsonl`, kept for inspection), so a job on another machine that shares the directory
 reports the same way as a local subprocess; the backend's `execute` starts the command with the
@@ -30,7 +30,10 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
     """Base of the launchers: a Pipes session on files in the run directory around `execute`."""
 
     def run(self, *, context: dg.AssetExecutionContext, command: Sequence[str], run_dir: str,
-            extras: Mapping | None = None, env: Mapping[str, str] | None = None) -> dg.PipesClientCompletedInvocation:
+            outputs: Sequence[str] = (), extras: Mapping | None = None,
+            env: Mapping[str, str] | None = None) -> dg.PipesClientCompletedInvocation:
+        """Run `command` for its run directory; `outputs`: the files (names in the run directory) it leaves there
+        that the caller reads, which a backend whose job runs elsewhere copies back."""
         directory = Path(run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         messages = directory / PIPES_MESSAGES_FILE
@@ -41,13 +44,15 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
             message_reader=dg.PipesFileMessageReader(str(messages), cleanup_file=False),
             extras=extras,
         ) as session:
-            self.execute(context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()})
+            self.execute(context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()},
+                         tuple(outputs))
         return dg.PipesClientCompletedInvocation(session)
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
         return dg.PipesFileContextInjector(str(run_dir / PIPES_CONTEXT_FILE))
 
-    def execute(self, context: dg.AssetExecutionContext, command: list[str], run_dir: Path, env: dict[str, str]) -> None:
+    def execute(self, context: dg.AssetExecutionContext, command: list[str], run_dir: Path, env: dict[str, str],
+                outputs: tuple[str, ...] = ()) -> None:
         raise NotImplementedError
 
 
@@ -56,7 +61,7 @@ class LocalLauncher(RunLauncher):
 
     threads_per_run: int | None = None  # CPU threads of one run (OMP/MKL); set it when runs share the cores
 
-    def execute(self, context, command, run_dir, env):
+    def execute(self, context, command, run_dir, env, outputs=()):  # the outputs are already in run_dir
         threads = {} if self.threads_per_run is None else {
             "OMP_NUM_THREADS": str(self.threads_per_run), "MKL_NUM_THREADS": str(self.threads_per_run)}
         with open(run_dir / STDOUT_FILE, "w") as stdout, open(run_dir / STDERR_FILE, "w") as stderr:

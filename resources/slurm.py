@@ -3,12 +3,13 @@
 Owns the job script (every #SBATCH value validated — sbatch reads those lines without a shell, so
 nothing is quoted there and anything unexpected is refused before submission; shell lines use
 shlex quoting), submission with `sbatch --parsable`, watching with `scontrol show job -o` (falling
-back to `sacct` once the controller forgot the job) under backoff polling and a time budget, the
-mapping of final states to success or to a `dg.Failure` naming state, exit code, the job's stderr tail
-and a hint, and `scancel` when the Dagster run is terminated. SLURM is reached through `SlurmCommands`:
+back to `sacct` once the controller forgot the job; asking again, for a while, when SLURM gives no
+answer) under backoff polling and a time budget, the mapping of final states to success or to a
+`dg.Failure` naming state, exit code, the job's stderr tail and a hint, and `scancel` when the Dagster run is terminated. SLURM is reached through `SlurmCommands`:
 locally, or on a login node over one multiplexed OpenSSH connection with strict host keys.
 The run directory is on a filesystem both sides see, or, with `remote_runs_dir` in SSH mode, mirrored:
-inputs copied to the cluster, Pipes messages and job output tailed back over SSH, outputs fetched.
+inputs copied to the cluster, Pipes messages and job output tailed back over SSH, the outputs the caller
+names fetched.
 """
 
 import re
@@ -28,7 +29,8 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY
                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
 TRANSIENT_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}  # worth a retry: not the code's fault
 HINTS = {
-    "TIMEOUT": "the job hit its time limit: raise time_limit, or rerun — the trainer resumes from its last checkpoint",
+    "TIMEOUT": "the job hit its time limit: raise time_limit (with requeue on, the trainer checkpoints and the job "
+               "requeues itself signal_before_end_s before the limit; a TIMEOUT means that was too short to save)",
     "OUT_OF_MEMORY": "the job ran out of memory: raise mem (or lower batch_size / max_length)",
     "NODE_FAIL": "a node failed: transient, the partition is retried",
     "PREEMPTED": "the job was preempted: transient, the partition is retried",
@@ -40,6 +42,10 @@ HINTS = {
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@+/-]+$")
 TIME_LIMIT = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
+
+
+class SlurmUnreachable(RuntimeError):
+    """SLURM gave no answer (its controller busy or restarting, the SSH link down): worth asking again."""
 
 
 def _validated(name: str, value: str, pattern: re.Pattern = SAFE_VALUE) -> str:
@@ -105,9 +111,13 @@ class SlurmCommands:
     def read_from(self, remote_path: str, offset: int) -> bytes:
         """The bytes of a remote file from `offset` on (nothing if it does not exist yet)."""
         command = f"test -f {shlex.quote(remote_path)} && tail -c +{offset + 1} {shlex.quote(remote_path)} || true"
-        done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
+        try:
+            done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} gave no answer in {self.timeout_s:.0f} s") from None
         if done.returncode != 0:
-            raise RuntimeError(f"reading {self.ssh_host}:{remote_path} failed: {done.stderr.decode(errors='replace').strip()}")
+            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} failed: "
+                                   f"{done.stderr.decode(errors='replace').strip()}")
         return done.stdout
 
     def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -145,6 +155,8 @@ class SlurmLauncher(RunLauncher):
     poll_max_s: float = 30.0
     queue_wait_budget_s: float = 7 * 86400
     time_budget_factor: float = 3.0        # watch at most factor × time_limit (+ queue budget) per job
+    unreachable_budget_s: float = 600.0    # ask again this long while SLURM gives no answer (controller, SSH)
+    preempted_grace_s: float = 300.0       # with requeue: how long a PREEMPTED job may take to be PENDING again
     ssh_host: str | None = None            # submit on this login node over SSH (None: SLURM's CLI is local)
     ssh_user: str | None = None
     ssh_port: int = 22
@@ -215,7 +227,8 @@ class SlurmLauncher(RunLauncher):
             # read its own exit status (bash keeps it for `wait PID`).
             "while kill -0 $child 2>/dev/null; do wait $child; done",
             "wait $child; code=$?",
-            f"if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue \"$SLURM_JOB_ID\"; exit 0; fi",
+            # A requeue SLURM refuses fails the job (it saved only a checkpoint), rather than ending it COMPLETED.
+            f"if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue \"$SLURM_JOB_ID\" || exit 1; exit 0; fi",
             "exit $code",
         ]
         return "\n".join(lines) + "\n"
@@ -228,13 +241,22 @@ class SlurmLauncher(RunLauncher):
         return done.stdout.strip().split(";")[0]
 
     def job_state(self, job_id: str) -> dict[str, str]:
-        done = self.commands.run(["scontrol", "show", "job", "-o", job_id], check=False)
-        if done.returncode == 0 and "JobState=" in done.stdout:
-            return parse_scontrol(done.stdout)
-        accounting = self.commands.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], check=False)
+        """The job's scontrol record; once the controller forgot the job, its accounting record. SlurmUnreachable
+        when SLURM gave no answer (asked again by `watch`), RuntimeError when it answered that the job is unknown."""
+        try:
+            done = self.commands.run(["scontrol", "show", "job", "-o", job_id], check=False)
+            if done.returncode == 0 and "JobState=" in done.stdout:
+                return parse_scontrol(done.stdout)
+            accounting = self.commands.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
+                                           check=False)
+        except subprocess.TimeoutExpired as error:
+            raise SlurmUnreachable(f"`{shlex.join(error.cmd)}` gave no answer in {error.timeout:.0f} s") from None
         if accounting.returncode == 0 and accounting.stdout.strip():
             state, exit_code = accounting.stdout.strip().splitlines()[0].split("|")
             return {"JobState": state.split()[0], "ExitCode": exit_code, "Reason": "from sacct"}
+        if "Invalid job id" not in done.stderr:
+            raise SlurmUnreachable(f"`scontrol show job -o {job_id}` failed ({done.returncode}): "
+                                   f"{done.stderr.strip() or done.stdout.strip()}")
         raise RuntimeError(f"SLURM knows no job {job_id}: {done.stderr.strip()} {accounting.stderr.strip()}")
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
@@ -248,7 +270,7 @@ class SlurmLauncher(RunLauncher):
             raise ValueError("SLURM setting remote_runs_dir needs ssh_host (a remote cluster is reached over SSH)")
         return str(PurePosixPath(self.remote_runs_dir) / run_dir.parent.name / run_dir.name)
 
-    def execute(self, context, command, run_dir, env):
+    def execute(self, context, command, run_dir, env, outputs=()):
         job_name = f"{self.job_name_prefix}-{run_dir.parent.name}-{run_dir.name}"
         script = run_dir / JOB_SCRIPT
         try:
@@ -261,7 +283,8 @@ class SlurmLauncher(RunLauncher):
             script.write_text(self.job_script(command, job_dir, env, job_name, remote or str(Path.cwd())))
         except ValueError as error:  # a setting that must not reach sbatch: refused, never retried
             raise dg.Failure(str(error), allow_retries=False) from None
-        if remote:
+        if remote:  # made afresh, as the local run directory is: no earlier attempt's messages, outputs or checkpoints
+            self.commands.run(["rm", "-rf", "--", remote])
             self.commands.upload([p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != PIPES_MESSAGES_FILE],
                                  remote)
         job_id = self.submit(job_dir / JOB_SCRIPT)
@@ -277,7 +300,7 @@ class SlurmLauncher(RunLauncher):
                 raise
             raise dg.Failure(f"the run was terminated: SLURM job {job_id} cancelled", allow_retries=False) from error
         if remote:
-            self.fetch(remote, run_dir, job_id)
+            self.fetch(remote, run_dir, job_id, outputs)
         state, exit_code = final["JobState"], final.get("ExitCode", "?")
         if state == "COMPLETED" and exit_code.startswith("0:"):
             return
@@ -300,28 +323,44 @@ class SlurmLauncher(RunLauncher):
                 with open(local, "ab") as handle:
                     handle.write(data)
 
-    def fetch(self, remote: str, run_dir: Path, job_id: str) -> None:
-        """The job's final output and the trainer's results, copied back from the cluster."""
+    def fetch(self, remote: str, run_dir: Path, job_id: str, outputs: tuple[str, ...]) -> None:
+        """The job's final output and the outputs the caller named, copied back from the cluster."""
         self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
-        for name in ("run.json", "curve.parquet", "metrics.json"):
+        for name in outputs:
             (run_dir / name).unlink(missing_ok=True)
-        self.mirror(remote, run_dir, ["run.json", "curve.parquet", "metrics.json"])
+        self.mirror(remote, run_dir, list(outputs))
 
     def watch(self, context, job_id: str, run_dir: Path, remote: str | None = None) -> dict[str, str]:
         budget = self.queue_wait_budget_s + self.time_budget_factor * time_limit_seconds(self.time_limit)
         deadline, delay = time.monotonic() + budget, self.poll_initial_s
-        last_state, streamed = None, 0
+        last_state, streamed, unanswered_since, preempted_since = None, 0, None, None
         while True:
-            info = self.job_state(job_id)
+            try:
+                info = self.job_state(job_id)
+                if remote:
+                    self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
+            except SlurmUnreachable as error:
+                unanswered_since = unanswered_since or time.monotonic()
+                if time.monotonic() - unanswered_since > self.unreachable_budget_s:
+                    raise RuntimeError(f"SLURM gave no answer about job {job_id} for {self.unreachable_budget_s:.0f} s "
+                                       f"(unreachable_budget_s): {error}") from None
+                context.log.warning(f"SLURM job {job_id}: {error}; asking again")
+                time.sleep(delay)
+                delay = min(delay * 1.5, self.poll_max_s)
+                continue
+            unanswered_since = None
             state = info["JobState"]
-            if remote:
-                self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
             streamed = self._stream(context, run_dir / f"slurm-{job_id}.out", streamed)
             if state != last_state:
                 context.log.info(f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "
                                  f"restarts {info.get('Restarts', '0')})")
                 last_state, delay = state, self.poll_initial_s
-            if state in TERMINAL_STATES and not (state == "PREEMPTED" and self.requeue):
+            # A preempted job SLURM requeues (PreemptMode=REQUEUE) goes back to PENDING; one that stays PREEMPTED
+            # (PreemptMode=CANCEL) has ended, and its partition is retried.
+            preempted_since = (preempted_since or time.monotonic()) if state == "PREEMPTED" else None
+            awaiting_requeue = (preempted_since is not None and self.requeue
+                                and time.monotonic() - preempted_since < self.preempted_grace_s)
+            if state in TERMINAL_STATES and not awaiting_requeue:
                 return info
             if time.monotonic() > deadline:
                 raise dg.Failure(f"SLURM job {job_id} still {state} after {budget:.0f} s: cancelled", allow_retries=False)

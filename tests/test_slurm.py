@@ -109,7 +109,7 @@ def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_in
         assert json.loads((run_dir / "run.json").read_text())["cuda_visible_devices"] in ("0", "1")
         assert (run_dir / f"slurm-{job_id}.out").read_text().count("step 6/6") == 1
         assert (run_dir / "pipes_messages.jsonl").exists()
-    assets, resources = _definitions(tmp_path)
+    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)  # the runs' settings: the table's runs
     table = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
                            resources=resources).output_for_node("correspondence_table")["table"]
     assert table.set_index(["split", "metric"]).loc[("S8_region", "mean_heldout_acc_tail"), "n_seeds"] == 1
@@ -367,3 +367,44 @@ def test_ssh_mode_with_a_remote_run_directory_mirrors_inputs_messages_and_output
     assert "report_asset_materialization" in (run_dir / "pipes_messages.jsonl").read_text()
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
     assert "step 6/6" in (run_dir / f"slurm-{job_id}.out").read_text()
+
+
+def test_ssh_mode_with_a_remote_run_directory_builds_reference_logps(cluster_instance, local_sshd, tmp_path):
+    """The reference job's output is copied back too: every asset names the files it reads from its run."""
+    cluster_tmp, instance = cluster_instance
+    assets, resources = _definitions(cluster_tmp, max_steps=6, logging_steps=2)
+    resources["launcher"] = _launcher(**local_sshd, remote_runs_dir=str(tmp_path / "cluster-scratch"))
+    earlier = tmp_path / "cluster-scratch" / "runs" / "reference" / "pipes_messages.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"__dagster_pipes_version": "0.1", "method": "closed", "params": {}}\n')  # an earlier attempt's
+    result = dg.materialize(assets, selection=[dg.AssetKey("reference_logps")], instance=instance, resources=resources,
+                            raise_on_error=False)
+    assert result.success, _failure(result)
+    assert earlier.read_text().count('"method": "closed"') == 1  # the remote directory was made afresh
+    fetched = cluster_tmp / "runs" / "reference" / "reference_logps.parquet"
+    assert fetched.read_bytes() == (tmp_path / "cluster-scratch" / "runs" / "reference" / fetched.name).read_bytes()
+
+
+def test_a_controller_that_stops_answering_for_a_while_does_not_fail_the_partition(cluster_instance):
+    """slurmctld frozen (SIGSTOP) for 30 s while a job runs: scontrol times out; the launcher asks again and the run ends
+    as usual — it neither cancels the job nor takes the silence for a vanished job."""
+    tmp_path, instance = cluster_instance
+    cell = "S7_diversity.A"
+    run_dir = tmp_path / "runs" / cell / "seed0"
+    controller = int((Path(os.environ.get("SLURM_CI_DIR", "/tmp/prism-slurm")) / "slurmctld.pid").read_text())
+
+    def freeze_the_controller():
+        _job_id(run_dir)
+        os.kill(controller, signal.SIGSTOP)
+        try:
+            time.sleep(30)  # scontrol gives up on a silent controller after 20 s here
+        finally:
+            os.kill(controller, signal.SIGCONT)
+
+    thread = _in_background(freeze_the_controller)
+    result, _ = _run(cluster_instance, cell, _launcher(), max_steps=20, logging_steps=4)
+    thread.join()
+    assert result.success, _failure(result)
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("asking again" in message for message in messages), messages[-20:]
+    assert not any("cancelling SLURM job" in message for message in messages)

@@ -3,7 +3,7 @@
 import pytest
 
 from prism_assets import dpo, versions
-from prism_assets.definitions import settings_from_env
+from prism_assets.definitions import int_from_env, settings_from_env
 
 
 def test_source_version_ignores_comments_layout_and_docstrings_but_not_code(tmp_path, monkeypatch):
@@ -55,3 +55,13 @@ def test_settings_from_env_converts_types_and_names_unknown_variables(monkeypatc
     monkeypatch.setenv("DPO_MAX_STEPS", "many")
     with pytest.raises(ValueError, match="DPO_MAX_STEPS='many'"):
         settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))
+
+
+def test_an_integer_variable_that_is_no_integer_is_named(monkeypatch):
+    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", "two")
+    with pytest.raises(ValueError, match="PRISM_SEEDS_PER_TICK='two': expected an integer"):
+        int_from_env("PRISM_SEEDS_PER_TICK", 2)
+    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", " 3 ")
+    assert int_from_env("PRISM_SEEDS_PER_TICK", 2) == 3
+    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", "")
+    assert int_from_env("PRISM_SEEDS_PER_TICK", 2) == 2
