@@ -80,16 +80,20 @@ class DpoSettings(dg.ConfigurableResource):
         return self.base_model
 
 
-def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None) -> pd.DataFrame:
-    """The pairs of one cell: all pairs for the baseline, else the pairs of the group's users."""
-    if split is None:
-        return pairs
+def group_users(splits: dict, split: str, group: str) -> pd.Series:
+    """The user ids of one group of a split in significant_splits (a split it does not have: a final failure)."""
     membership = splits["membership"]
     if split not in set(membership["split"]):
         raise dg.Failure(f"split {split!r} is not in significant_splits (have {sorted(set(membership['split']))}); "
                          "rematerialize significant_splits or drop the stale partition", allow_retries=False)
-    users = membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"]
-    return pairs[pairs["user_id"].isin(set(users))]
+    return membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"]
+
+
+def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None) -> pd.DataFrame:
+    """The pairs of one cell: all pairs for the baseline, else the pairs of the group's users."""
+    if split is None:
+        return pairs
+    return pairs[pairs["user_id"].isin(set(group_users(splits, split, group)))]
 
 
 def membership_digest(splits: dict, split: str | None, group: str | None) -> str | None:
@@ -98,8 +102,7 @@ def membership_digest(splits: dict, split: str | None, group: str | None) -> str
     (another preset, α or fit)."""
     if split is None:
         return None
-    membership = splits["membership"]
-    users = sorted(membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"].astype(str))
+    users = sorted(group_users(splits, split, group).astype(str))
     return hashlib.sha256("\n".join(users).encode()).hexdigest()[:16]
 
 
@@ -179,8 +182,8 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
                      command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)])
         output = run_dir / config.output_path
         if not output.exists():
-            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see its stderr there: stderr.log, or "
-                             "slurm-<job id>.err under SLURM)",
+            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see its stderr there: "
+                             "stderr.log, or slurm-<job id>.err under SLURM)",
                              allow_retries=False)
         frame = pd.read_parquet(output)
         absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]

@@ -41,9 +41,8 @@ def current_runs(runs: pd.DataFrame, splits: dict, settings_fingerprint: str) ->
     reasons = pd.Series(None, index=runs.index, dtype="object")
     gone = runs["split"].notna() & ~runs["split"].isin(names)
     reasons[gone] = "split no longer in significant_splits"
-    other_users = ~gone & runs["split"].notna() & ~unchecked & pd.Series(
-        [expected.get((s, g)) != d for s, g, d in zip(runs["split"], runs["group"], runs["membership_digest"])],
-        index=runs.index, dtype=bool)
+    expected_digest = pd.Series([expected.get((s, g)) for s, g in zip(runs["split"], runs["group"])], index=runs.index)
+    other_users = ~gone & runs["split"].notna() & ~unchecked & (runs["membership_digest"] != expected_digest)
     reasons[other_users] = "trained on other users than the group now holds"
     other_settings = reasons.isna() & ~unchecked & (runs["settings_fingerprint"] != settings_fingerprint)
     reasons[other_settings] = "trained under other DPO settings"

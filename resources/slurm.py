@@ -5,8 +5,9 @@ nothing is quoted there and anything unexpected is refused before submission; sh
 shlex quoting), submission with `sbatch --parsable`, watching with `scontrol show job -o` (falling
 back to `sacct` once the controller forgot the job; asking again, for a while, when SLURM gives no
 answer) under backoff polling and a time budget, the mapping of final states to success or to a
-`dg.Failure` naming state, exit code, the job's stderr tail and a hint, and `scancel` when the Dagster run is terminated. SLURM is reached through `SlurmCommands`:
-locally, or on a login node over one multiplexed OpenSSH connection with strict host keys.
+`dg.Failure` naming state, exit code, the job's stderr tail and a hint, and `scancel` when the Dagster
+run is terminated. SLURM is reached through `SlurmCommands`: locally, or on a login node over one
+multiplexed OpenSSH connection with strict host keys.
 The run directory is on a filesystem both sides see, or, with `remote_runs_dir` in SSH mode, mirrored:
 inputs copied to the cluster, Pipes messages and job output tailed back over SSH, the outputs the caller
 names fetched.
@@ -114,7 +115,8 @@ class SlurmCommands:
         try:
             done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} gave no answer in {self.timeout_s:.0f} s") from None
+            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} gave no answer in "
+                                   f"{self.timeout_s:.0f} s") from None
         if done.returncode != 0:
             raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} failed: "
                                    f"{done.stderr.decode(errors='replace').strip()}")

@@ -115,7 +115,8 @@ def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter)
             reporter.info(f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
                           "trying the checkpoint before it")
             continue
-        ours, theirs = trajectory(cfg), state.get("trajectory", trajectory(cfg))
+        ours = trajectory(cfg)
+        theirs = state.get("trajectory", ours)  # a checkpoint from before checkpoints carried their settings
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         if changed:
             raise ValueError(f"{candidate} was written by a run with other settings: " +
