@@ -8,7 +8,7 @@ once by `reference_logps` (their one-off cost printed apart: it is shared by eve
 reference model, no gradient checkpointing, padding-free rows (`packing`: FlashAttention's varlen
 kernel on CUDA), the LM head only where a completion token is predicted, no Trainer loop, no wait for
 the device between logging steps. `trl+refs` is TRL's DPOTrainer given the same precomputed references and settings
-(`prism_assets.training.trl_dpo.make_trainer`), to show what the references alone buy. All train the
+(`trl_reference.make_trainer`), to show what the references alone buy. All train the
 same model on the same conversational pairs whose token lengths follow PRISM's (prompt and earlier
 turns ≈ 60 tokens, responses ≈ 565 ± 388 characters ≈ 140 tokens).
 
@@ -40,6 +40,7 @@ from types import SimpleNamespace
 
 import warnings
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # trl_reference: TRL configured as the step
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
@@ -51,7 +52,8 @@ import torch  # noqa: E402
 from prism_assets.training import engine, packing, tiny_model  # noqa: E402
 from prism_assets.training.logps import sequences_of, tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
-from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig  # noqa: E402
+from prism_assets.training.run_files import REFERENCE_COLUMNS  # noqa: E402
+from prism_assets.training.settings import RunConfig  # noqa: E402
 
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
 HELDOUT_PAIRS = 256                 # the original recipe's held-out set (heldout_max_pairs)
@@ -116,7 +118,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from prism_assets.training.trl_dpo import make_trainer
+    from trl_reference import make_trainer
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -207,7 +209,7 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
 def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> dict:
     """Milliseconds (and on CUDA the peak memory) of one held-out evaluation as the trainer runs it
     (`HeldoutEvaluator`), after one untimed."""
-    from prism_assets.training.dpo import HeldoutEvaluator
+    from prism_assets.training.trainer import HeldoutEvaluator
 
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     evaluator.evaluate(model)
@@ -223,7 +225,7 @@ def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -
 
 def checkpoint_cost(directory: Path, cfg: RunConfig, model, optimizer, schedule) -> dict:
     """Seconds and size of one checkpoint as the trainer writes it (`save_checkpoint`)."""
-    from prism_assets.training.dpo import save_checkpoint
+    from prism_assets.training.trainer import save_checkpoint
 
     started = time.perf_counter()
     target = save_checkpoint(directory, 1, cfg, model, optimizer, schedule, [])

@@ -15,8 +15,9 @@ import dagster as dg
 import pandas as pd
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
-from prism_assets import data, stats
-from prism_assets.prism import loading, ordered_logit, pairs, splits, synthetic
+from prism_assets.assets import data, stats
+from prism_assets.dataset import loading, pairs, synthetic
+from prism_assets.statistics import ordered_logit, splits
 from resources.io_managers import ParquetIOManager
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import TypeAdapter, ValidationError
 
-from prism_assets import automation, data, dpo, report, stats, versions
-from prism_assets.training.run_config import step_problem
+from prism_assets import automation, versions
+from prism_assets.assets import data, dpo, report, stats
+from prism_assets.training.settings import RECIPES, step_problem
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 from resources.slurm import SlurmLauncher
@@ -89,9 +90,9 @@ def _launcher():
 
 def _recipe() -> dict:
     name = os.environ.get("DPO_RECIPE", "tiny")
-    if name not in dpo.RECIPES:
-        raise ValueError(f"DPO_RECIPE={name!r}: expected one of {sorted(dpo.RECIPES)}")
-    return dpo.RECIPES[name]
+    if name not in RECIPES:
+        raise ValueError(f"DPO_RECIPE={name!r}: expected one of {sorted(RECIPES)}")
+    return RECIPES[name].training_values()
 
 
 def dpo_settings_from_env() -> dpo.DpoSettings:

@@ -3,7 +3,7 @@
 Owns `source_version(*modules)`: a short hash of the modules' syntax trees with docstrings removed, so
 comments, formatting and documentation do not count as a change, while any edit to what the code does
 does. Every asset's `code_version` is built from the modules it runs: its asset module and the logic
-modules under `prism_assets.prism` / `prism_assets.training` it names, together with every logic
+modules under `prism_assets.dataset` / `.statistics` / `.training` it names, together with every logic
 module those import, found in their source (`code_modules`) — so a module added to the trainer counts
 without anyone listing it. Dagster marks that asset — and, through data versions, everything downstream
 of it — unsynced after such an edit, and nothing else. (An asset module's own imports are not followed:
@@ -43,7 +43,7 @@ def _source(module: ModuleType | str) -> tuple[str, str]:
     return module, Path(spec.origin).read_text()
 
 
-LOGIC_PACKAGES = ("prism_assets.prism", "prism_assets.training")
+LOGIC_PACKAGES = ("prism_assets.dataset", "prism_assets.statistics", "prism_assets.training")
 
 
 def _is_logic(name: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prism_assets.prism import schema
+from prism_assets.dataset import schema
 
 
 def survey_row(user_id: str, **overrides) -> dict:

@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 
-from prism_assets.prism import synthetic  # noqa: E402
+from prism_assets.dataset import synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +35,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_pairs_path(small_synthetic_dir, tmp_path_factory) -> Path:
     """within_model_pairs of the 300-user synthetic PRISM, as parquet."""
-    from prism_assets.prism.loading import load_prism_directory
-    from prism_assets.prism.pairs import within_model_pairs
+    from prism_assets.dataset.loading import load_prism_directory
+    from prism_assets.dataset.pairs import within_model_pairs
 
     tables = load_prism_directory(small_synthetic_dir)
     path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"

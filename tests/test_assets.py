@@ -3,7 +3,8 @@
 import dagster as dg
 import pytest
 
-from prism_assets import data, definitions, stats
+from prism_assets import definitions
+from prism_assets.assets import data, stats
 from resources.io_managers import ParquetIOManager, read_bundle
 
 ASSETS = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]

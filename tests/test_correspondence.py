@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from prism_assets.prism import correspondence as corr
+from prism_assets.statistics import correspondence as corr
 
 
 def _runs(per_split: dict[str, list[tuple[float, float]]], se: float = 0.0) -> pd.DataFrame:

@@ -5,7 +5,8 @@ import json
 import dagster as dg
 import pytest
 
-from prism_assets import data, dpo, partitions, report, stats, versions
+from prism_assets import partitions, versions
+from prism_assets.assets import data, dpo, report, stats
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 
@@ -145,11 +146,11 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert "| S1_age" in event.materialization.metadata["correspondence"].value
 
 
-def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps(caplog):
+def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps():
     import numpy as np
     import pandas as pd
 
-    from prism_assets.training.run_config import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, pair_text_digests
+    from prism_assets.training.run_files import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, pair_text_digests
 
     def texts(ids, answer="yes"):
         return pd.DataFrame({"pair_id": ids, "prompt": [[{"role": "user", "content": f"q {i}"}] for i in ids],
@@ -164,11 +165,6 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
     merged = dpo.with_references(pairs, references)
     assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [[1, 7], [0, 7]]
     assert list(merged.columns) == [*pairs.columns, *REFERENCE_COLUMNS, *TOKEN_COLUMNS]  # the digest stays behind
-    # a reference_logps value from before it stored ids and digests: the log-probs alone (the run then tokenizes)
-    with caplog.at_level("WARNING"):
-        older = dpo.with_references(pairs, references.drop(columns=[*TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]))
-    assert list(older.columns) == [*pairs.columns, *REFERENCE_COLUMNS]
-    assert "reference_logps has no text digests" in caplog.text  # unchecked, and the log says so
     with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
         dpo.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
     # the same pair ids with other text (another PRISM release or synthetic configuration): every pair is compared
@@ -191,13 +187,34 @@ def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
     older_b = digest({"membership": membership.replace({"u4": "u5"})}, "S1", "B")
     rows = [("baseline", None, None, None, "f"), ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f"),
             ("S1.B", "S1", "B", older_b, "f"), ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g"),
-            ("S9.A", "S9", "A", "0" * 16, "f"), ("S2.B", "S2", "B", None, None)]
+            ("S9.A", "S9", "A", "0" * 16, "f"), ("S2.B", "S2", "B", digest(splits, "S2", "B"), "f")]
     runs = pd.DataFrame([{"cell": c, "split": s, "group": g, "seed": 0, "membership_digest": d,
                           "settings_fingerprint": f} for c, s, g, d, f in rows])
     kept, left_out = report.current_runs(runs, splits, "f")
     assert list(kept["cell"]) == ["baseline", "S1.A", "S2.B"]
     assert left_out == {"split no longer in significant_splits": ["S9.A seed 0"],
                         "trained on other users than the group now holds": ["S1.B seed 0"],
-                        "trained under other DPO settings": ["S2.A seed 0"],
-                        "kept unchecked (recorded no membership or settings)": 1}
+                        "trained under other DPO settings": ["S2.A seed 0"]}
     assert digest(splits, None, None) is None and digest(splits, "S1", "A") != digest(splits, "S1", "B")
+
+
+def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
+    """Each field of the schema, set to a value other than its default, arrives in the config the trainer reads
+    (parsed as the trainer parses it); the resource's other fields say only where runs live and run."""
+    from prism_assets.training.settings import RunConfig, TrainingSettings
+
+    assert set(dpo.DpoSettings.model_fields) - set(TrainingSettings.model_fields) == {
+        "models_dir", "runs_dir", "reports_dir", "python"}
+    changed = {"base_model": str(tmp_path / "model"), "max_steps": 40, "batch_size": 4, "beta": 0.2,
+               "learning_rate": 2e-4, "logging_steps": 4, "eval_steps": 8, "max_length": 128,
+               "heldout_fraction": 0.2, "heldout_max_pairs": 32, "balance_groups": True,
+               "gradient_checkpointing": True, "checkpoint_steps": 8, "checkpoint_minutes": 5.0, "device": "cpu"}
+    assert set(changed) == set(TrainingSettings.model_fields)  # a new setting must be listed here, and is checked
+    defaults = TrainingSettings()
+    assert all(getattr(defaults, name) != value for name, value in changed.items())
+    settings = dpo.DpoSettings(**changed)
+    path = tmp_path / "config.json"
+    path.write_text(dpo.run_config(settings, "S1_age.A", 3, max_train_pairs=None).model_dump_json())
+    config = RunConfig.from_json(path)
+    assert {name: getattr(config, name) for name in changed} == changed
+    assert (config.seed, config.label["cell"]) == (3, "S1_age.A")

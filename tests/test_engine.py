@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from prism_assets.training import engine
-from prism_assets.training.trl_dpo import make_trainer
+from trl_reference import make_trainer
 from prism_assets.training.logps import tokenize_pairs
 from prism_assets.training.reference import reference_logps
-from prism_assets.training.run_config import REFERENCE_COLUMNS, RunConfig
+from prism_assets.training.run_files import REFERENCE_COLUMNS
+from prism_assets.training.settings import RunConfig
 
 STEPS, BATCH, MAX_LENGTH = 4, 8, 96
 

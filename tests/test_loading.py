@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from builders import conversation, survey_row, write_prism
-from prism_assets.prism.loading import PrismFormatError, load_prism_directory
+from prism_assets.dataset.loading import PrismFormatError, load_prism_directory
 
 
 def _two_user_prism(tmp_path):
@@ -95,7 +95,7 @@ def test_hub_source_reads_the_hub_cache_offline(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     for name in ("survey", "conversations", "utterances"):
         (snapshot / f"{name}.jsonl").write_bytes((source / f"{name}.jsonl").read_bytes())
-    code = ("from prism_assets.prism.loading import load_prism_hub; t = load_prism_hub(); "
+    code = ("from prism_assets.dataset.loading import load_prism_hub; t = load_prism_hub(); "
             "print(t.source, len(t.survey), len(t.utterances))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -104,7 +104,7 @@ def test_hub_source_reads_the_hub_cache_offline(tmp_path):
 
 
 def test_hub_source_without_cache_fails_offline_instead_of_falling_back(tmp_path):
-    code = "from prism_assets.prism.loading import load_prism_hub; load_prism_hub()"
+    code = "from prism_assets.dataset.loading import load_prism_hub; load_prism_hub()"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

@@ -8,11 +8,11 @@ import pytest
 from scipy import stats
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
-from prism_assets.prism.loading import load_prism_directory
-from prism_assets.prism.ordered_logit import (
+from prism_assets.dataset.loading import load_prism_directory
+from prism_assets.statistics.ordered_logit import (
     CovariateSpec, LogitOrderedModel, cluster_robust_ordered_logit, gap_outcome, quartile_boundaries,
 )
-from prism_assets.prism.pairs import within_model_pairs
+from prism_assets.dataset.pairs import within_model_pairs
 
 
 def test_fast_logit_model_matches_stock_ordered_model_with_clustered_errors():
@@ -99,7 +99,7 @@ def test_a_level_is_rare_by_its_users_with_pairs_not_its_survey_respondents():
 
 
 def test_a_non_text_covariate_splits_its_users_by_the_fitted_levels():
-    from prism_assets.prism.splits import splits_from_fit
+    from prism_assets.statistics.splits import splits_from_fit
 
     levels = np.repeat([1, 2, 3], 100)  # e.g. a count: the fit names its levels "1", "2", "3"
     users, pairs = _users_and_pairs(levels, {3: 1.5}, seed=1)

@@ -1,8 +1,8 @@
 """Within-model pairs on hand-built PRISM rows: what becomes a pair, what is dropped and why."""
 
 from builders import conversation, survey_row, write_prism
-from prism_assets.prism.loading import load_prism_directory
-from prism_assets.prism.pairs import within_model_pairs
+from prism_assets.dataset.loading import load_prism_directory
+from prism_assets.dataset.pairs import within_model_pairs
 
 
 def _pairs(tmp_path, conversations):

@@ -12,7 +12,7 @@ import torch
 
 from prism_assets.training.logps import messages, sequences_of, token_columns, tokenize_pairs
 from prism_assets.training.reference import reference_logps
-from prism_assets.training.run_config import REFERENCE_COLUMNS, TOKEN_COLUMNS
+from prism_assets.training.run_files import REFERENCE_COLUMNS, TOKEN_COLUMNS
 
 # Stated tolerance: 2e-4 relative (at most 0.05 nats on these sums of 10–300 token log-probs). Same token ids,
 # fp32 on CPU, but TRL computes the LM head in chunks and pads batches differently: the float rounding of
@@ -80,7 +80,7 @@ def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made
         sequences_of(tokenizer, missing, 96)
 
 
-def _run(tmp_path, name, module="prism_assets.training.dpo", **config):
+def _run(tmp_path, name, module="prism_assets.training.trainer", **config):
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
     done = subprocess.run([sys.executable, "-m", module, "--config", str(tmp_path / f"{name}.json")],
                           capture_output=True, text=True, timeout=300)

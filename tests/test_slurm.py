@@ -239,7 +239,7 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
     config = json.loads((run_dir / "config.json").read_text()) | {
         "output_dir": str(tmp_path / "uninterrupted"), "pairs_path": str(run_dir / "pairs.parquet")}
     (tmp_path / "uninterrupted.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / "uninterrupted.json")],
+    subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "uninterrupted.json")],
                    check=True, capture_output=True, cwd=REPO)
     straight = pd.read_parquet(tmp_path / "uninterrupted" / "curve.parquet")
     pd.testing.assert_frame_equal(resumed, straight, rtol=1e-6, atol=1e-7)

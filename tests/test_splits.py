@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from builders import survey_row
-from prism_assets.prism.loading import tables_from_rows
-from prism_assets.prism.splits import safe_split_name, splits_from_fit, v3_splits
+from prism_assets.dataset.loading import tables_from_rows
+from prism_assets.statistics.splits import safe_split_name, splits_from_fit, v3_splits
 
 
 def _survey(rows):

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from prism_assets.prism import schema, synthetic
+from prism_assets.dataset import schema, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import sys
 import pandas as pd
 import pytest
 
-from prism_assets.training.dpo import HeldoutEvaluator
+from prism_assets.training.trainer import HeldoutEvaluator
 from prism_assets.training.metrics import summarize_curve
-from prism_assets.training.run_config import RunConfig, split_heldout
+from prism_assets.training.run_files import split_heldout
+from prism_assets.training.settings import RunConfig
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
 
 
@@ -21,7 +22,7 @@ def _train(tmp_path, name, model, pairs, log=False, **overrides):
               "max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128,
               "heldout_max_pairs": 16, **overrides}
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / f"{name}.json")],
+    done = subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / f"{name}.json")],
                           capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr if log else out
@@ -77,10 +78,10 @@ def test_heldout_pairs_are_the_same_whatever_the_seed_or_subset(small_pairs_path
 
 def test_unknown_or_missing_config_keys_are_named(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "sed": 1}))
-    with pytest.raises(ValueError, match=r"unknown RunConfig keys \['sed'\]"):
+    with pytest.raises(ValueError, match=r"c.json: RunConfig: missing key 'seed'; unknown key 'sed'"):
         RunConfig.from_json(tmp_path / "c.json")
     (tmp_path / "d.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o"}))
-    with pytest.raises(ValueError, match=r"lacks \['seed'\]"):
+    with pytest.raises(ValueError, match=r"d.json: RunConfig: missing key 'seed'"):
         RunConfig.from_json(tmp_path / "d.json")
 
 
@@ -135,7 +136,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(first_run
     (out / "metrics.json").unlink()
     config = json.loads((tmp_path / "resume.json").read_text())
     (tmp_path / "other.json").write_text(json.dumps({**config, "beta": 0.2, "seed": 1, "checkpoint_steps": 4}))
-    done = subprocess.run([sys.executable, "-m", "prism_assets.training.dpo", "--config", str(tmp_path / "other.json")],
+    done = subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "other.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "checkpoint-6 was written by a run with other settings: beta 0.1 (now 0.2), seed 0 (now 1); delete" \

@@ -2,7 +2,8 @@
 
 import pytest
 
-from prism_assets import dpo, versions
+from prism_assets import versions
+from prism_assets.assets import dpo
 from prism_assets.definitions import int_from_env, settings_from_env
 
 
@@ -21,10 +22,10 @@ def test_source_version_ignores_comments_layout_and_docstrings_but_not_code(tmp_
 
 def test_code_versions_follow_the_logic_modules_imports(tmp_path, monkeypatch):
     # The trainer's own imports decide what a DPO run's code version covers: nobody lists the step's modules.
-    covered = versions.code_modules(dpo, "prism_assets.training.dpo")
+    covered = versions.code_modules(dpo, "prism_assets.training.trainer")
     assert {"prism_assets.training.engine", "prism_assets.training.logps", "prism_assets.training.packing",
             "prism_assets.training.metrics"} <= set(covered)
-    assert "prism_assets.prism.pairs" not in covered and "prism_assets.versions" not in covered
+    assert "prism_assets.dataset.pairs" not in covered and "prism_assets.versions" not in covered
     # an edit to a module reached only through imports changes the version
     package = tmp_path / "prism_assets" / "training"
     package.mkdir(parents=True)

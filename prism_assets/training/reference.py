@@ -20,7 +20,8 @@ import torch
 
 from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
-from prism_assets.training.run_config import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, ReferenceConfig, pair_text_digests
+from prism_assets.training.run_files import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, pair_text_digests
+from prism_assets.training.settings import ReferenceConfig
 
 
 def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batch_size: int) -> pd.DataFrame:

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 
 def _corpus() -> list[str]:
     """Training text: the synthetic PRISM's vocabulary, chat roles and plain English punctuation."""
-    from prism_assets.prism import synthetic
+    from prism_assets.dataset import synthetic
 
     lines = [*synthetic.SENTENCES, *synthetic.FOLLOW_UPS, *synthetic.OPENERS.values(),
              *(frame for frames in synthetic.STYLE_FRAMES.values() for frame in frames)]

@@ -18,7 +18,7 @@ from scipy import special, stats
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 from statsmodels.tools.numdiff import approx_fprime
 
-from prism_assets.prism import schema
+from prism_assets.dataset import schema
 
 DEFAULT_CATEGORICAL = ("age", "education", "gender", "lm_familiarity", "location_special_region")
 DEFAULT_CONTINUOUS = tuple(f"stated_prefs_{name}" for name in schema.STATED_PREFS)

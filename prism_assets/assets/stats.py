@@ -12,8 +12,8 @@ import dagster as dg
 import pandas as pd
 
 from prism_assets import partitions, plots, versions
-from prism_assets.data import markdown_table
-from prism_assets.prism import ordered_logit, splits as splits_lib
+from prism_assets.assets.data import markdown_table
+from prism_assets.statistics import ordered_logit, splits as splits_lib
 
 
 class OrderedLogitConfig(dg.Config):

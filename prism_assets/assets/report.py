@@ -12,9 +12,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from prism_assets import dpo, partitions, plots, versions
-from prism_assets.data import markdown_table
-from prism_assets.prism import correspondence
+from prism_assets import partitions, plots, versions
+from prism_assets.assets import dpo
+from prism_assets.assets.data import markdown_table
+from prism_assets.statistics import correspondence
 
 
 class ReportConfig(dg.Config):
@@ -23,7 +24,7 @@ class ReportConfig(dg.Config):
 
 def runs_table(runs: dict) -> pd.DataFrame:
     rows = [{"cell": run["cell"], "split": run["split"], "group": run["group"], "seed": int(run["seed"]),
-             "membership_digest": run.get("membership_digest"), "settings_fingerprint": run.get("settings_fingerprint"),
+             "membership_digest": run["membership_digest"], "settings_fingerprint": run["settings_fingerprint"],
              **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]}}
             for run in runs.values()]
     return pd.DataFrame(rows)
@@ -33,23 +34,19 @@ def current_runs(runs: pd.DataFrame, splits: dict, settings_fingerprint: str) ->
     """(the runs the table is made of, the others as reason → "cell seed N" list). Left out: a run whose split
     `significant_splits` no longer has, one that trained on other users than the split's group now holds (a split
     name is reused by another preset, α or fit), and one trained under other DPO settings than the code location's
-    — each would be scored against a prediction or averaged with runs it was not made for. A run recorded before
-    runs carried their membership and settings is kept, counted as unchecked."""
+    — each would be scored against a prediction or averaged with runs it was not made for."""
     names = set(splits["splits"]["split"])
     expected = {(s, g): dpo.membership_digest(splits, s, g) for s in names for g in partitions.GROUPS}
-    unchecked = runs["membership_digest"].isna() & runs["settings_fingerprint"].isna()
     reasons = pd.Series(None, index=runs.index, dtype="object")
     gone = runs["split"].notna() & ~runs["split"].isin(names)
     reasons[gone] = "split no longer in significant_splits"
     expected_digest = pd.Series([expected.get((s, g)) for s, g in zip(runs["split"], runs["group"])], index=runs.index)
-    other_users = ~gone & runs["split"].notna() & ~unchecked & (runs["membership_digest"] != expected_digest)
+    other_users = ~gone & runs["split"].notna() & (runs["membership_digest"] != expected_digest)
     reasons[other_users] = "trained on other users than the group now holds"
-    other_settings = reasons.isna() & ~unchecked & (runs["settings_fingerprint"] != settings_fingerprint)
+    other_settings = reasons.isna() & (runs["settings_fingerprint"] != settings_fingerprint)
     reasons[other_settings] = "trained under other DPO settings"
     left_out = {reason: [f"{cell} seed {seed}" for cell, seed in zip(group["cell"], group["seed"])]
                 for reason, group in runs[reasons.notna()].groupby(reasons[reasons.notna()], sort=True)}
-    if unchecked.any():
-        left_out["kept unchecked (recorded no membership or settings)"] = int(unchecked.sum())
     return runs[reasons.isna()].reset_index(drop=True), left_out
 
 

@@ -2,7 +2,7 @@
 
 Owns where PRISM comes from (`PrismSource`: synthetic, a local directory, or the Hub — one setting,
 never a silent fallback) and the metadata a researcher reads in the UI: the source, row counts, and
-every dropped row counted by reason. The logic lives in `prism_assets.prism`; these assets wire it.
+every dropped row counted by reason. The logic lives in `prism_assets.dataset`; these assets wire it.
 """
 
 
@@ -13,7 +13,7 @@ import dagster as dg
 import pandas as pd
 
 from prism_assets import versions
-from prism_assets.prism import loading, pairs as pairs_lib, schema, synthetic
+from prism_assets.dataset import loading, pairs as pairs_lib, schema, synthetic
 
 SYNTHETIC, HUB = "synthetic", "hf"
 

@@ -1,13 +1,10 @@
-"""DPO assets: `group_dpo_run`, one DPO run per (cell, seed) partition, through a launcher resource.
+"""DPO assets: `reference_logps`, and `group_dpo_run`, one DPO run per (cell, seed) partition, through a launcher.
 
-Owns the DPO settings (`DpoSettings`: base model and hyperparameters; their fingerprint is part of
-the asset's code version, so changing one marks every DPO partition unsynced and nothing upstream),
-the run directory layout (`<runs_dir>/<cell>/seed<seed>/`: config.json, pairs.parquet, then what the
-trainer and launcher write) and reading a finished run back: a missing or corrupt output fails the
-partition with an error naming the file.
+Owns the DPO settings resource (the schema's fields plus where things live; their fingerprint is part of
+the assets' code versions), the run directory (`<runs_dir>/<cell>/seed<seed>/`) and reading a finished
+run back: a missing or corrupt output fails the partition naming the file.
 """
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,56 +15,42 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
-from prism_assets.training.run_config import (
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, ReferenceConfig,
-    RunConfig, pair_text_digests, split_heldout)
+from prism_assets.training.run_files import (
+    CURVE_FILE,
+    METRICS_FILE,
+    REFERENCE_COLUMNS,
+    RUN_CONFIG_FILE,
+    TEXT_DIGEST_COLUMN,
+    TOKEN_COLUMNS,
+    pair_text_digests,
+    split_heldout,
+)
+from prism_assets.training.settings import LEARNS, REFERENCE, ReferenceConfig, RunConfig, TrainingSettings, fields_where
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
 # and the builder of the embedded base model.
-CODE_VERSION = versions.source_version(sys.modules[__name__], "prism_assets.training.dpo", "prism_assets.training.tiny_model")
+CODE_VERSION = versions.source_version(sys.modules[__name__], "prism_assets.training.trainer", "prism_assets.training.tiny_model")
 REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.reference", "prism_assets.training.tiny_model")
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
-REFERENCE_FIELDS = ("base_model", "max_length")  # what the base model's log-probs of a pair depend on
-TRAINING_FIELDS = ("base_model", "max_steps", "batch_size", "beta", "learning_rate", "logging_steps", "eval_steps",
-                   "max_length", "heldout_fraction", "heldout_max_pairs", "balance_groups", "gradient_checkpointing")
+TRAINING_FIELDS = fields_where(TrainingSettings, LEARNS)  # what a run learns depends on
+REFERENCE_FIELDS = fields_where(TrainingSettings, REFERENCE)  # what the base model's log-probs of a pair depend on
 
 
-# `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
-RECIPES = {
-    "tiny": {},
-    "original": {"max_steps": 2000, "batch_size": 8, "beta": 0.1, "learning_rate": 5e-6, "logging_steps": 25,
-                 "eval_steps": 100, "max_length": 1024, "heldout_max_pairs": 256, "checkpoint_minutes": 10},
-}
+class DpoSettings(TrainingSettings, dg.ConfigurableResource):
+    """The schema's settings of every DPO run (`TrainingSettings`), and where runs, models and reports live."""
 
-
-class DpoSettings(dg.ConfigurableResource):
-    """Base model and DPO hyperparameters shared by every run. Defaults: the tiny CPU model's settings."""
-
-    base_model: str = tiny_model.TINY       # "tiny" (built offline under models_dir), a hub id or a local path
-    models_dir: str = "storage/models"
-    runs_dir: str = "storage/runs"
-    reports_dir: str = "storage/reports"
-    python: str = sys.executable            # the interpreter that runs the trainer (on the cluster for SLURM)
-    max_steps: int = 30
-    batch_size: int = 8
-    beta: float = 0.1
-    learning_rate: float = 1e-3
-    logging_steps: int = 5
-    eval_steps: int | None = None           # held-out evaluation every N steps (None: every logged step)
-    max_length: int = 256
-    heldout_fraction: float = 0.1
-    heldout_max_pairs: int = 64
-    balance_groups: bool = False
-    gradient_checkpointing: bool = False
-    checkpoint_steps: int | None = None     # periodic checkpoints (a SLURM signal always checkpoints)
-    checkpoint_minutes: float | None = None # … or at the first logged step this long after the last one
-    device: str = "auto"
+    models_dir: str = Field("storage/models", description="where the tiny base model is built")
+    runs_dir: str = Field("storage/runs", description="run directories, <runs_dir>/<cell>/seed<seed>/")
+    reports_dir: str = Field("storage/reports", description="the report's files (learning-curve PNG)")
+    python: str = Field(sys.executable, description="the interpreter that runs the trainer (on the cluster for "
+                                                    "SLURM: a venv where this project is installed)")
 
     def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
         """Hash of the settings that change what a run learns (not where it runs)."""
@@ -173,11 +156,12 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
         check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / "reference").resolve())
         within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
-        config = ReferenceConfig(base_model=dpo_settings.resolved_base_model(), pairs_path="pairs.parquet",
-                                 output_path="reference_logps.parquet", max_length=dpo_settings.max_length,
+        config = ReferenceConfig(**{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
+                                 pairs_path="pairs.parquet", output_path="reference_logps.parquet",
                                  device=dpo_settings.device)
+        config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
         config_path = run_dir / "reference.json"
-        config_path.write_text(json.dumps(config.__dict__, indent=2))
+        config_path.write_text(config.model_dump_json(indent=2))
         launcher.run(context=context, run_dir=str(run_dir), outputs=[config.output_path],
                      command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)])
         output = run_dir / config.output_path
@@ -206,26 +190,30 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
 
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
-    """The pairs with their base-model log-probs and token ids (when reference_logps has them: a value materialized
-    before it stored ids has none, and the run tokenizes). A stale reference_logps fails the run: a pair without
-    log-probs, or one whose text is not what they were computed from (pair ids alone cannot tell: another PRISM
-    release or synthetic configuration reuses them for other text)."""
-    carried = [c for c in (*REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c in references.columns]
+    """The pairs with their base-model log-probs and token ids. A stale reference_logps fails the run: a pair
+    without log-probs, or one whose text is not what they were computed from (pair ids alone cannot tell: another
+    PRISM release or synthetic configuration reuses them for other text)."""
+    carried = [*REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]
     merged = pairs.merge(references[["pair_id", *carried]], on="pair_id", how="left", validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
         raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
                          allow_retries=False)
-    if TEXT_DIGEST_COLUMN not in merged:  # a value materialized before it stored digests has none
-        dg.get_dagster_logger().warning("reference_logps has no text digests (materialized by an older version): "
-                                        "whether its pairs' text is this run's is not checked; rematerialize it")
-    else:
-        changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
-        if changed.any():
-            raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: "
-                             f"{merged['pair_id'][changed].iloc[0]!r}) have other text than reference_logps "
-                             "computed its log-probs from: rematerialize reference_logps", allow_retries=False)
-    return merged.drop(columns=TEXT_DIGEST_COLUMN, errors="ignore")
+    changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
+    if changed.any():
+        raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: "
+                         f"{merged['pair_id'][changed].iloc[0]!r}) have other text than reference_logps "
+                         "computed its log-probs from: rematerialize reference_logps", allow_retries=False)
+    return merged.drop(columns=TEXT_DIGEST_COLUMN)
+
+
+def run_config(settings: DpoSettings, cell: str, seed: int, max_train_pairs: int | None) -> RunConfig:
+    """The trainer's config of one partition: every field of the schema as the settings have it (the base model
+    resolved to a path), the run's pairs file and seed."""
+    split, group = partitions.parse_cell(cell)
+    return RunConfig(**{**settings.training_values(), "base_model": settings.resolved_base_model()},
+                     pairs_path="pairs.parquet", output_dir=".", seed=seed, max_train_pairs=max_train_pairs,
+                     label={"cell": cell, "split": split, "group": group, "seed": seed})
 
 
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
@@ -251,18 +239,13 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve())
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         balance = dpo_settings.balance_groups and split is not None
-        shared = {f.name for f in dataclasses.fields(RunConfig)} & set(DpoSettings.model_fields)
-        config = RunConfig(
-            **{name: getattr(dpo_settings, name) for name in shared - {"base_model"}},
-            base_model=dpo_settings.resolved_base_model(), pairs_path="pairs.parquet", output_dir=".", seed=seed,
-            label={"cell": cell, "split": split, "group": group, "seed": seed},
-            max_train_pairs=balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
-        )
+        config = run_config(dpo_settings, cell, seed, balanced_train_pairs(within_model_pairs, significant_splits,
+                                                                           split, dpo_settings) if balance else None)
         config_path = run_dir / "config.json"
-        config_path.write_text(json.dumps(config.__dict__, indent=2))
+        config_path.write_text(config.model_dump_json(indent=2))
         context.log.info(f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}")
         launcher.run(context=context, run_dir=str(run_dir), outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
-                     command=[dpo_settings.python, "-m", "prism_assets.training.dpo", "--config", str(config_path)])
+                     command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)])
         metrics, curve = read_run_outputs(run_dir)
         value = {"metrics": metrics, "curve": curve, "cell": cell, "split": split, "group": group, "seed": seed,
                  "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),

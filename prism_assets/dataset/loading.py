@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from prism_assets.prism import schema
+from prism_assets.dataset import schema
 
 
 class PrismFormatError(ValueError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from prism_assets.prism import schema
+from prism_assets.dataset import schema
 
 DROP_REASONS = (
     "interaction_not_two_responses", "cross_model_interaction", "score_tie", "conversation_not_found",

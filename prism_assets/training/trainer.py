@@ -1,4 +1,4 @@
-"""The job-side DPO trainer: `python -m prism_assets.training.dpo --config config.json`.
+"""The job-side DPO trainer: `python -m prism_assets.training.trainer --config config.json`.
 
 Owns one DPO run: it reads a JSON run config (base model, pairs file, optional user filter, seed,
 hyperparameters, output directory), splits the pairs into a fixed held-out set (chosen by a hash of
@@ -22,7 +22,6 @@ the curve and metrics of an uninterrupted run.
 """
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import json
@@ -49,8 +48,8 @@ from prism_assets.training import engine, packing  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
-from prism_assets.training.run_config import (  # noqa: E402
-    CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, RunConfig, split_heldout)
+from prism_assets.training.run_files import CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, split_heldout  # noqa: E402
+from prism_assets.training.settings import RunConfig  # noqa: E402
 
 TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
                    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
@@ -92,17 +91,6 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(complete, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
 
 
-# Settings a checkpoint may be resumed under when they differ: where things are, how often to checkpoint, memory
-# and device. Any other difference (seed, β, learning rate, steps, users, ...) would continue another run's state.
-RESUMABLE_CHANGES = frozenset({"base_model", "pairs_path", "output_dir", "gradient_checkpointing", "checkpoint_steps",
-                               "checkpoint_minutes", "keep_checkpoints", "device", "label"})
-
-
-def trajectory(cfg: RunConfig) -> dict:
-    """The settings that decide a run's curve, stored with its checkpoints."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-
-
 def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter) -> tuple[Path, dict, list] | None:
     """(checkpoint, state, curve rows) of the newest readable checkpoint in `directory`, or None to start at step 0.
     One that cannot be read (a node that died while the file system still held it in part) is reported and the
@@ -115,8 +103,7 @@ def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter)
             reporter.info(f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
                           "trying the checkpoint before it")
             continue
-        ours = trajectory(cfg)
-        theirs = state.get("trajectory", ours)  # a checkpoint from before checkpoints carried their settings
+        ours, theirs = cfg.trajectory(), state["trajectory"]
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         if changed:
             raise ValueError(f"{candidate} was written by a run with other settings: " +
@@ -134,7 +121,7 @@ def save_checkpoint(directory: Path, step: int, cfg: RunConfig, model, optimizer
     target = directory / f"checkpoint-{step}"
     target.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "trajectory": trajectory(cfg)}
+             "schedule": schedule.state_dict(), "trajectory": cfg.trajectory()}
     write_atomic(target / CHECKPOINT_STATE, lambda file: torch.save(state, file))  # 5.5 GB at 0.5B: no copy in memory
     write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
     kept = set(complete_checkpoints(directory)[:keep])
@@ -239,7 +226,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
     write_atomic(out / RUN_CONFIG_FILE, json.dumps({
-        **dataclasses.asdict(cfg), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
+        **cfg.model_dump(), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
         "device": "cuda" if use_cuda else "cpu", "torch": torch.__version__,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }, indent=2).encode())
@@ -323,7 +310,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prism_assets.training.dpo")
+    parser = argparse.ArgumentParser(prog="python -m prism_assets.training.trainer")
     parser.add_argument("--config", required=True, help="path of the JSON run config")
     args = parser.parse_args(argv)
     cfg = RunConfig.from_json(args.config)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from prism_assets.prism import schema
+from prism_assets.dataset import schema
 
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 GROUPS = ("A", "B")

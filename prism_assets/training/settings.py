@@ -1,0 +1,178 @@
+"""The one schema of a DPO run's settings, and the recipes as instances of it.
+
+`TrainingSettings` declares every setting that decides a run, once, with its default and help. The
+Dagster resource (`assets.dpo.DpoSettings`) adds where things live; the job-side `RunConfig` adds
+what one run is (pairs, seed, output directory); `ReferenceConfig` takes the fields the reference
+log-probs depend on. Each field says in its metadata whether it is part of the settings' fingerprint
+(what a run learns), whether a checkpoint may be resumed under another value, and whether the
+reference log-probs depend on it. Imports neither torch nor Dagster.
+"""
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Field metadata keys (json_schema_extra), read by `fields_where`.
+LEARNS, RESUMABLE, REFERENCE = "learns", "resumable", "reference"
+
+
+def setting(default: Any, help: str, *, learns: bool = True, resumable: bool = False, reference: bool = False):
+    """A field of the schema: its default, its help, and what it is part of (see module docstring).
+
+    learns: part of the fingerprint, so a change marks every DPO partition unsynced.
+    resumable: a checkpoint written under another value may be resumed (paths, device, cadence).
+    reference: the base model's log-probs of a pair depend on it.
+    """
+    return Field(default, description=help,
+                 json_schema_extra={LEARNS: learns, RESUMABLE: resumable, REFERENCE: reference})
+
+
+def fields_where(model: type[BaseModel], key: str, value: bool = True) -> tuple[str, ...]:
+    """The names of `model`'s fields whose metadata `key` is `value` (a field without metadata: False)."""
+    def meta(field) -> dict:
+        return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+    return tuple(name for name, field in model.model_fields.items() if meta(field).get(key, False) is value)
+
+
+class TrainingSettings(BaseModel):
+    """Base model and DPO hyperparameters of a run. Defaults: the tiny CPU model's (`DPO_RECIPE=tiny`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = setting(
+        "tiny", "'tiny' (a 2-layer Qwen2 built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a "
+        "local model directory", resumable=True, reference=True)
+    max_steps: int = setting(30, "optimizer steps of a run")
+    batch_size: int = setting(8, "pairs per step")
+    beta: float = setting(0.1, "DPO's β: the strength of the KL penalty towards the base model")
+    learning_rate: float = setting(1e-3, "AdamW's peak learning rate (linear decay to 0)")
+    logging_steps: int = setting(5, "a curve row (and a possible checkpoint) every N steps")
+    eval_steps: int | None = setting(
+        None, "held-out evaluation every N steps, a multiple of logging_steps (none: every logged step); the "
+        "last logged step is always evaluated")
+    max_length: int = setting(256, "tokens of a prompt and response together (TRL's keep_end truncation)",
+                              reference=True)
+    heldout_fraction: float = setting(0.1, "share of a run's pairs (by pair_id hash) held out")
+    heldout_max_pairs: int = setting(64, "at most this many held-out pairs")
+    balance_groups: bool = setting(False, "both groups of a split train on the smaller group's number of pairs")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, slower)",
+                                           resumable=True)
+    checkpoint_steps: int | None = setting(
+        None, "a checkpoint every N steps, a multiple of logging_steps (a SLURM signal always checkpoints)",
+        learns=False, resumable=True)
+    checkpoint_minutes: float | None = setting(
+        None, "a checkpoint at the first logged step this many minutes after the last one", learns=False,
+        resumable=True)
+    device: str = setting("auto", "'auto', 'cpu' or 'cuda'", learns=False, resumable=True)
+
+    def training_values(self) -> dict[str, Any]:
+        """This schema's fields and values (of a subclass too: what reaches the trainer)."""
+        return {name: getattr(self, name) for name in TrainingSettings.model_fields}
+
+
+# `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
+RECIPES: dict[str, TrainingSettings] = {
+    "tiny": TrainingSettings(),
+    "original": TrainingSettings(max_steps=2000, batch_size=8, beta=0.1, learning_rate=5e-6, logging_steps=25,
+                                 eval_steps=100, max_length=1024, heldout_max_pairs=256, checkpoint_minutes=10),
+}
+
+
+def step_problem(settings: TrainingSettings) -> str | None:
+    """What is wrong with the step intervals of `settings`, or None. Checkpoints and held-out evaluations happen
+    on logged steps only, so a resumed run logs and evaluates exactly as an uninterrupted one. A checkpoint
+    interval of 0 or None: no periodic checkpoints."""
+    logging_steps, checkpoint_steps, eval_steps = settings.logging_steps, settings.checkpoint_steps, settings.eval_steps
+    minutes = settings.checkpoint_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
+        return f"checkpoint_minutes {minutes:g} must be a finite number of minutes, not negative"
+    if logging_steps < 1:
+        return f"logging_steps {logging_steps} must be at least 1"
+    if checkpoint_steps is not None and checkpoint_steps < 0:
+        return f"checkpoint_steps {checkpoint_steps} must not be negative"
+    if checkpoint_steps and checkpoint_steps % logging_steps:
+        return f"checkpoint_steps {checkpoint_steps} must be a multiple of logging_steps {logging_steps}"
+    if eval_steps is not None and (eval_steps < 1 or eval_steps % logging_steps):
+        return f"eval_steps {eval_steps} must be a positive multiple of logging_steps {logging_steps}"
+    return None
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A pydantic error as one line a user can act on: each field, what was wrong with it and the value."""
+    def problem(e) -> str:
+        field = ".".join(map(str, e["loc"]))
+        if e["type"] == "extra_forbidden":
+            return f"unknown key {field!r}"
+        if e["type"] == "missing":
+            return f"missing key {field!r}"
+        message = e["msg"].removeprefix("Value error, ")
+        return f"{field}={e['input']!r}: {message}" if field else message
+
+    return f"{error.title}: " + "; ".join(problem(e) for e in error.errors())
+
+
+class JobConfig(BaseModel):
+    """A job's JSON config: unknown or missing keys are errors naming the file; relative paths are relative to
+    the file, so a run directory can move (to a cluster) whole."""
+
+    model_config = ConfigDict(extra="forbid")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Self:
+        try:
+            config = cls.model_validate_json(Path(path).read_text())
+        except ValidationError as error:
+            raise ValueError(f"{path}: {validation_problems(error)}") from None
+        here = Path(path).resolve().parent
+        return config.model_copy(update={name: str(here / getattr(config, name)) for name in cls.PATH_FIELDS})
+
+
+class RunConfig(JobConfig, TrainingSettings):
+    """One DPO run: the settings (base_model resolved to a path or hub id), its pairs, seed and output directory."""
+
+    PATH_FIELDS = ("pairs_path", "output_dir")
+
+    pairs_path: str = setting(..., "the run's pairs (parquet); relative to the config file", resumable=True)
+    output_dir: str = setting(..., "where the run writes its outputs", resumable=True)
+    seed: int = setting(..., "the run's seed: its batches, sampling and initialisation")
+    user_ids: list[str] | None = setting(None, "train on these users' pairs only (none: every pair in the file)")
+    max_train_pairs: int | None = setting(None, "train on at most this many pairs (balance_groups)")
+    keep_checkpoints: bool = setting(False, "keep the checkpoints after a finished run", learns=False,
+                                     resumable=True)
+    label: dict = setting({}, "cell / split / group / seed, for humans", learns=False, resumable=True)
+
+    @model_validator(mode="after")
+    def _step_intervals(self) -> Self:
+        problem = step_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def last_logged(self, step: int) -> bool:
+        """Whether `step` is the run's last logged step (max_steps need not be a multiple of logging_steps)."""
+        return step + self.logging_steps > self.max_steps
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the held-out pairs are evaluated at logged step `step`."""
+        return self.eval_steps is None or step % self.eval_steps == 0 or self.last_logged(step)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that decide the run's curve, stored with its checkpoints: every field not resumable."""
+        return {name: getattr(self, name) for name in fields_where(RunConfig, RESUMABLE, False)}
+
+
+class ReferenceConfig(JobConfig):
+    """The reference precompute's job: the base model's log-probs of every pair in `pairs_path`."""
+
+    PATH_FIELDS = ("pairs_path", "output_path")
+
+    base_model: str
+    max_length: int
+    pairs_path: str
+    output_path: str
+    device: str = TrainingSettings.model_fields["device"].default
+    batch_size: int = Field(32, description="sequences a forward pass (one padding-free row)")
