@@ -35,10 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
-
-import warnings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # trl_reference: TRL configured as the step
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -56,8 +55,8 @@ from prism_assets.training.run_files import REFERENCE_COLUMNS  # noqa: E402
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
-HELDOUT_PAIRS = 256                 # the original recipe's held-out set (heldout_max_pairs)
-EVAL_EVERY = (25, 100)              # held-out evaluation every logging step of the original recipe; its eval_steps
+HELDOUT_PAIRS = 256  # the original recipe's held-out set (heldout_max_pairs)
+EVAL_EVERY = (25, 100)  # held-out evaluation every logging step of the original recipe; its eval_steps
 GRID_RUNS, GRID_STEPS = 17 * 5, 2000  # baseline + 8 splits × 2 groups, 5 seeds, of the original recipe's steps
 
 
@@ -67,10 +66,21 @@ def qwen05_directory(directory: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_model.save_tokenizer(tiny_model.train_tokenizer(), directory)
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(directory)
     return directory
@@ -78,24 +88,37 @@ def qwen05_directory(directory: Path) -> Path:
 
 def synthetic_pairs(n: int, words: list[str], rng: np.random.Generator) -> pd.DataFrame:
     """n conversational pairs with PRISM's token lengths (each word ≈ one token)."""
+
     def text(tokens):
         return " ".join(rng.choice(words, size=tokens))
 
     sigma = math.sqrt(math.log(1 + (388 / 565) ** 2))
-    mu = math.log(565) - sigma ** 2 / 2
+    mu = math.log(565) - sigma**2 / 2
 
     def response():
         return text(int(min(max(rng.lognormal(mu, sigma) / 4, 1), 1100)))
 
-    rows = [{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": text(int(min(max(rng.lognormal(math.log(60), 0.7), 8), 600)))}],
-             "chosen": response(), "rejected": response()} for i in range(n)]
+    rows = [
+        {
+            "pair_id": f"p{i}",
+            "prompt": [{"role": "user", "content": text(int(min(max(rng.lognormal(math.log(60), 0.7), 8), 600)))}],
+            "chosen": response(),
+            "rejected": response(),
+        }
+        for i in range(n)
+    ]
     return pd.DataFrame(rows)
 
 
 def word_list(tokenizer) -> list[str]:
     """Words the tokenizer encodes as one token each (after a space): a synthetic text of n words is n tokens."""
-    return sorted({w for w in (tokenizer.convert_tokens_to_string([t]).strip() for t in tokenizer.get_vocab())
-                   if w.isalpha() and len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1})[:500]
+    return sorted(
+        {
+            w
+            for w in (tokenizer.convert_tokens_to_string([t]).strip() for t in tokenizer.get_vocab())
+            if w.isalpha() and len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1
+        }
+    )[:500]
 
 
 def check_lengths(tokenizer, pairs: pd.DataFrame, low: int = 250, high: int = 650) -> float:
@@ -105,19 +128,21 @@ def check_lengths(tokenizer, pairs: pd.DataFrame, low: int = 250, high: int = 65
     chosen, rejected = tokenize_pairs(tokenizer, pairs.head(64), max_length=1024)
     mean = float(np.mean([len(p) + len(c) + len(q) + len(r) for (p, c), (q, r) in zip(chosen, rejected)]))
     if not low <= mean <= high:
-        raise SystemExit(f"the synthetic pairs are {mean:.0f} tokens each under {tokenizer.name_or_path}, not "
-                         f"PRISM's ≈ 434 ({low}–{high}): its tokenizer does not encode each word as one token "
-                         "(a model directory an older version of this benchmark left in --workdir: delete it)")
+        raise SystemExit(
+            f"the synthetic pairs are {mean:.0f} tokens each under {tokenizer.name_or_path}, not "
+            f"PRISM's ≈ 434 ({low}–{high}): its tokenizer does not encode each word as one token "
+            "(a model directory an older version of this benchmark left in --workdir: delete it)"
+        )
     return mean
 
 
-def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path,
-            checkpoint: bool = False) -> dict:
+def measure(
+    variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm: int, out: Path, checkpoint: bool = False
+) -> dict:
     """Train `variant` for warm + steps steps; ms/step over the steps after warm-up (and, with `checkpoint`, the
     cost of one of the trainer's checkpoints of the project's model and optimizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
     from trl_reference import make_trainer
 
     cuda = torch.cuda.is_available()
@@ -140,9 +165,18 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
                 self.ticks.append(time.perf_counter())
 
     clock, result = Clock(), {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
-    cfg = RunConfig(base_model=str(model_dir), pairs_path="-", output_dir=str(out / variant), seed=0,
-                    max_steps=steps + warm, batch_size=8, beta=0.1, learning_rate=5e-6, logging_steps=25,
-                    max_length=1024)
+    cfg = RunConfig(
+        base_model=str(model_dir),
+        pairs_path="-",
+        output_dir=str(out / variant),
+        seed=0,
+        max_steps=steps + warm,
+        batch_size=8,
+        beta=0.1,
+        learning_rate=5e-6,
+        logging_steps=25,
+        max_length=1024,
+    )
     if variant in (PROJECT, TRL_REFS):
         started = time.perf_counter()
         references = reference_logps(model, tokenizer, pairs, cfg.max_length, batch_size=64)
@@ -165,8 +199,9 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         results = []
         for step in range(cfg.max_steps):
             rows = engine.batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)
-            batch = engine.collate([chosen[i] for i in rows], [rejected[i] for i in rows], refs[0][rows], refs[1][rows],
-                                   device)
+            batch = engine.collate(
+                [chosen[i] for i in rows], [rejected[i] for i in rows], refs[0][rows], refs[1][rows], device
+            )
             results.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
             clock.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
         lengths = [len(p) + len(c) + len(p2) + len(r) for (p, c), (p2, r) in zip(chosen, rejected)]
@@ -181,28 +216,53 @@ def measure(variant: str, model_dir: Path, pairs: pd.DataFrame, steps: int, warm
         else:
             from datasets import Dataset
 
-            conversations = {"prompt": list(pairs["prompt"]),
-                             "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
-                             "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]]}
-            args = DPOConfig(output_dir=str(out / variant), per_device_train_batch_size=8, learning_rate=5e-6,
-                             beta=0.1, max_steps=steps + warm, logging_steps=25, save_strategy="no", report_to="none",
-                             seed=0, bf16=cuda, use_cpu=not cuda, max_length=1024,
-                             dataloader_num_workers=2 if cuda else 0, disable_tqdm=True)
-            trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args,
-                                 train_dataset=Dataset.from_dict(conversations), processing_class=tokenizer,
-                                 callbacks=[clock])
+            conversations = {
+                "prompt": list(pairs["prompt"]),
+                "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+                "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+            }
+            args = DPOConfig(
+                output_dir=str(out / variant),
+                per_device_train_batch_size=8,
+                learning_rate=5e-6,
+                beta=0.1,
+                max_steps=steps + warm,
+                logging_steps=25,
+                save_strategy="no",
+                report_to="none",
+                seed=0,
+                bf16=cuda,
+                use_cpu=not cuda,
+                max_length=1024,
+                dataloader_num_workers=2 if cuda else 0,
+                disable_tqdm=True,
+            )
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=copy.deepcopy(model).eval(),
+                args=args,
+                train_dataset=Dataset.from_dict(conversations),
+                processing_class=tokenizer,
+                callbacks=[clock],
+            )
         trainer.train()
         data = trainer.train_dataset
-        lengths = [min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
-                   for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+        lengths = [
+            min(len(p) + len(c), 1024) + min(len(p) + len(r), 1024)
+            for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+        ]
         mean_loss = trainer.state.log_history[-1]["train_loss"]  # the Trainer's mean over the whole run
     step_s = (clock.ticks[1] - clock.ticks[0]) / steps
     tokens_per_step = float(np.mean(lengths)) * 8
-    result.update({"step_ms": round(1000 * step_s, 2),
-                   "tokens_per_s": round(tokens_per_step / step_s),
-                   "real_tokens_per_step": round(tokens_per_step),
-                   "peak_gpu_gb": clock.peak_gb,
-                   "mean_loss": round(mean_loss, 4)})
+    result.update(
+        {
+            "step_ms": round(1000 * step_s, 2),
+            "tokens_per_s": round(tokens_per_step / step_s),
+            "real_tokens_per_step": round(tokens_per_step),
+            "peak_gpu_gb": clock.peak_gb,
+            "mean_loss": round(mean_loss, 4),
+        }
+    )
     return result
 
 
@@ -218,9 +278,11 @@ def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     evaluator.evaluate(model)  # ends by copying its numbers to the host: the device is drained
-    return {"heldout_eval_ms": round(1000 * (time.perf_counter() - started), 2),
-            # the run's memory while it evaluates (weights and optimizer state included)
-            "heldout_eval_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    return {
+        "heldout_eval_ms": round(1000 * (time.perf_counter() - started), 2),
+        # the run's memory while it evaluates (weights and optimizer state included)
+        "heldout_eval_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+    }
 
 
 def checkpoint_cost(directory: Path, cfg: RunConfig, model, optimizer, schedule) -> dict:
@@ -238,27 +300,45 @@ def checkpoint_cost(directory: Path, cfg: RunConfig, model, optimizer, schedule)
 def with_heldout(row: dict, every: int) -> dict:
     """A project row as the trainer runs it: one held-out evaluation every `every` steps added to each step."""
     step_ms = row["step_ms"] + row["heldout_eval_ms"] / every
-    return {**row, "variant": f"{row['variant']}, held-out every {every}", "step_ms": round(step_ms, 2),
-            "tokens_per_s": round(row["tokens_per_s"] * row["step_ms"] / step_ms)}
+    return {
+        **row,
+        "variant": f"{row['variant']}, held-out every {every}",
+        "step_ms": round(step_ms, 2),
+        "tokens_per_s": round(row["tokens_per_s"] * row["step_ms"] / step_ms),
+    }
 
 
 def packed(variant: str, k: int, argv: list[str]) -> dict:
     """K workers of one variant at once on the same device; their throughputs add up."""
     threads = str(max(1, (os.cpu_count() or 1) // k))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    workers = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", variant], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, *argv, "--worker", variant],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(k)
+    ]
     outputs = [w.communicate() for w in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         if worker.returncode:
             raise RuntimeError(f"a worker exited with {worker.returncode}: {stderr.strip().splitlines()[-1:]}")
     results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
-    return {"variant": f"{variant} ×{k} packed", "device": results[0]["device"],
-            "step_ms": round(float(np.mean([r["step_ms"] for r in results])), 2),
-            "tokens_per_s": sum(r["tokens_per_s"] for r in results),
-            "peak_gpu_gb": results[0]["peak_gpu_gb"],
-            **({"heldout_eval_ms": round(float(np.mean([r["heldout_eval_ms"] for r in results])), 2)}
-               if variant == PROJECT else {})}
+    return {
+        "variant": f"{variant} ×{k} packed",
+        "device": results[0]["device"],
+        "step_ms": round(float(np.mean([r["step_ms"] for r in results])), 2),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in results),
+        "peak_gpu_gb": results[0]["peak_gpu_gb"],
+        **(
+            {"heldout_eval_ms": round(float(np.mean([r["heldout_eval_ms"] for r in results])), 2)}
+            if variant == PROJECT
+            else {}
+        ),
+    }
 
 
 def main() -> int:
@@ -276,7 +356,11 @@ def main() -> int:
     model_dir = work / ("tiny-qwen2" if args.tiny else "qwen2.5-0.5b-shape")
     pairs_path = work / "pairs.parquet"
     if args.worker:  # one measurement in a packed group: the parent built the model and the pairs
-        print(json.dumps(measure(args.worker, model_dir, pd.read_parquet(pairs_path), steps, warm, work / str(os.getpid()))))
+        print(
+            json.dumps(
+                measure(args.worker, model_dir, pd.read_parquet(pairs_path), steps, warm, work / str(os.getpid()))
+            )
+        )
         return 0
 
     from transformers import AutoTokenizer
@@ -284,13 +368,26 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         tiny_model.build_tiny_qwen2(model_dir) if args.tiny else qwen05_directory(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as every variant loads it
-    synthetic_pairs(max(8 * (steps + warm), HELDOUT_PAIRS), word_list(tokenizer), np.random.default_rng(0)).to_parquet(pairs_path, index=False)
+    synthetic_pairs(max(8 * (steps + warm), HELDOUT_PAIRS), word_list(tokenizer), np.random.default_rng(0)).to_parquet(
+        pairs_path, index=False
+    )
     pairs = pd.read_parquet(pairs_path)
     tokens_per_pair = check_lengths(tokenizer, pairs)
     argv = ["--workdir", str(work), "--steps", str(steps), "--warm", str(warm), *(["--tiny"] if args.tiny else [])]
-    print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "pairs": len(pairs),
-                      "tokens_per_pair": round(tokens_per_pair), "steps": steps, "warm": warm,
-                      "workdir": str(work)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "cuda": torch.cuda.is_available(),
+                "pairs": len(pairs),
+                "tokens_per_pair": round(tokens_per_pair),
+                "steps": steps,
+                "warm": warm,
+                "workdir": str(work),
+            }
+        ),
+        flush=True,
+    )
     rows = []
     for variant in (STOCK, TRL_REFS, PROJECT):
         rows.append(reported(variant, lambda v=variant: measure(v, model_dir, pairs, steps, warm, work, v == PROJECT)))
@@ -298,31 +395,46 @@ def main() -> int:
         for variant in (STOCK, PROJECT):
             rows.append(reported(f"{variant} ×{args.packed} packed", lambda v=variant: packed(v, args.packed, argv)))
     stock, project = rows[0], rows[2]
-    rows += [with_heldout(row, every) for row in rows if row["variant"].startswith(PROJECT) and "error" not in row
-             for every in EVAL_EVERY]
-    print("\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|")
+    rows += [
+        with_heldout(row, every)
+        for row in rows
+        if row["variant"].startswith(PROJECT) and "error" not in row
+        for every in EVAL_EVERY
+    ]
+    print(
+        "\n| variant | device | ms/step | real tokens/s | peak GPU GiB | tokens/s ÷ stock |\n|---|---|---|---|---|---|"
+    )
     for row in rows:
         if "error" in row:
             print(f"| {row['variant']} | failed: {row['error']} | | | | |")
             continue
         ratio = f"{row['tokens_per_s'] / stock['tokens_per_s']:.2f}×" if "error" not in stock else "—"
-        print(f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
-              f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | {ratio} |")
+        print(
+            f"| {row['variant']} | {row['device']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
+            f"{row['peak_gpu_gb'] if row['peak_gpu_gb'] is not None else '—'} | {ratio} |"
+        )
     if "error" not in stock and "error" not in project:
         eval_peak = "" if project["heldout_eval_peak_gb"] is None else f", peak {project['heldout_eval_peak_gb']} GiB"
-        print(f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
-              f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
-              f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): {project['heldout_eval_ms']:.0f} ms{eval_peak}; "
-              f"one checkpoint (model and optimizer, {project['checkpoint_gib']} GiB): {project['checkpoint_s']} s; "
-              f"token ids of the {len(pairs)} pairs at a run's start: tokenized {project['tokenize_s']} s, read back "
-              f"from reference_logps {project['stored_ids_s']} s; attention: {project['attention_kernel']}")
-        best = max((r for r in rows if r["variant"].endswith(f"held-out every {EVAL_EVERY[-1]}")),
-                   key=lambda r: r["tokens_per_s"])
+        print(
+            f"\nproject/stock per run: {stock['step_ms'] / project['step_ms']:.2f}× faster steps; reference "
+            f"log-probs of all {len(pairs)} pairs once: {project['reference_s_all_pairs']} s (shared by every run "
+            f"of a grid); one held-out evaluation ({HELDOUT_PAIRS} pairs): "
+            f"{project['heldout_eval_ms']:.0f} ms{eval_peak}; "
+            f"one checkpoint (model and optimizer, {project['checkpoint_gib']} GiB): {project['checkpoint_s']} s; "
+            f"token ids of the {len(pairs)} pairs at a run's start: tokenized {project['tokenize_s']} s, read back "
+            f"from reference_logps {project['stored_ids_s']} s; attention: {project['attention_kernel']}"
+        )
+        best = max(
+            (r for r in rows if r["variant"].endswith(f"held-out every {EVAL_EVERY[-1]}")),
+            key=lambda r: r["tokens_per_s"],
+        )
         tokens = GRID_RUNS * GRID_STEPS * project["real_tokens_per_step"]
         stock_h, best_h = (tokens / r["tokens_per_s"] / 3600 for r in (stock, best))
-        print(f"grid of {GRID_RUNS} runs × {GRID_STEPS} steps, training only (no start-up, reference log-probs or "
-              f"checkpoints): stock {stock_h:.1f} device-hours (no held-out evaluation); {best['variant']}: "
-              f"{best_h:.1f} ({stock_h / best_h:.1f}× less)")
+        print(
+            f"grid of {GRID_RUNS} runs × {GRID_STEPS} steps, training only (no start-up, reference log-probs or "
+            f"checkpoints): stock {stock_h:.1f} device-hours (no held-out evaluation); {best['variant']}: "
+            f"{best_h:.1f} ({stock_h / best_h:.1f}× less)"
+        )
     return 1 if any("error" in row for row in rows) else 0
 
 

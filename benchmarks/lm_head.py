@@ -82,12 +82,16 @@ def timed(variant: str, positions: int, repeat: int, device: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     values, state_grads, weight_grads = (t.float().cpu() for t in result)
     rows = torch.cat([targets.cpu()[:500], torch.arange(0, VOCAB, 151)])  # target rows and others, to compare
-    return {"ms": 1e3 * statistics.median(times), "peak_gib": peak / 2**30,
-            "result": [values.numpy(), state_grads.numpy(), weight_grads[rows].numpy()]}
+    return {
+        "ms": 1e3 * statistics.median(times),
+        "peak_gib": peak / 2**30,
+        "result": [values.numpy(), state_grads.numpy(), weight_grads[rows].numpy()],
+    }
 
 
 def run(variant: str, positions: int, repeat: int, device: str) -> dict:
@@ -101,8 +105,9 @@ def run(variant: str, positions: int, repeat: int, device: str) -> dict:
             break
         except queues.Empty:
             if not process.is_alive():
-                raise SystemExit(f"the {variant} variant's process ended (exit code {process.exitcode}) "
-                                 "without a result")
+                raise SystemExit(
+                    f"the {variant} variant's process ended (exit code {process.exitcode}) without a result"
+                ) from None
     process.join()
     if "error" in result:
         raise SystemExit(f"the {variant} variant failed on {device}:\n{result['error']}")
@@ -117,20 +122,29 @@ def main():
     args = parser.parse_args()
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = "bf16 autocast" if device == "cuda" else "fp32"
-    print(f"LM head {HIDDEN} → {VOCAB:,}, {args.positions} positions, forward + backward, {device} {precision}, "
-          f"LOGITS_CHUNK {logps.LOGITS_CHUNK}; median of {args.repeat}")
+    print(
+        f"LM head {HIDDEN} → {VOCAB:,}, {args.positions} positions, forward + backward, {device} {precision}, "
+        f"LOGITS_CHUNK {logps.LOGITS_CHUNK}; median of {args.repeat}"
+    )
     results = {name: run(name, args.positions, args.repeat, device) for name in VARIANTS}
     tolerance = 2e-2 if device == "cuda" else 1e-4
     names = ("values", "state gradients", "weight gradients (a sample of rows)")
     for name, a, b in zip(names, *(r["result"] for r in results.values())):
-        torch.testing.assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=tolerance, atol=tolerance,
-                                   msg=f"chunked and plain differ in {name}")
+        torch.testing.assert_close(
+            torch.from_numpy(b),
+            torch.from_numpy(a),
+            rtol=tolerance,
+            atol=tolerance,
+            msg=f"chunked and plain differ in {name}",
+        )
     print("| variant | ms/step | peak memory above the inputs (GiB) |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['ms']:.1f} | {r['peak_gib']:.2f} |")
     plain_, chunked = results["plain"], results["chunked"]
-    print(f"chunked ÷ plain: time {chunked['ms'] / plain_['ms']:.2f}×, "
-          f"peak memory {chunked['peak_gib'] / plain_['peak_gib']:.2f}×")
+    print(
+        f"chunked ÷ plain: time {chunked['ms'] / plain_['ms']:.2f}×, "
+        f"peak memory {chunked['peak_gib'] / plain_['peak_gib']:.2f}×"
+    )
 
 
 if __name__ == "__main__":

@@ -20,19 +20,32 @@ correspondence_table) and three instigators, all stopped unless turned on (in th
 """
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from prism_assets import partitions
 
 DPO_ASSET, TABLE_ASSET = dg.AssetKey("group_dpo_run"), dg.AssetKey("correspondence_table")
-NOT_FINISHED_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                         dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUSPENDED, dg.DagsterRunStatus.CANCELING]
-dpo_job = dg.define_asset_job("dpo_runs", selection=[DPO_ASSET], partitions_def=partitions.dpo_partitions,
-                              description="group_dpo_run partitions (cell × seed), one run each.")
-report_job = dg.define_asset_job("correspondence_report", selection=[TABLE_ASSET],
-                                 description="correspondence_table from every finished DPO partition.")
+NOT_FINISHED_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.SUSPENDED,
+    dg.DagsterRunStatus.CANCELING,
+]
+dpo_job = dg.define_asset_job(
+    "dpo_runs",
+    selection=[DPO_ASSET],
+    partitions_def=partitions.dpo_partitions,
+    description="group_dpo_run partitions (cell × seed), one run each.",
+)
+report_job = dg.define_asset_job(
+    "correspondence_report",
+    selection=[TABLE_ASSET],
+    description="correspondence_table from every finished DPO partition.",
+)
 SEED_TICK_KEY = "prism_assets/add_seeds/{tick}"
 
 
@@ -60,8 +73,10 @@ def newest_materialization(instance: dg.DagsterInstance, asset: dg.AssetKey):
 
 
 def run_requests(pairs: list[tuple[str, str]], suffix: str = "", **tags: str) -> list[dg.RunRequest]:
-    return [dg.RunRequest(partition_key=partition_key(cell, seed), run_key=f"{cell}|{seed}{suffix}", tags=tags)
-            for cell, seed in pairs]
+    return [
+        dg.RunRequest(partition_key=partition_key(cell, seed), run_key=f"{cell}|{seed}{suffix}", tags=tags)
+        for cell, seed in pairs
+    ]
 
 
 def next_seeds(existing: list[str], count: int) -> list[str]:
@@ -77,12 +92,17 @@ def build_add_seeds_schedule(cron: str, seeds_per_tick: int, running: bool = Fal
     if seeds_per_tick < 1:
         raise ValueError(f"seeds per tick must be ≥ 1, got {seeds_per_tick}")
 
-    @dg.schedule(name="add_seeds", cron_schedule=cron, job=dpo_job, default_status=_default_status(running),
-                 description=f"Adds the next {seeds_per_tick} seeds and requests every missing DPO partition "
-                             "(all cells × all seeds, failed ones included); idempotent per tick.")
+    @dg.schedule(
+        name="add_seeds",
+        cron_schedule=cron,
+        job=dpo_job,
+        default_status=_default_status(running),
+        description=f"Adds the next {seeds_per_tick} seeds and requests every missing DPO partition "
+        "(all cells × all seeds, failed ones included); idempotent per tick.",
+    )
     def add_seeds(context: dg.ScheduleEvaluationContext):
         instance = context.instance
-        tick_time = context.scheduled_execution_time or datetime.now(timezone.utc)
+        tick_time = context.scheduled_execution_time or datetime.now(UTC)
         tick = SEED_TICK_KEY.format(tick=tick_time.isoformat())
         recorded = instance.run_storage.get_cursor_values({tick}).get(tick)
         seeds = instance.get_dynamic_partitions(partitions.SEED)
@@ -108,8 +128,13 @@ def build_add_seeds_schedule(cron: str, seeds_per_tick: int, running: bool = Fal
 def build_new_cells_sensor(running: bool = False, interval_s: int = 60) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
-    @dg.sensor(name="new_cells", job=dpo_job, default_status=status, minimum_interval_seconds=interval_s,
-               description="Requests the missing DPO partitions (every seed) of split cells not seen before.")
+    @dg.sensor(
+        name="new_cells",
+        job=dpo_job,
+        default_status=status,
+        minimum_interval_seconds=interval_s,
+        description="Requests the missing DPO partitions (every seed) of split cells not seen before.",
+    )
     def new_cells(context: dg.SensorEvaluationContext):
         state = json.loads(context.cursor) if context.cursor else {"cells": [], "generation": 0}
         instance = context.instance
@@ -131,9 +156,13 @@ def build_new_cells_sensor(running: bool = False, interval_s: int = 60) -> dg.Se
 def build_report_sensor(running: bool = False, interval_s: int = 60) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
-    @dg.sensor(name="report_when_runs_done", job=report_job, default_status=status,
-               minimum_interval_seconds=interval_s,
-               description="Rebuilds correspondence_table once no DPO partition is in flight and one is newer.")
+    @dg.sensor(
+        name="report_when_runs_done",
+        job=report_job,
+        default_status=status,
+        minimum_interval_seconds=interval_s,
+        description="Rebuilds correspondence_table once no DPO partition is in flight and one is newer.",
+    )
     def report_when_runs_done(context: dg.SensorEvaluationContext):
         instance = context.instance
         latest = newest_materialization(instance, DPO_ASSET)

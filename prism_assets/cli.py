@@ -24,8 +24,14 @@ def materialize_partition(cell: str, seed: str) -> tuple[str, bool]:
     from prism_assets.definitions import ASSETS, RESOURCES
 
     key = dg.MultiPartitionKey({partitions.CELL: cell, partitions.SEED: seed})
-    result = dg.materialize(ASSETS, selection=[dg.AssetKey("group_dpo_run")], partition_key=key,
-                            instance=dg.DagsterInstance.get(), resources=RESOURCES, raise_on_error=False)
+    result = dg.materialize(
+        ASSETS,
+        selection=[dg.AssetKey("group_dpo_run")],
+        partition_key=key,
+        instance=dg.DagsterInstance.get(),
+        resources=RESOURCES,
+        raise_on_error=False,
+    )
     return str(key), result.success
 
 
@@ -40,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     run_config = {"ops": {"significant_splits": {"config": {"preset": args.preset}}}} if args.preset else None
     # The reference precompute runs alone in this phase: a local one may use every core.
-    alone = {**RESOURCES, "launcher": LocalLauncher()} if isinstance(RESOURCES["launcher"], LocalLauncher) else RESOURCES
-    result = dg.materialize([*UNPARTITIONED, *CHECKS], instance=instance, resources=alone, run_config=run_config,
-                            raise_on_error=False)
+    alone = (
+        {**RESOURCES, "launcher": LocalLauncher()} if isinstance(RESOURCES["launcher"], LocalLauncher) else RESOURCES
+    )
+    result = dg.materialize(
+        [*UNPARTITIONED, *CHECKS], instance=instance, resources=alone, run_config=run_config, raise_on_error=False
+    )
     if not result.success:
         print(f"run {result.run_id} failed; see `dagster dev` or the log above", file=sys.stderr)
         return 1
@@ -59,20 +68,34 @@ def run(args: argparse.Namespace) -> int:
     failed = []
     with ProcessPoolExecutor(max_workers=args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done, (key, success) in enumerate(pool.map(materialize_partition, *zip(*keys)), start=1):
-            print(f"[{done}/{len(keys)}] group_dpo_run {key}: {'ok' if success else 'FAILED'} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"[{done}/{len(keys)}] group_dpo_run {key}: {'ok' if success else 'FAILED'} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
             if not success:
                 failed.append(key)
-    table = dg.materialize(ASSETS, selection=[dg.AssetKey("correspondence_table")], instance=instance,
-                           resources=RESOURCES, raise_on_error=False)
+    table = dg.materialize(
+        ASSETS,
+        selection=[dg.AssetKey("correspondence_table")],
+        instance=instance,
+        resources=RESOURCES,
+        raise_on_error=False,
+    )
     if not table.success:
         print("correspondence_table failed", file=sys.stderr)
         return 1
     primary = table.output_for_node("correspondence_table")["table"]
     primary = primary[primary["metric"] == "mean_heldout_acc_tail"]
-    print(primary[["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "sign_consistency", "verdict"]]
-          .to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
-    print(f"main job finished in {time.perf_counter() - started:.0f} s; {len(failed)} DPO partitions failed {failed or ''}")
+    print(
+        primary[
+            ["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "sign_consistency", "verdict"]
+        ].to_string(index=False, float_format=lambda v: f"{v:+.3f}")
+    )
+    print(
+        f"main job finished in {time.perf_counter() - started:.0f} s; "
+        f"{len(failed)} DPO partitions failed {failed or ''}"
+    )
     return 1 if failed else 0
 
 

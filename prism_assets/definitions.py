@@ -32,8 +32,9 @@ from resources.slurm import SlurmLauncher
 STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
 
 
-def settings_from_env(prefix: str, settings: type[dg.ConfigurableResource], ignore: tuple[str, ...] = (),
-                      lists: dict | None = None) -> dict:
+def settings_from_env(
+    prefix: str, settings: type[dg.ConfigurableResource], ignore: tuple[str, ...] = (), lists: dict | None = None
+) -> dict:
     """<prefix><FIELD>=value for each field of `settings`, converted to the field's type.
 
     `lists` maps a list-valued field to how its one string is split. A variable with the prefix that names no
@@ -45,8 +46,10 @@ def settings_from_env(prefix: str, settings: type[dg.ConfigurableResource], igno
             continue
         name = key.removeprefix(prefix).lower()
         if name not in settings.model_fields:
-            raise ValueError(f"{key}: {settings.__name__} has no setting {name!r}; "
-                             f"settings: {', '.join(sorted(settings.model_fields))}")
+            raise ValueError(
+                f"{key}: {settings.__name__} has no setting {name!r}; "
+                f"settings: {', '.join(sorted(settings.model_fields))}"
+            )
         annotation = settings.model_fields[name].annotation
         if not raw.strip() and type(None) in typing.get_args(annotation):  # DPO_EVAL_STEPS= : back to None
             values[name] = None
@@ -72,11 +75,17 @@ def int_from_env(name: str, default: int | None) -> int | None:
 
 def _slurm_launcher() -> SlurmLauncher:
     """PRISM_SLURM_<FIELD> for each SlurmLauncher field (PRISM_SLURM_PARTITION=gpu, …)."""
-    return SlurmLauncher(**settings_from_env("PRISM_SLURM_", SlurmLauncher, lists={
-        "extra_sbatch_args": str.split,
-        # lines separated by ";;", e.g. "module load cuda/12;;source /shared/venv/bin/activate"
-        "setup_lines": lambda text: [line for line in text.split(";;") if line.strip()],
-    }))
+    return SlurmLauncher(
+        **settings_from_env(
+            "PRISM_SLURM_",
+            SlurmLauncher,
+            lists={
+                "extra_sbatch_args": str.split,
+                # lines separated by ";;", e.g. "module load cuda/12;;source /shared/venv/bin/activate"
+                "setup_lines": lambda text: [line for line in text.split(";;") if line.strip()],
+            },
+        )
+    )
 
 
 def _launcher():
@@ -98,23 +107,36 @@ def _recipe() -> dict:
 def dpo_settings_from_env() -> dpo.DpoSettings:
     """The recipe's values, then any DPO_<FIELD> (DPO_LEARNING_RATE=1e-4, DPO_BASE_MODEL=…, DPO_PYTHON=…) on top; their
     step intervals checked here, before anything runs."""
-    settings = dpo.DpoSettings(**{
-        "models_dir": str(STORAGE / "models"), "runs_dir": str(STORAGE / "runs"), "reports_dir": str(STORAGE / "reports"),
-        **_recipe(),
-        **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
-    })
+    settings = dpo.DpoSettings(
+        **{
+            "models_dir": str(STORAGE / "models"),
+            "runs_dir": str(STORAGE / "runs"),
+            "reports_dir": str(STORAGE / "reports"),
+            **_recipe(),
+            **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
+        }
+    )
     problem = step_problem(settings)
     if problem:
-        raise ValueError(f"DPO settings (DPO_RECIPE={os.environ.get('DPO_RECIPE', 'tiny')} and DPO_<FIELD>): {problem}")
+        raise ValueError(
+            f"DPO settings (DPO_RECIPE={os.environ.get('DPO_RECIPE', 'tiny')} and DPO_<FIELD>): {problem}"
+        )
     return settings
 
 
 DPO_SETTINGS = dpo_settings_from_env()
 
-*UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions([
-    data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits,
-    dpo.build_reference_logps(DPO_SETTINGS.fingerprint(dpo.REFERENCE_FIELDS)),
-    dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint()), report.correspondence_table])
+*UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions(
+    [
+        data.raw_prism,
+        data.within_model_pairs,
+        stats.ordered_logit_fit,
+        stats.significant_splits,
+        dpo.build_reference_logps(DPO_SETTINGS.fingerprint(dpo.REFERENCE_FIELDS)),
+        dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint()),
+        report.correspondence_table,
+    ]
+)
 ASSETS = [*UNPARTITIONED, group_dpo_run, correspondence_table]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
@@ -139,9 +161,18 @@ def _automation_running() -> bool:
 
 
 RUNNING = _automation_running()
-SCHEDULES = [automation.build_add_seeds_schedule(os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"),
-                                                 int_from_env("PRISM_SEEDS_PER_TICK", 2), RUNNING)]
+SCHEDULES = [
+    automation.build_add_seeds_schedule(
+        os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"), int_from_env("PRISM_SEEDS_PER_TICK", 2), RUNNING
+    )
+]
 SENSORS = [automation.build_new_cells_sensor(RUNNING), automation.build_report_sensor(RUNNING)]
 
-defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=RESOURCES,
-                      jobs=[automation.dpo_job, automation.report_job], schedules=SCHEDULES, sensors=SENSORS)
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=CHECKS,
+    resources=RESOURCES,
+    jobs=[automation.dpo_job, automation.report_job],
+    schedules=SCHEDULES,
+    sensors=SENSORS,
+)

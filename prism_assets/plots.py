@@ -12,9 +12,9 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 GROUP_COLORS = (("A", "tab:blue"), ("B", "tab:orange"))
 
@@ -37,8 +37,15 @@ def score_gap_histogram(score_gap: pd.Series, boundaries: list[float]) -> bytes:
     ax.hist(score_gap, bins=np.arange(0.5, max(100, int(score_gap.max()) + 1) + 0.5, 1), color="tab:gray")
     for k, boundary in enumerate(boundaries, start=1):
         ax.axvline(boundary + 0.5, color="tab:red", linestyle="--", linewidth=1)
-        ax.annotate(f"Y≤{k} | {boundary:g}", (boundary + 0.5, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", color="tab:red", fontsize=8)
+        ax.annotate(
+            f"Y≤{k} | {boundary:g}",
+            (boundary + 0.5, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            color="tab:red",
+            fontsize=8,
+        )
     ax.set_xlabel("score gap (chosen − rejected)")
     ax.set_ylabel("pairs")
     ax.set_title(f"{len(score_gap)} within-model pairs; dashed: quartile boundaries of the outcome Y", fontsize=9)
@@ -54,8 +61,16 @@ def coefficient_plot(coefficients: pd.DataFrame) -> bytes:
     for flag, color in ((False, "tab:gray"), (True, "tab:blue")):
         rows = table[significant == flag]
         ys = y[significant == flag]
-        ax.errorbar(rows["beta"], ys, xerr=[rows["beta"] - rows["ci_low"], rows["ci_high"] - rows["beta"]],
-                    fmt="o", color=color, markersize=3, capsize=2, label="p < 0.05" if flag else "p ≥ 0.05")
+        ax.errorbar(
+            rows["beta"],
+            ys,
+            xerr=[rows["beta"] - rows["ci_low"], rows["ci_high"] - rows["beta"]],
+            fmt="o",
+            color=color,
+            markersize=3,
+            capsize=2,
+            label="p < 0.05" if flag else "p ≥ 0.05",
+        )
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, table["term"], fontsize=7)
     ax.set_xlabel("β: log-odds of a larger score gap (95% CI, clustered by user)")
@@ -81,7 +96,7 @@ def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:  # a split without runs yet has nothing to label
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes[0][0].set_ylabel(metric)
     return png_bytes(figure)

@@ -27,8 +27,12 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -81,7 +85,8 @@ def _code_sources(*modules: ModuleType | str) -> dict[str, str]:
 
 
 def _module_file(name: str) -> Path:
-    """Where a module of this project lives (`from m import f` names m.f too: it is no file, and nothing is imported)."""
+    """Where a module of this project lives (`from m import f` names m.f too: it is no file, and nothing is
+    imported)."""
     return Path(__file__).resolve().parents[1].joinpath(*name.split(".")).with_suffix(".py")
 
 
@@ -108,11 +113,14 @@ def with_upstream_code_versions(assets: list[dg.AssetsDefinition]) -> list[dg.As
     def version(key: dg.AssetKey) -> str:
         if key not in versions:
             asset = by_key[key]
-            upstream = sorted(version(dep.asset_key) for dep in asset.specs_by_key[key].deps if dep.asset_key in by_key)
+            upstream = sorted(
+                version(dep.asset_key) for dep in asset.specs_by_key[key].deps if dep.asset_key in by_key
+            )
             own = asset.code_versions_by_key[key] or ""
             digest = hashlib.sha256("|".join(upstream).encode()).hexdigest()[:8]
             versions[key] = f"{own}+{digest}" if upstream else own
         return versions[key]
 
-    return [asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version(spec.key)))
-            for asset in assets]
+    return [
+        asset.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version(spec.key))) for asset in assets
+    ]

@@ -1,8 +1,8 @@
 """Asset storage: DataFrames as parquet, everything else as JSON, one directory per asset (and partition).
 
 Owns the on-disk layout of asset outputs under `base_dir`:
-`<asset key>/[<one folder per partition dimension>/]` holding `value.parquet` for a DataFrame output, or, for a dict output,
-one `<name>.parquet` per DataFrame value and `values.json` for the rest. A directory is written next
+`<asset key>/[<one folder per partition dimension>/]` holding `value.parquet` for a DataFrame output, or, for
+a dict output, one `<name>.parquet` per DataFrame value and `values.json` for the rest. A directory is written next
 to its final place and renamed into it, so a reader never sees half an output. Partitioned inputs
 downstream of a partitioned asset arrive as {partition key: value}, as Dagster's own IO managers do.
 """

@@ -29,9 +29,16 @@ def tail(path: Path, lines: int = 30) -> str:
 class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
     """Base of the launchers: a Pipes session on files in the run directory around `execute`."""
 
-    def run(self, *, context: dg.AssetExecutionContext, command: Sequence[str], run_dir: str,
-            outputs: Sequence[str] = (), extras: Mapping | None = None,
-            env: Mapping[str, str] | None = None) -> dg.PipesClientCompletedInvocation:
+    def run(
+        self,
+        *,
+        context: dg.AssetExecutionContext,
+        command: Sequence[str],
+        run_dir: str,
+        outputs: Sequence[str] = (),
+        extras: Mapping | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> dg.PipesClientCompletedInvocation:
         """Run `command` for its run directory; `outputs`: the files (names in the run directory) it leaves there
         that the caller reads, which a backend whose job runs elsewhere copies back."""
         directory = Path(run_dir)
@@ -44,15 +51,22 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
             message_reader=dg.PipesFileMessageReader(str(messages), cleanup_file=False),
             extras=extras,
         ) as session:
-            self.execute(context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()},
-                         tuple(outputs))
+            self.execute(
+                context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()}, tuple(outputs)
+            )
         return dg.PipesClientCompletedInvocation(session)
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
         return dg.PipesFileContextInjector(str(run_dir / PIPES_CONTEXT_FILE))
 
-    def execute(self, context: dg.AssetExecutionContext, command: list[str], run_dir: Path, env: dict[str, str],
-                outputs: tuple[str, ...] = ()) -> None:
+    def execute(
+        self,
+        context: dg.AssetExecutionContext,
+        command: list[str],
+        run_dir: Path,
+        env: dict[str, str],
+        outputs: tuple[str, ...] = (),
+    ) -> None:
         raise NotImplementedError
 
 
@@ -62,11 +76,15 @@ class LocalLauncher(RunLauncher):
     threads_per_run: int | None = None  # CPU threads of one run (OMP/MKL); set it when runs share the cores
 
     def execute(self, context, command, run_dir, env, outputs=()):  # the outputs are already in run_dir
-        threads = {} if self.threads_per_run is None else {
-            "OMP_NUM_THREADS": str(self.threads_per_run), "MKL_NUM_THREADS": str(self.threads_per_run)}
+        threads = (
+            {}
+            if self.threads_per_run is None
+            else {"OMP_NUM_THREADS": str(self.threads_per_run), "MKL_NUM_THREADS": str(self.threads_per_run)}
+        )
         with open(run_dir / STDOUT_FILE, "w") as stdout, open(run_dir / STDERR_FILE, "w") as stderr:
-            process = subprocess.Popen(command, cwd=os.getcwd(), env={**os.environ, **threads, **env},
-                                       stdout=stdout, stderr=stderr)
+            process = subprocess.Popen(
+                command, cwd=os.getcwd(), env={**os.environ, **threads, **env}, stdout=stdout, stderr=stderr
+            )
             try:
                 code = process.wait()
             except BaseException as error:  # the Dagster run was terminated: stop the trainer with it
@@ -79,11 +97,13 @@ class LocalLauncher(RunLauncher):
                 if isinstance(error, Exception):
                     raise
                 # An interruption is not a failure worth retrying: the run's retry policy must not restart it.
-                raise dg.Failure(f"the run was terminated: trainer pid {process.pid} stopped", allow_retries=False) from error
+                raise dg.Failure(
+                    f"the run was terminated: trainer pid {process.pid} stopped", allow_retries=False
+                ) from error
         if code != 0:
             raise dg.Failure(
                 description=f"the trainer exited with code {code} (run directory {run_dir}); stderr ends:\n"
-                            f"{tail(run_dir / STDERR_FILE)}",
+                f"{tail(run_dir / STDERR_FILE)}",
                 metadata={"run_dir": dg.MetadataValue.path(str(run_dir)), "exit_code": code},
                 allow_retries=False,
             )

@@ -26,12 +26,22 @@ from resources.launcher import PIPES_MESSAGES_FILE, RunLauncher, tail
 
 JOB_SCRIPT = "job.sbatch"
 REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 TRANSIENT_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}  # worth a retry: not the code's fault
 HINTS = {
     "TIMEOUT": "the job hit its time limit: raise time_limit (with requeue on, the trainer checkpoints and the job "
-               "requeues itself signal_before_end_s before the limit; a TIMEOUT means that was too short to save)",
+    "requeues itself signal_before_end_s before the limit; a TIMEOUT means that was too short to save)",
     "OUT_OF_MEMORY": "the job ran out of memory: raise mem (or lower batch_size / max_length)",
     "NODE_FAIL": "a node failed: transient, the partition is retried",
     "PREEMPTED": "the job was preempted: transient, the partition is retried",
@@ -74,19 +84,43 @@ def parse_scontrol(line: str) -> dict[str, str]:
 class SlurmCommands:
     """Runs SLURM's CLI locally, or over SSH when `ssh_host` is set (one multiplexed connection)."""
 
-    def __init__(self, ssh_host=None, ssh_user=None, ssh_port=22, ssh_identity_file=None, ssh_known_hosts_file=None,
-                 ssh_strict_host_keys=True, ssh_control_dir="/tmp/prism-ssh", timeout_s=60.0):
+    def __init__(
+        self,
+        ssh_host=None,
+        ssh_user=None,
+        ssh_port=22,
+        ssh_identity_file=None,
+        ssh_known_hosts_file=None,
+        ssh_strict_host_keys=True,
+        ssh_control_dir="/tmp/prism-ssh",
+        timeout_s=60.0,
+    ):
         self.ssh_host, self.ssh_user, self.ssh_port = ssh_host, ssh_user, ssh_port
         self.ssh_identity_file, self.ssh_known_hosts_file = ssh_identity_file, ssh_known_hosts_file
-        self.ssh_strict_host_keys, self.ssh_control_dir, self.timeout_s = ssh_strict_host_keys, ssh_control_dir, timeout_s
+        self.ssh_strict_host_keys, self.ssh_control_dir, self.timeout_s = (
+            ssh_strict_host_keys,
+            ssh_control_dir,
+            timeout_s,
+        )
 
     def ssh_options(self, port_flag: str) -> list[str]:
         """Options shared by ssh (`-p PORT`) and scp (`-P PORT`): one multiplexed master, strict host keys."""
         control = Path(self.ssh_control_dir)
         control.mkdir(mode=0o700, parents=True, exist_ok=True)
-        options = ["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C",
-                   "-o", "ControlPersist=300", "-o", f"StrictHostKeyChecking={'yes' if self.ssh_strict_host_keys else 'accept-new'}",
-                   port_flag, str(self.ssh_port)]
+        options = [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={control}/%C",
+            "-o",
+            "ControlPersist=300",
+            "-o",
+            f"StrictHostKeyChecking={'yes' if self.ssh_strict_host_keys else 'accept-new'}",
+            port_flag,
+            str(self.ssh_port),
+        ]
         if self.ssh_known_hosts_file:
             options += ["-o", f"UserKnownHostsFile={self.ssh_known_hosts_file}"]
         if self.ssh_identity_file:
@@ -104,10 +138,16 @@ class SlurmCommands:
 
     def upload(self, files: list[Path], remote_dir: str) -> None:
         self.run(["mkdir", "-p", remote_dir])
-        done = subprocess.run(["scp", *self.scp_options(), *map(str, files), f"{self.target()}:{remote_dir}/"],
-                              capture_output=True, text=True, timeout=self.timeout_s)
+        done = subprocess.run(
+            ["scp", *self.scp_options(), *map(str, files), f"{self.target()}:{remote_dir}/"],
+            capture_output=True,
+            text=True,
+            timeout=self.timeout_s,
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"copying {len(files)} files to {self.ssh_host}:{remote_dir} failed: {done.stderr.strip()}")
+            raise RuntimeError(
+                f"copying {len(files)} files to {self.ssh_host}:{remote_dir} failed: {done.stderr.strip()}"
+            )
 
     def read_from(self, remote_path: str, offset: int) -> bytes:
         """The bytes of a remote file from `offset` on (nothing if it does not exist yet)."""
@@ -115,11 +155,13 @@ class SlurmCommands:
         try:
             done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
-            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} gave no answer in "
-                                   f"{self.timeout_s:.0f} s") from None
+            raise SlurmUnreachable(
+                f"reading {self.ssh_host}:{remote_path} gave no answer in {self.timeout_s:.0f} s"
+            ) from None
         if done.returncode != 0:
-            raise SlurmUnreachable(f"reading {self.ssh_host}:{remote_path} failed: "
-                                   f"{done.stderr.decode(errors='replace').strip()}")
+            raise SlurmUnreachable(
+                f"reading {self.ssh_host}:{remote_path} failed: {done.stderr.decode(errors='replace').strip()}"
+            )
         return done.stdout
 
     def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -127,7 +169,9 @@ class SlurmCommands:
         done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s)
         if check and done.returncode != 0:
             where = f" on {self.ssh_host}" if self.ssh_host else ""
-            raise RuntimeError(f"`{shlex.join(args)}`{where} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+            raise RuntimeError(
+                f"`{shlex.join(args)}`{where} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+            )
         return done
 
 
@@ -141,28 +185,28 @@ class SlurmLauncher(RunLauncher):
     cpus_per_task: int = 4
     mem: str | None = "32G"
     gpus: int = 1
-    gpu_request: str = "gres"              # "gres" → --gres=gpu[:type]:N, "gpus" → --gpus=[type:]N
+    gpu_request: str = "gres"  # "gres" → --gres=gpu[:type]:N, "gpus" → --gpus=[type:]N
     gpu_type: str | None = None
     # GPU packing: K runs share one GPU through SLURM's gres/shard (the cluster defines `shards_per_gpu`
     # shards on each GPU; a run then requests shards_per_gpu / runs_per_gpu of them). 1: a whole GPU each.
     runs_per_gpu: int = 1
     shards_per_gpu: int | None = None
     constraint: str | None = None
-    extra_sbatch_args: list[str] = []      # e.g. ["--reservation=ml", "--exclusive"]
-    setup_lines: list[str] = []            # shell lines before the trainer: module load …, source venv/bin/activate
+    extra_sbatch_args: list[str] = []  # e.g. ["--reservation=ml", "--exclusive"]
+    setup_lines: list[str] = []  # shell lines before the trainer: module load …, source venv/bin/activate
     job_name_prefix: str = "prism-dpo"
     requeue: bool = True
-    signal_before_end_s: int = 120         # SIGUSR1 this long before the time limit: checkpoint and requeue
+    signal_before_end_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
     poll_initial_s: float = 1.0
     poll_max_s: float = 30.0
     queue_wait_budget_s: float = 7 * 86400
-    time_budget_factor: float = 3.0        # watch at most factor × time_limit (+ queue budget) per job
-    unreachable_budget_s: float = 600.0    # ask again this long while SLURM gives no answer (controller, SSH)
-    preempted_grace_s: float = 300.0       # with requeue: how long a PREEMPTED job may take to be PENDING again
-    ssh_host: str | None = None            # submit on this login node over SSH (None: SLURM's CLI is local)
+    time_budget_factor: float = 3.0  # watch at most factor × time_limit (+ queue budget) per job
+    unreachable_budget_s: float = 600.0  # ask again this long while SLURM gives no answer (controller, SSH)
+    preempted_grace_s: float = 300.0  # with requeue: how long a PREEMPTED job may take to be PENDING again
+    ssh_host: str | None = None  # submit on this login node over SSH (None: SLURM's CLI is local)
     ssh_user: str | None = None
     ssh_port: int = 22
-    ssh_identity_file: str | None = None   # a key file; credentials come only from configuration or ssh-agent
+    ssh_identity_file: str | None = None  # a key file; credentials come only from configuration or ssh-agent
     ssh_known_hosts_file: str | None = None
     ssh_strict_host_keys: bool = True
     ssh_control_dir: str = "/tmp/prism-ssh"
@@ -173,30 +217,49 @@ class SlurmLauncher(RunLauncher):
 
     @property
     def commands(self) -> SlurmCommands:
-        return SlurmCommands(self.ssh_host, self.ssh_user, self.ssh_port, self.ssh_identity_file,
-                             self.ssh_known_hosts_file, self.ssh_strict_host_keys, self.ssh_control_dir)
+        return SlurmCommands(
+            self.ssh_host,
+            self.ssh_user,
+            self.ssh_port,
+            self.ssh_identity_file,
+            self.ssh_known_hosts_file,
+            self.ssh_strict_host_keys,
+            self.ssh_control_dir,
+        )
 
     def shards_per_run(self) -> int:
         """The gres/shard count one run requests so that runs_per_gpu of them fit on one GPU."""
         k, shards = int(self.runs_per_gpu), self.shards_per_gpu
         if self.gpus != 1 or self.gpu_type:
-            raise ValueError(f"runs_per_gpu={k} packs runs of one untyped GPU each (gres/shard has no type); "
-                             f"got gpus={self.gpus}, gpu_type={self.gpu_type!r}")
+            raise ValueError(
+                f"runs_per_gpu={k} packs runs of one untyped GPU each (gres/shard has no type); "
+                f"got gpus={self.gpus}, gpu_type={self.gpu_type!r}"
+            )
         if not shards or shards % k:
-            raise ValueError(f"runs_per_gpu={k} needs shards_per_gpu: the gres/shard count the cluster defines on each "
-                             f"GPU (gres.conf Name=shard), a multiple of {k}; got {shards!r}")
+            raise ValueError(
+                f"runs_per_gpu={k} needs shards_per_gpu: the gres/shard count the cluster defines on each "
+                f"GPU (gres.conf Name=shard), a multiple of {k}; got {shards!r}"
+            )
         return shards // k
 
     def sbatch_options(self, run_dir: Path, job_name: str) -> list[str]:
         _validated("run_dir", str(run_dir))
         if self.gpu_request not in ("gres", "gpus"):
             raise ValueError(f"SLURM setting gpu_request={self.gpu_request!r}: expected 'gres' or 'gpus'")
-        options = [f"--job-name={_validated('job_name', job_name)}", f"--output={run_dir}/slurm-%j.out",
-                   f"--error={run_dir}/slurm-%j.err", "--open-mode=append",
-                   f"--time={_validated('time_limit', self.time_limit, TIME_LIMIT)}",
-                   f"--cpus-per-task={int(self.cpus_per_task)}"]
-        for flag, value in (("partition", self.partition), ("account", self.account), ("qos", self.qos),
-                            ("constraint", self.constraint)):
+        options = [
+            f"--job-name={_validated('job_name', job_name)}",
+            f"--output={run_dir}/slurm-%j.out",
+            f"--error={run_dir}/slurm-%j.err",
+            "--open-mode=append",
+            f"--time={_validated('time_limit', self.time_limit, TIME_LIMIT)}",
+            f"--cpus-per-task={int(self.cpus_per_task)}",
+        ]
+        for flag, value in (
+            ("partition", self.partition),
+            ("account", self.account),
+            ("qos", self.qos),
+            ("constraint", self.constraint),
+        ):
             if value:
                 options.append(f"--{flag}={_validated(flag, value)}")
         if self.mem:
@@ -205,7 +268,11 @@ class SlurmLauncher(RunLauncher):
             options.append(f"--gres=shard:{self.shards_per_run()}")
         elif self.gpus:
             kind = f"{_validated('gpu_type', self.gpu_type)}:" if self.gpu_type else ""
-            options.append(f"--gres=gpu:{kind}{int(self.gpus)}" if self.gpu_request == "gres" else f"--gpus={kind}{int(self.gpus)}")
+            options.append(
+                f"--gres=gpu:{kind}{int(self.gpus)}"
+                if self.gpu_request == "gres"
+                else f"--gpus={kind}{int(self.gpus)}"
+            )
         if self.requeue:
             options += ["--requeue", f"--signal=B:USR1@{int(self.signal_before_end_s)}"]
         for arg in self.extra_sbatch_args:
@@ -215,9 +282,18 @@ class SlurmLauncher(RunLauncher):
         return options
 
     def job_script(self, command: list[str], run_dir: Path, env: dict[str, str], job_name: str, cwd: str) -> str:
-        lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in self.sbatch_options(run_dir, job_name)),
-                 "set -uo pipefail", *self.setup_lines, f"cd {shlex.quote(cwd)}"]
-        lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items() if re.match(r"^[A-Z_][A-Z0-9_]*$", name)]
+        lines = [
+            "#!/bin/bash",
+            *(f"#SBATCH {option}" for option in self.sbatch_options(run_dir, job_name)),
+            "set -uo pipefail",
+            *self.setup_lines,
+            f"cd {shlex.quote(cwd)}",
+        ]
+        lines += [
+            f"export {name}={shlex.quote(value)}"
+            for name, value in env.items()
+            if re.match(r"^[A-Z_][A-Z0-9_]*$", name)
+        ]
         # The batch shell receives SLURM's warning signal (B:USR1) and passes it to the trainer, which saves a
         # checkpoint and exits REQUEUE_EXIT_CODE; the job then puts itself back in the queue and resumes.
         lines += [
@@ -230,7 +306,7 @@ class SlurmLauncher(RunLauncher):
             "while kill -0 $child 2>/dev/null; do wait $child; done",
             "wait $child; code=$?",
             # A requeue SLURM refuses fails the job (it saved only a checkpoint), rather than ending it COMPLETED.
-            f"if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue \"$SLURM_JOB_ID\" || exit 1; exit 0; fi",
+            f'if [ $code -eq {REQUEUE_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID" || exit 1; exit 0; fi',
             "exit $code",
         ]
         return "\n".join(lines) + "\n"
@@ -238,8 +314,10 @@ class SlurmLauncher(RunLauncher):
     def submit(self, script_path: Path) -> str:
         done = self.commands.run(["sbatch", "--parsable", str(script_path)], check=False)
         if done.returncode != 0:
-            raise dg.Failure(f"sbatch rejected the job ({script_path}): {done.stderr.strip() or done.stdout.strip()}",
-                             allow_retries=False)
+            raise dg.Failure(
+                f"sbatch rejected the job ({script_path}): {done.stderr.strip() or done.stdout.strip()}",
+                allow_retries=False,
+            )
         return done.stdout.strip().split(";")[0]
 
     def job_state(self, job_id: str) -> dict[str, str]:
@@ -249,16 +327,19 @@ class SlurmLauncher(RunLauncher):
             done = self.commands.run(["scontrol", "show", "job", "-o", job_id], check=False)
             if done.returncode == 0 and "JobState=" in done.stdout:
                 return parse_scontrol(done.stdout)
-            accounting = self.commands.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"],
-                                           check=False)
+            accounting = self.commands.run(
+                ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], check=False
+            )
         except subprocess.TimeoutExpired as error:
             raise SlurmUnreachable(f"`{shlex.join(error.cmd)}` gave no answer in {error.timeout:.0f} s") from None
         if accounting.returncode == 0 and accounting.stdout.strip():
             state, exit_code = accounting.stdout.strip().splitlines()[0].split("|")
             return {"JobState": state.split()[0], "ExitCode": exit_code, "Reason": "from sacct"}
         if "Invalid job id" not in done.stderr:
-            raise SlurmUnreachable(f"`scontrol show job -o {job_id}` failed ({done.returncode}): "
-                                   f"{done.stderr.strip() or done.stdout.strip()}")
+            raise SlurmUnreachable(
+                f"`scontrol show job -o {job_id}` failed ({done.returncode}): "
+                f"{done.stderr.strip() or done.stdout.strip()}"
+            )
         raise RuntimeError(f"SLURM knows no job {job_id}: {done.stderr.strip()} {accounting.stderr.strip()}")
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
@@ -278,8 +359,12 @@ class SlurmLauncher(RunLauncher):
         try:
             remote = self.remote_dir(run_dir)
             if remote:  # the job sees the mirrored run directory: its paths, its messages file
-                env = {**env, "DAGSTER_PIPES_MESSAGES": encode_env_var(
-                    {**decode_env_var(env["DAGSTER_PIPES_MESSAGES"]), "path": f"{remote}/{PIPES_MESSAGES_FILE}"})}
+                env = {
+                    **env,
+                    "DAGSTER_PIPES_MESSAGES": encode_env_var(
+                        {**decode_env_var(env["DAGSTER_PIPES_MESSAGES"]), "path": f"{remote}/{PIPES_MESSAGES_FILE}"}
+                    ),
+                }
                 command = [arg.replace(str(run_dir), remote) for arg in command]
             job_dir = Path(remote) if remote else run_dir
             script.write_text(self.job_script(command, job_dir, env, job_name, remote or str(Path.cwd())))
@@ -287,11 +372,14 @@ class SlurmLauncher(RunLauncher):
             raise dg.Failure(str(error), allow_retries=False) from None
         if remote:  # made afresh, as the local run directory is: no earlier attempt's messages, outputs or checkpoints
             self.commands.run(["rm", "-rf", "--", remote])
-            self.commands.upload([p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != PIPES_MESSAGES_FILE],
-                                 remote)
+            self.commands.upload(
+                [p for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != PIPES_MESSAGES_FILE], remote
+            )
         job_id = self.submit(job_dir / JOB_SCRIPT)
-        context.log.info(f"submitted SLURM job {job_id} ({job_name}); script {job_dir / JOB_SCRIPT}"
-                         + (f" on {self.ssh_host}" if self.ssh_host else ""))
+        context.log.info(
+            f"submitted SLURM job {job_id} ({job_name}); script {job_dir / JOB_SCRIPT}"
+            + (f" on {self.ssh_host}" if self.ssh_host else "")
+        )
         context.add_output_metadata({"slurm_job_id": job_id})
         try:
             final = self.watch(context, job_id, run_dir, remote)
@@ -308,10 +396,15 @@ class SlurmLauncher(RunLauncher):
             return
         stderr = tail(run_dir / f"slurm-{job_id}.err")
         raise dg.Failure(
-            description=f"SLURM job {job_id} ended {state} (exit code {exit_code}, reason {final.get('Reason', '?')}). "
-                        f"Hint: {HINTS.get(state, 'see the job stderr')}.\nstderr ends:\n{stderr}",
-            metadata={"slurm_job_id": job_id, "slurm_state": state, "exit_code": exit_code,
-                      "run_dir": dg.MetadataValue.path(str(run_dir))},
+            description=f"SLURM job {job_id} ended {state} (exit code {exit_code}, "
+            f"reason {final.get('Reason', '?')}). "
+            f"Hint: {HINTS.get(state, 'see the job stderr')}.\nstderr ends:\n{stderr}",
+            metadata={
+                "slurm_job_id": job_id,
+                "slurm_state": state,
+                "exit_code": exit_code,
+                "run_dir": dg.MetadataValue.path(str(run_dir)),
+            },
             allow_retries=state in TRANSIENT_STATES,
         )
 
@@ -344,8 +437,10 @@ class SlurmLauncher(RunLauncher):
             except SlurmUnreachable as error:
                 unanswered_since = unanswered_since or time.monotonic()
                 if time.monotonic() - unanswered_since > self.unreachable_budget_s:
-                    raise RuntimeError(f"SLURM gave no answer about job {job_id} for {self.unreachable_budget_s:.0f} s "
-                                       f"(unreachable_budget_s): {error}") from None
+                    raise RuntimeError(
+                        f"SLURM gave no answer about job {job_id} for {self.unreachable_budget_s:.0f} s "
+                        f"(unreachable_budget_s): {error}"
+                    ) from None
                 context.log.warning(f"SLURM job {job_id}: {error}; asking again")
                 time.sleep(delay)
                 delay = min(delay * 1.5, self.poll_max_s)
@@ -354,18 +449,25 @@ class SlurmLauncher(RunLauncher):
             state = info["JobState"]
             streamed = self._stream(context, run_dir / f"slurm-{job_id}.out", streamed)
             if state != last_state:
-                context.log.info(f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "
-                                 f"restarts {info.get('Restarts', '0')})")
+                context.log.info(
+                    f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "
+                    f"restarts {info.get('Restarts', '0')})"
+                )
                 last_state, delay = state, self.poll_initial_s
             # A preempted job SLURM requeues (PreemptMode=REQUEUE) goes back to PENDING; one that stays PREEMPTED
             # (PreemptMode=CANCEL) has ended, and its partition is retried.
             preempted_since = (preempted_since or time.monotonic()) if state == "PREEMPTED" else None
-            awaiting_requeue = (preempted_since is not None and self.requeue
-                                and time.monotonic() - preempted_since < self.preempted_grace_s)
+            awaiting_requeue = (
+                preempted_since is not None
+                and self.requeue
+                and time.monotonic() - preempted_since < self.preempted_grace_s
+            )
             if state in TERMINAL_STATES and not awaiting_requeue:
                 return info
             if time.monotonic() > deadline:
-                raise dg.Failure(f"SLURM job {job_id} still {state} after {budget:.0f} s: cancelled", allow_retries=False)
+                raise dg.Failure(
+                    f"SLURM job {job_id} still {state} after {budget:.0f} s: cancelled", allow_retries=False
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, self.poll_max_s)
 

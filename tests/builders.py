@@ -10,24 +10,47 @@ from prism_assets.dataset import schema
 
 def survey_row(user_id: str, **overrides) -> dict:
     row = {
-        "user_id": user_id, "survey_only": False, "num_completed_conversations": 1, "consent": "Yes",
-        "consent_age": "Yes", "lm_familiarity": "Somewhat familiar", "lm_direct_use": "Yes",
-        "lm_indirect_use": "Yes", "lm_frequency_use": "Every week",
-        "lm_usecases": {k: False for k in schema.LM_USECASES} | {"other_text": ""},
+        "user_id": user_id,
+        "survey_only": False,
+        "num_completed_conversations": 1,
+        "consent": "Yes",
+        "consent_age": "Yes",
+        "lm_familiarity": "Somewhat familiar",
+        "lm_direct_use": "Yes",
+        "lm_indirect_use": "Yes",
+        "lm_frequency_use": "Every week",
+        "lm_usecases": dict.fromkeys(schema.LM_USECASES, False) | {"other_text": ""},
         "order_lm_usecases": {k: i for i, k in enumerate(schema.LM_USECASES)},
-        "stated_prefs": {k: 50 for k in schema.STATED_PREFS} | {"other": 0, "other_text": ""},
+        "stated_prefs": dict.fromkeys(schema.STATED_PREFS, 50) | {"other": 0, "other_text": ""},
         "order_stated_prefs": {k: i + 1 for i, k in enumerate(schema.STATED_PREFS)},
-        "self_description": "", "system_string": "", "age": "25-34 years old", "gender": "Female",
-        "employment_status": "Student", "education": "University Bachelors Degree",
-        "marital_status": "Never been married", "english_proficiency": "Fluent",
+        "self_description": "",
+        "system_string": "",
+        "age": "25-34 years old",
+        "gender": "Female",
+        "employment_status": "Student",
+        "education": "University Bachelors Degree",
+        "marital_status": "Never been married",
+        "english_proficiency": "Fluent",
         "religion": {"self_described": "", "categorised": "No Affiliation", "simplified": "No Affiliation"},
         "ethnicity": {"self_described": "", "categorised": "White", "simplified": "White"},
-        "location": {"birth_country": "UK", "birth_countryISO": "GBR", "birth_subregion": "Northern Europe",
-                     "reside_country": "UK", "reside_countryISO": "GBR", "reside_subregion": "Northern Europe",
-                     "same_birth_reside_country": "Yes", "special_region": "UK"},
-        "study_id": "s", "study_locale": "uk", "generated_datetime": "2023-11-22 12:00:00.000",
-        "timing_duration_s": 1.0, "timing_duration_mins": 0.1, "included_in_UK_REP": True,
-        "included_in_US_REP": False, "included_in_balanced_subset": False,
+        "location": {
+            "birth_country": "UK",
+            "birth_countryISO": "GBR",
+            "birth_subregion": "Northern Europe",
+            "reside_country": "UK",
+            "reside_countryISO": "GBR",
+            "reside_subregion": "Northern Europe",
+            "same_birth_reside_country": "Yes",
+            "special_region": "UK",
+        },
+        "study_id": "s",
+        "study_locale": "uk",
+        "generated_datetime": "2023-11-22 12:00:00.000",
+        "timing_duration_s": 1.0,
+        "timing_duration_mins": 0.1,
+        "included_in_UK_REP": True,
+        "included_in_US_REP": False,
+        "included_in_balanced_subset": False,
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(row.get(key), dict):
@@ -50,21 +73,50 @@ def conversation(user_id: str, conversation_id: str, turns: list[list[tuple]]) -
         for within, response in enumerate(responses):
             model, score, text = response[:3]
             chosen = response[3] if len(response) > 3 else within == best
-            item = {"turn": turn, "role": "model", "content": text, "model_name": model,
-                    "model_provider": "p", "score": score, "if_chosen": chosen, "within_turn_id": within}
+            item = {
+                "turn": turn,
+                "role": "model",
+                "content": text,
+                "model_name": model,
+                "model_provider": "p",
+                "score": score,
+                "if_chosen": chosen,
+                "within_turn_id": within,
+            }
             history.append(item)
-            utterances.append({
-                "user_id": user_id, "conversation_id": conversation_id,
-                "interaction_id": f"{conversation_id}-t{turn}", "utterance_id": f"{conversation_id}-t{turn}-r{within}",
-                "within_turn_id": within, "conversation_type": "unguided", "turn": turn, "model_name": model,
-                "model_provider": "p", "user_prompt": prompt, "model_response": text, "score": score,
-                "if_chosen": chosen, "included_in_balanced_subset": False,
-            })
-    row = {"conversation_id": conversation_id, "user_id": user_id, "conversation_type": "unguided",
-           "opening_prompt": history[0]["content"], "conversation_turns": len(turns),
-           "conversation_history": history, "performance_attributes": {}, "choice_attributes": {},
-           "open_feedback": "", "generated_datetime": "2023-11-22 12:00:00.000", "timing_duration_s": 1.0,
-           "timing_duration_mins": 0.1, "included_in_balanced_subset": False}
+            utterances.append(
+                {
+                    "user_id": user_id,
+                    "conversation_id": conversation_id,
+                    "interaction_id": f"{conversation_id}-t{turn}",
+                    "utterance_id": f"{conversation_id}-t{turn}-r{within}",
+                    "within_turn_id": within,
+                    "conversation_type": "unguided",
+                    "turn": turn,
+                    "model_name": model,
+                    "model_provider": "p",
+                    "user_prompt": prompt,
+                    "model_response": text,
+                    "score": score,
+                    "if_chosen": chosen,
+                    "included_in_balanced_subset": False,
+                }
+            )
+    row = {
+        "conversation_id": conversation_id,
+        "user_id": user_id,
+        "conversation_type": "unguided",
+        "opening_prompt": history[0]["content"],
+        "conversation_turns": len(turns),
+        "conversation_history": history,
+        "performance_attributes": {},
+        "choice_attributes": {},
+        "open_feedback": "",
+        "generated_datetime": "2023-11-22 12:00:00.000",
+        "timing_duration_s": 1.0,
+        "timing_duration_mins": 0.1,
+        "included_in_balanced_subset": False,
+    }
     return row, utterances
 
 

@@ -60,9 +60,19 @@ def main_job(tmp_path_factory):
     home = root / "home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    env = {"DAGSTER_HOME": str(home), "PRISM_STORAGE": str(root / "storage"),
-           "PRISM_SYNTHETIC_USERS": "300", "PRISM_SYNTHETIC_SEED": "3"}
-    done = subprocess.run([sys.executable, "-m", "prism_assets", "run", "--seeds", "1", "--preset", "v3"],
-                          cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=1200)
+    env = {
+        "DAGSTER_HOME": str(home),
+        "PRISM_STORAGE": str(root / "storage"),
+        "PRISM_SYNTHETIC_USERS": "300",
+        "PRISM_SYNTHETIC_SEED": "3",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets", "run", "--seeds", "1", "--preset", "v3"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return env, done.stdout

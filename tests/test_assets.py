@@ -12,9 +12,12 @@ CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no
 
 
 def _resources(tmp_path, source):
-    return {"prism_source": data.PrismSource(source=source, synthetic_users=300, synthetic_seed=3,
-                                             synthetic_dir=str(tmp_path / "synthetic")),
-            "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets"))}
+    return {
+        "prism_source": data.PrismSource(
+            source=source, synthetic_users=300, synthetic_seed=3, synthetic_dir=str(tmp_path / "synthetic")
+        ),
+        "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
+    }
 
 
 def _metadata(result, asset):
@@ -58,19 +61,30 @@ def test_v3_preset_through_dagster_config(synthetic_run):
     _, tmp_path = synthetic_run
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [*ASSETS], instance=instance, resources=_resources(tmp_path, "synthetic"),
+            [*ASSETS],
+            instance=instance,
+            resources=_resources(tmp_path, "synthetic"),
             run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
         )
     splits = result.output_for_node("significant_splits")["splits"]
-    assert list(splits["split"]) == ["S1_age", "S2_education", "S3_personalisation", "S4_safety",
-                                     "S5_factuality", "S6_helpfulness", "S7_diversity", "S8_region"]
+    assert list(splits["split"]) == [
+        "S1_age",
+        "S2_education",
+        "S3_personalisation",
+        "S4_safety",
+        "S5_factuality",
+        "S6_helpfulness",
+        "S7_diversity",
+        "S8_region",
+    ]
     assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
 
 
 def test_directory_source_and_a_clear_error_for_a_bad_source(small_synthetic_dir, tmp_path):
     with dg.instance_for_test() as instance:
-        result = dg.materialize([data.raw_prism], instance=instance,
-                                resources=_resources(tmp_path, str(small_synthetic_dir)))
+        result = dg.materialize(
+            [data.raw_prism], instance=instance, resources=_resources(tmp_path, str(small_synthetic_dir))
+        )
         assert _metadata(result, "raw_prism")["source"].value.startswith("local directory")
         with pytest.raises(ValueError, match="neither 'synthetic', 'hf' nor an existing directory"):
             dg.materialize([data.raw_prism], instance=instance, resources=_resources(tmp_path, str(tmp_path / "nope")))

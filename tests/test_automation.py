@@ -16,14 +16,19 @@ from prism_assets import automation, partitions
 from prism_assets.definitions import ASSETS, RESOURCES
 
 REPO = Path(__file__).resolve().parents[1]
-TICK = datetime.datetime(2026, 11, 29, 2, tzinfo=datetime.timezone.utc)
+TICK = datetime.datetime(2026, 11, 29, 2, tzinfo=datetime.UTC)
 
 
 def _repository(*instigators):
     schedules = [i for i in instigators if isinstance(i, dg.ScheduleDefinition)]
     sensors = [i for i in instigators if isinstance(i, dg.SensorDefinition)]
-    return dg.Definitions(assets=ASSETS, resources=RESOURCES, jobs=[automation.dpo_job, automation.report_job],
-                          schedules=schedules, sensors=sensors).get_repository_def()
+    return dg.Definitions(
+        assets=ASSETS,
+        resources=RESOURCES,
+        jobs=[automation.dpo_job, automation.report_job],
+        schedules=schedules,
+        sensors=sensors,
+    ).get_repository_def()
 
 
 def _materialized(instance, *keys):
@@ -33,9 +38,13 @@ def _materialized(instance, *keys):
 
 def _queue(instance, repository, request):
     """What the daemon does with a run request: a run, not yet started, for that partition."""
-    return instance.create_run_for_job(job_def=repository.get_job("dpo_runs"), run_config={}, tags=request.tags,
-                                       status=dg.DagsterRunStatus.NOT_STARTED,
-                                       asset_selection=frozenset({automation.DPO_ASSET}))
+    return instance.create_run_for_job(
+        job_def=repository.get_job("dpo_runs"),
+        run_config={},
+        tags=request.tags,
+        status=dg.DagsterRunStatus.NOT_STARTED,
+        asset_selection=frozenset({automation.DPO_ASSET}),
+    )
 
 
 @pytest.fixture
@@ -52,8 +61,9 @@ def test_a_tick_adds_the_next_seeds_and_requests_each_missing_partition_once(ins
     _materialized(instance, ("group_dpo_run", "baseline|0"))
 
     def tick(when):
-        return schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
-                                                                repository_def=repository))
+        return schedule.evaluate_tick(
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repository)
+        )
 
     first = tick(TICK)
     assert instance.get_dynamic_partitions(partitions.SEED) == ["0", "1", "2"]
@@ -75,7 +85,8 @@ def test_a_tick_adds_the_next_seeds_and_requests_each_missing_partition_once(ins
     following = tick(TICK + datetime.timedelta(days=7))
     assert instance.get_dynamic_partitions(partitions.SEED) == ["0", "1", "2", "3", "4"]
     assert {r.partition_key for r in following.run_requests} == {
-        f"{cell}|{seed}" for cell in ("baseline", "S1_age.A", "S1_age.B") for seed in ("3", "4")}
+        f"{cell}|{seed}" for cell in ("baseline", "S1_age.A", "S1_age.B") for seed in ("3", "4")
+    }
 
 
 def test_the_schedule_is_off_by_default_and_validates_its_seed_count():
@@ -91,19 +102,29 @@ def test_new_cells_sensor_requests_only_cells_it_has_not_seen(instance):
     _materialized(instance, ("group_dpo_run", "S1_age.B|1"))
 
     def evaluate(cursor):
-        context = dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor,
-                                         repository_def=repository)
+        context = dg.build_sensor_context(
+            instance=instance, instance_ref=instance.get_ref(), cursor=cursor, repository_def=repository
+        )
         return sensor.evaluate_tick(context)
 
     first = evaluate(None)  # turned on: every cell is new to it, materialized partitions are skipped
     assert {r.partition_key for r in first.run_requests} == {
-        "baseline|0", "baseline|1", "S1_age.A|0", "S1_age.A|1", "S1_age.B|0"}
+        "baseline|0",
+        "baseline|1",
+        "S1_age.A|0",
+        "S1_age.A|1",
+        "S1_age.B|0",
+    }
     assert evaluate(first.cursor).run_requests == []
 
     instance.add_dynamic_partitions(partitions.CELL, ["S2_gender.A", "S2_gender.B"])  # a new split
     second = evaluate(first.cursor)
     assert {r.partition_key for r in second.run_requests} == {
-        "S2_gender.A|0", "S2_gender.A|1", "S2_gender.B|0", "S2_gender.B|1"}
+        "S2_gender.A|0",
+        "S2_gender.A|1",
+        "S2_gender.B|0",
+        "S2_gender.B|1",
+    }
     assert {r.run_key for r in second.run_requests} >= {"S2_gender.A|0#2"}
 
     instance.delete_dynamic_partition(partitions.CELL, "S2_gender.B")  # pruned by significant_splits …
@@ -118,8 +139,9 @@ def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance)
     repository = _repository(sensor, automation.build_add_seeds_schedule("0 2 * * 0", 1))
 
     def evaluate():
-        return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(),
-                                                            repository_def=repository))
+        return sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), repository_def=repository)
+        )
 
     assert "no group_dpo_run" in evaluate().skip_message
     _materialized(instance, ("group_dpo_run", "baseline|0"))
@@ -138,17 +160,32 @@ def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance)
 def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PRISM_STORAGE": str(tmp_path / "storage"),
-           "PRISM_SYNTHETIC_USERS": "300", "PRISM_SYNTHETIC_SEED": "3", "PRISM_AUTOMATION": "running",
-           "DPO_THREADS_PER_RUN": "1"}
-    upstream = ("import dagster as dg\nfrom prism_assets import definitions as d\n"
-                "dg.materialize(d.UNPARTITIONED, instance=dg.DagsterInstance.get(), resources=d.RESOURCES)\n"
-                "dg.DagsterInstance.get().add_dynamic_partitions('seed', ['0'])\n")
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 1\n"
+    )
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "PRISM_STORAGE": str(tmp_path / "storage"),
+        "PRISM_SYNTHETIC_USERS": "300",
+        "PRISM_SYNTHETIC_SEED": "3",
+        "PRISM_AUTOMATION": "running",
+        "DPO_THREADS_PER_RUN": "1",
+    }
+    upstream = (
+        "import dagster as dg\nfrom prism_assets import definitions as d\n"
+        "dg.materialize(d.UNPARTITIONED, instance=dg.DagsterInstance.get(), resources=d.RESOURCES)\n"
+        "dg.DagsterInstance.get().add_dynamic_partitions('seed', ['0'])\n"
+    )
     subprocess.run([sys.executable, "-c", upstream], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-                              cwd=REPO, env=env, stdout=open(tmp_path / "daemon.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp_path / "daemon.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     os.environ["DAGSTER_HOME"], previous = str(home), os.environ.get("DAGSTER_HOME")
     try:
         instance = dg.DagsterInstance.get()

@@ -14,15 +14,38 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/dpo_throughput.py", "--tiny", "--steps", "4", "--warm", "2",
-                           "--packed", "2", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/dpo_throughput.py",
+            "--tiny",
+            "--steps",
+            "4",
+            "--warm",
+            "2",
+            "--packed",
+            "2",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| stock", "| trl+refs", "| project", "| stock ×2 packed", "| project ×2 packed",
-        "| project, held-out every 25", "| project, held-out every 100",
-        "| project ×2 packed, held-out every 25", "| project ×2 packed, held-out every 100"]
+        "| stock",
+        "| trl+refs",
+        "| project",
+        "| stock ×2 packed",
+        "| project ×2 packed",
+        "| project, held-out every 25",
+        "| project, held-out every 100",
+        "| project ×2 packed, held-out every 25",
+        "| project ×2 packed, held-out every 100",
+    ]
     assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps, training only" in done.stdout
     assert "pairs at a run's start: tokenized" in done.stdout
 
@@ -59,8 +82,12 @@ def test_the_qwen05_shape_directory_loads_a_tokenizer_that_gives_prism_lengths(t
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    word_level = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<|im_end|>": 1, **{w: i + 2 for i, w in enumerate(
-        throughput.word_list(tokenizer))}}, unk_token="<unk>"))
+    word_level = Tokenizer(
+        models.WordLevel(
+            vocab={"<unk>": 0, "<|im_end|>": 1, **{w: i + 2 for i, w in enumerate(throughput.word_list(tokenizer))}},
+            unk_token="<unk>",
+        )
+    )
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", eos_token="<|im_end|>")
     fast.chat_template = tokenizer.chat_template

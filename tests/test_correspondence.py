@@ -14,17 +14,27 @@ def _runs(per_split: dict[str, list[tuple[float, float]]], se: float = 0.0) -> p
     for split, seeds in per_split.items():
         for seed, (a, b) in enumerate(seeds):
             for group, value in (("A", a), ("B", b)):
-                rows.append({"split": split, "group": group, "seed": seed, **{m: value for m in corr.METRICS},
-                             "heldout_acc_se": se, "heldout_margin_se": se})
-    rows.append({"split": None, "group": None, "seed": 0, **{m: 0.5 for m in corr.METRICS}})  # baseline
+                rows.append(
+                    {
+                        "split": split,
+                        "group": group,
+                        "seed": seed,
+                        **dict.fromkeys(corr.METRICS, value),
+                        "heldout_acc_se": se,
+                        "heldout_margin_se": se,
+                    }
+                )
+    rows.append({"split": None, "group": None, "seed": 0, **dict.fromkeys(corr.METRICS, 0.5)})  # baseline
     return pd.DataFrame(rows)
 
 
-SPLITS = pd.DataFrame({
-    "split": ["S1", "S2", "S3", "S4", "NULL"],
-    "predicted": ["A>B", "A<B", "A>B", "A>B", "A≈B"],
-    "null_control": [False, False, False, False, True],
-})
+SPLITS = pd.DataFrame(
+    {
+        "split": ["S1", "S2", "S3", "S4", "NULL"],
+        "predicted": ["A>B", "A<B", "A>B", "A>B", "A≈B"],
+        "null_control": [False, False, False, False, True],
+    }
+)
 
 
 def _primary(table):
@@ -32,13 +42,15 @@ def _primary(table):
 
 
 def test_verdicts_follow_the_documented_rule():
-    runs = _runs({
-        "S1": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],   # clearly A > B, as predicted
-        "S2": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],   # clearly A > B, predicted A < B
-        "S3": [(0.70, 0.60), (0.60, 0.70), (0.66, 0.64)],   # CI spans 0
-        "S4": [(0.70, 0.69)],                               # one seed
-        "NULL": [(0.60, 0.61), (0.62, 0.60), (0.61, 0.61)],
-    })
+    runs = _runs(
+        {
+            "S1": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],  # clearly A > B, as predicted
+            "S2": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],  # clearly A > B, predicted A < B
+            "S3": [(0.70, 0.60), (0.60, 0.70), (0.66, 0.64)],  # CI spans 0
+            "S4": [(0.70, 0.69)],  # one seed
+            "NULL": [(0.60, 0.61), (0.62, 0.60), (0.61, 0.61)],
+        }
+    )
     table = _primary(corr.correspondence(corr.seed_differences(runs), SPLITS))
     assert table.loc["S1", "verdict"] == corr.MATCH
     assert table.loc["S2", "verdict"] == corr.MISMATCH
@@ -54,10 +66,12 @@ def test_verdicts_follow_the_documented_rule():
 
 
 def test_a_significant_difference_no_larger_than_the_nulls_is_inconclusive():
-    runs = _runs({
-        "S1": [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)],
-        "NULL": [(0.66, 0.60), (0.67, 0.60), (0.66, 0.61)],
-    })
+    runs = _runs(
+        {
+            "S1": [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)],
+            "NULL": [(0.66, 0.60), (0.67, 0.60), (0.66, 0.61)],
+        }
+    )
     table = _primary(corr.correspondence(corr.seed_differences(runs), SPLITS))
     assert table.loc["S1", "ci_low"] > 0
     assert table.loc["S1", "verdict"] == corr.INCONCLUSIVE

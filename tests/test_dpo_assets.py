@@ -14,12 +14,22 @@ UPSTREAM = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, st
 
 
 def _definitions(tmp_path, users=300, **settings):
-    dpo_settings = dpo.DpoSettings(models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"),
-                                   reports_dir=str(tmp_path / "reports"), **settings)
-    assets = [*UPSTREAM, dpo.build_reference_logps(dpo_settings.fingerprint(dpo.REFERENCE_FIELDS)),
-              dpo.build_group_dpo_run(dpo_settings.fingerprint()), report.correspondence_table]
+    dpo_settings = dpo.DpoSettings(
+        models_dir=str(tmp_path / "models"),
+        runs_dir=str(tmp_path / "runs"),
+        reports_dir=str(tmp_path / "reports"),
+        **settings,
+    )
+    assets = [
+        *UPSTREAM,
+        dpo.build_reference_logps(dpo_settings.fingerprint(dpo.REFERENCE_FIELDS)),
+        dpo.build_group_dpo_run(dpo_settings.fingerprint()),
+        report.correspondence_table,
+    ]
     resources = {
-        "prism_source": data.PrismSource(synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")),
+        "prism_source": data.PrismSource(
+            synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")
+        ),
         "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
         "dpo_settings": dpo_settings,
         "launcher": LocalLauncher(threads_per_run=1),
@@ -29,8 +39,14 @@ def _definitions(tmp_path, users=300, **settings):
 
 def _materialize_partition(assets, resources, instance, cell, seed, **kwargs):
     key = dg.MultiPartitionKey({partitions.CELL: cell, partitions.SEED: str(seed)})
-    return dg.materialize(assets, selection=[dg.AssetKey("group_dpo_run")], partition_key=key, instance=instance,
-                          resources=resources, **kwargs)
+    return dg.materialize(
+        assets,
+        selection=[dg.AssetKey("group_dpo_run")],
+        partition_key=key,
+        instance=instance,
+        resources=resources,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +54,12 @@ def v3_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dpo")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(assets[:-2], instance=instance, resources=resources,  # all but the DPO runs and the table
-                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        dg.materialize(
+            assets[:-2],
+            instance=instance,
+            resources=resources,  # all but the DPO runs and the table
+            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
+        )
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, assets, resources, instance
 
@@ -63,7 +83,7 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     assert (run_dir / "pipes_messages.jsonl").read_text().count("report_asset_materialization") == 1
     logs = "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
     assert "step 6/6" in logs
-    # the run reads the base model's log-probs and the token ids from reference_logps: no reference model, no tokenizing
+    # the run reads the base model's log-probs and token ids from reference_logps: no reference model, no tokenizing
     assert "reference log-probs: precomputed (reference_logps); token ids: stored by reference_logps" in logs
     config = json.loads((run_dir / "config.json").read_text())
     assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
@@ -71,7 +91,9 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
 
 def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
     tmp_path, _, _, instance = v3_instance
-    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model"))
+    assets, resources = _definitions(
+        tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model")
+    )
     result = _materialize_partition(assets, resources, instance, "S1_age.B", 0, raise_on_error=False)
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -82,8 +104,9 @@ def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
 def test_settings_other_than_the_code_versions_are_refused(v3_instance):
     tmp_path, assets, resources, instance = v3_instance
     settings = resources["dpo_settings"]
-    changed = dpo.DpoSettings(**{**{name: getattr(settings, name) for name in dpo.DpoSettings.model_fields},
-                                 "learning_rate": 0.5})
+    changed = dpo.DpoSettings(
+        **{**{name: getattr(settings, name) for name in dpo.DpoSettings.model_fields}, "learning_rate": 0.5}
+    )
     overridden = {**resources, "dpo_settings": changed}
     result = _materialize_partition(assets, overridden, instance, "S1_age.A", 0, raise_on_error=False)
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -98,7 +121,9 @@ def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
     (tmp_path / "curve.parquet").write_bytes(b"not parquet")
     with pytest.raises(dg.Failure, match=r"metrics.json is not valid JSON"):
         dpo.read_run_outputs(tmp_path)
-    (tmp_path / "metrics.json").write_text('{"final_heldout_acc": 0.5, "mean_heldout_acc_tail": 0.5, "data_version": "x"}')
+    (tmp_path / "metrics.json").write_text(
+        '{"final_heldout_acc": 0.5, "mean_heldout_acc_tail": 0.5, "data_version": "x"}'
+    )
     with pytest.raises(dg.Failure, match=r"curve.parquet cannot be read as parquet"):
         dpo.read_run_outputs(tmp_path)
 
@@ -111,8 +136,13 @@ def test_training_settings_change_the_dpo_code_version_and_nothing_upstream(tmp_
 
     def code_versions(settings):
         assets = versions.with_upstream_code_versions(
-            [*UPSTREAM, dpo.build_reference_logps(settings.fingerprint(dpo.REFERENCE_FIELDS)),
-             dpo.build_group_dpo_run(settings.fingerprint()), report.correspondence_table])
+            [
+                *UPSTREAM,
+                dpo.build_reference_logps(settings.fingerprint(dpo.REFERENCE_FIELDS)),
+                dpo.build_group_dpo_run(settings.fingerprint()),
+                report.correspondence_table,
+            ]
+        )
         return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
 
     before, after = code_versions(base), code_versions(dpo.DpoSettings(beta=0.2))
@@ -126,14 +156,19 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     A>B) must come out MATCH on held-out accuracy over three seeds, and the region null control OK."""
     assets, resources = _definitions(tmp_path, users=1500)
     with dg.instance_for_test() as instance:
-        dg.materialize(assets[:-2], instance=instance, resources=resources,  # all but the DPO runs and the table
-                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        dg.materialize(
+            assets[:-2],
+            instance=instance,
+            resources=resources,  # all but the DPO runs and the table
+            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
+        )
         instance.add_dynamic_partitions(partitions.SEED, ["0", "1", "2"])
         for cell in ("S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"):
             for seed in range(3):
                 assert _materialize_partition(assets, resources, instance, cell, seed).success
-        result = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
-                                resources=resources)
+        result = dg.materialize(
+            assets, selection=[dg.AssetKey("correspondence_table")], instance=instance, resources=resources
+        )
     table = result.output_for_node("correspondence_table")["table"]
     primary = table[table["metric"] == "mean_heldout_acc_tail"].set_index("split")
     shown = ["per_seed_d", "mean_d", "ci_low", "ci_high", "eval_se", "null_abs_mean_d"]
@@ -153,17 +188,31 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
     from prism_assets.training.run_files import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, pair_text_digests
 
     def texts(ids, answer="yes"):
-        return pd.DataFrame({"pair_id": ids, "prompt": [[{"role": "user", "content": f"q {i}"}] for i in ids],
-                             "chosen": [answer] * len(ids), "rejected": ["no"] * len(ids)})
+        return pd.DataFrame(
+            {
+                "pair_id": ids,
+                "prompt": [[{"role": "user", "content": f"q {i}"}] for i in ids],
+                "chosen": [answer] * len(ids),
+                "rejected": ["no"] * len(ids),
+            }
+        )
 
     pairs = texts(["a", "b"]).assign(user_id=["u1", "u2"])
     computed_from = texts(["b", "a", "c"])
-    references = pd.DataFrame({"pair_id": ["b", "a", "c"], REFERENCE_COLUMNS[0]: [-1.0, -2.0, -3.0],
-                               REFERENCE_COLUMNS[1]: [-4.0, -5.0, -6.0],
-                               **{c: [np.array([i, 7], dtype=np.int32) for i in range(3)] for c in TOKEN_COLUMNS},
-                               TEXT_DIGEST_COLUMN: pair_text_digests(computed_from)})
+    references = pd.DataFrame(
+        {
+            "pair_id": ["b", "a", "c"],
+            REFERENCE_COLUMNS[0]: [-1.0, -2.0, -3.0],
+            REFERENCE_COLUMNS[1]: [-4.0, -5.0, -6.0],
+            **{c: [np.array([i, 7], dtype=np.int32) for i in range(3)] for c in TOKEN_COLUMNS},
+            TEXT_DIGEST_COLUMN: pair_text_digests(computed_from),
+        }
+    )
     merged = dpo.with_references(pairs, references)
-    assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [[1, 7], [0, 7]]
+    assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [
+        [1, 7],
+        [0, 7],
+    ]
     assert list(merged.columns) == [*pairs.columns, *REFERENCE_COLUMNS, *TOKEN_COLUMNS]  # the digest stays behind
     with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
         dpo.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
@@ -179,22 +228,38 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
 def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
     import pandas as pd
 
-    membership = pd.DataFrame({"split": ["S1"] * 4 + ["S2"] * 2, "group": ["A", "A", "B", "B", "A", "B"],
-                               "user_id": ["u1", "u2", "u3", "u4", "u1", "u3"]})
+    membership = pd.DataFrame(
+        {
+            "split": ["S1"] * 4 + ["S2"] * 2,
+            "group": ["A", "A", "B", "B", "A", "B"],
+            "user_id": ["u1", "u2", "u3", "u4", "u1", "u3"],
+        }
+    )
     splits = {"splits": pd.DataFrame({"split": ["S1", "S2"]}), "membership": membership}
     digest = dpo.membership_digest
     # S1's group B as a split of the same name made otherwise (another preset, α or fit) held it.
     older_b = digest({"membership": membership.replace({"u4": "u5"})}, "S1", "B")
-    rows = [("baseline", None, None, None, "f"), ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f"),
-            ("S1.B", "S1", "B", older_b, "f"), ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g"),
-            ("S9.A", "S9", "A", "0" * 16, "f"), ("S2.B", "S2", "B", digest(splits, "S2", "B"), "f")]
-    runs = pd.DataFrame([{"cell": c, "split": s, "group": g, "seed": 0, "membership_digest": d,
-                          "settings_fingerprint": f} for c, s, g, d, f in rows])
+    rows = [
+        ("baseline", None, None, None, "f"),
+        ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f"),
+        ("S1.B", "S1", "B", older_b, "f"),
+        ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g"),
+        ("S9.A", "S9", "A", "0" * 16, "f"),
+        ("S2.B", "S2", "B", digest(splits, "S2", "B"), "f"),
+    ]
+    runs = pd.DataFrame(
+        [
+            {"cell": c, "split": s, "group": g, "seed": 0, "membership_digest": d, "settings_fingerprint": f}
+            for c, s, g, d, f in rows
+        ]
+    )
     kept, left_out = report.current_runs(runs, splits, "f")
     assert list(kept["cell"]) == ["baseline", "S1.A", "S2.B"]
-    assert left_out == {"split no longer in significant_splits": ["S9.A seed 0"],
-                        "trained on other users than the group now holds": ["S1.B seed 0"],
-                        "trained under other DPO settings": ["S2.A seed 0"]}
+    assert left_out == {
+        "split no longer in significant_splits": ["S9.A seed 0"],
+        "trained on other users than the group now holds": ["S1.B seed 0"],
+        "trained under other DPO settings": ["S2.A seed 0"],
+    }
     assert digest(splits, None, None) is None and digest(splits, "S1", "A") != digest(splits, "S1", "B")
 
 
@@ -204,11 +269,28 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     from prism_assets.training.settings import RunConfig, TrainingSettings
 
     assert set(dpo.DpoSettings.model_fields) - set(TrainingSettings.model_fields) == {
-        "models_dir", "runs_dir", "reports_dir", "python"}
-    changed = {"base_model": str(tmp_path / "model"), "max_steps": 40, "batch_size": 4, "beta": 0.2,
-               "learning_rate": 2e-4, "logging_steps": 4, "eval_steps": 8, "max_length": 128,
-               "heldout_fraction": 0.2, "heldout_max_pairs": 32, "balance_groups": True,
-               "gradient_checkpointing": True, "checkpoint_steps": 8, "checkpoint_minutes": 5.0, "device": "cpu"}
+        "models_dir",
+        "runs_dir",
+        "reports_dir",
+        "python",
+    }
+    changed = {
+        "base_model": str(tmp_path / "model"),
+        "max_steps": 40,
+        "batch_size": 4,
+        "beta": 0.2,
+        "learning_rate": 2e-4,
+        "logging_steps": 4,
+        "eval_steps": 8,
+        "max_length": 128,
+        "heldout_fraction": 0.2,
+        "heldout_max_pairs": 32,
+        "balance_groups": True,
+        "gradient_checkpointing": True,
+        "checkpoint_steps": 8,
+        "checkpoint_minutes": 5.0,
+        "device": "cpu",
+    }
     assert set(changed) == set(TrainingSettings.model_fields)  # a new setting must be listed here, and is checked
     defaults = TrainingSettings()
     assert all(getattr(defaults, name) != value for name, value in changed.items())

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from trl_reference import make_trainer
 
 from prism_assets.training import engine
-from trl_reference import make_trainer
 from prism_assets.training.logps import tokenize_pairs
 from prism_assets.training.reference import reference_logps
 from prism_assets.training.run_files import REFERENCE_COLUMNS
@@ -25,18 +25,28 @@ class Tolerance(NamedTuple):
     the step with padding-free FlashAttention: bf16 rounding of different kernels (on CPU, both in bf16 autocast
     differed by 4e-4 in loss, 1e-3 relative in grad norm, 7e-4 in rewards, 4% in the update)."""
 
-    rtol: float         # metrics
+    rtol: float  # metrics
     atol: float
     update_rtol: float  # ‖Δ_ours − Δ_TRL‖ / ‖Δ_TRL‖ of the weights
     same_accuracies: bool
 
 
-TOLERANCES = {"cpu": Tolerance(1e-4, 1e-5, 1e-2, same_accuracies=True),
-              "cuda": Tolerance(5e-2, 1e-2, 0.15, same_accuracies=False)}  # a pair whose margin is ~0 may flip
+TOLERANCES = {
+    "cpu": Tolerance(1e-4, 1e-5, 1e-2, same_accuracies=True),
+    "cuda": Tolerance(5e-2, 1e-2, 0.15, same_accuracies=False),
+}  # a pair whose margin is ~0 may flip
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
 def test_same_batches_give_trls_loss_metrics_and_weights(device, tiny_model_dir, small_pairs_path, tmp_path):
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,9 +58,18 @@ def test_same_batches_give_trls_loss_metrics_and_weights(device, tiny_model_dir,
     references = reference_logps(copy.deepcopy(base).to(device), tokenizer, pairs, MAX_LENGTH, 16)
     pairs = pairs.merge(references, on="pair_id")
 
-    cfg = RunConfig(base_model=str(tiny_model_dir), pairs_path="-", output_dir=str(tmp_path), seed=0,
-                    max_steps=STEPS, batch_size=BATCH, learning_rate=1e-3, beta=0.1, logging_steps=1,
-                    max_length=MAX_LENGTH)
+    cfg = RunConfig(
+        base_model=str(tiny_model_dir),
+        pairs_path="-",
+        output_dir=str(tmp_path),
+        seed=0,
+        max_steps=STEPS,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        beta=0.1,
+        logging_steps=1,
+        max_length=MAX_LENGTH,
+    )
     trl_model = copy.deepcopy(base)
     trainer = make_trainer(cfg, trl_model, tokenizer, pairs, use_cuda, [])
     trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)  # pairs in order
@@ -63,24 +82,32 @@ def test_same_batches_give_trls_loss_metrics_and_weights(device, tiny_model_dir,
     ours = []
     for step in range(STEPS):
         rows = range(step * BATCH, (step + 1) * BATCH)
-        batch = engine.collate([chosen[i] for i in rows], [rejected[i] for i in rows],
-                               *(pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS), device)
+        batch = engine.collate(
+            [chosen[i] for i in rows],
+            [rejected[i] for i in rows],
+            *(pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS),
+            device,
+        )
         ours.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
     ours = engine.read_metrics(ours)
 
     assert len(trl_logs) == STEPS
     for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins"):
-        np.testing.assert_allclose([o[key] for o in ours], [t[key] for t in trl_logs], rtol=tolerance.rtol,
-                                   atol=tolerance.atol, err_msg=key)
+        np.testing.assert_allclose(
+            [o[key] for o in ours], [t[key] for t in trl_logs], rtol=tolerance.rtol, atol=tolerance.atol, err_msg=key
+        )
     # At step 0 the policy is the reference: every reward is 0 up to float noise, so which side wins is noise.
     assert abs(ours[0]["rewards/margins"]) < tolerance.atol
     if tolerance.same_accuracies:
-        np.testing.assert_array_equal([o["rewards/accuracies"] for o in ours[1:]],
-                                      [t["rewards/accuracies"] for t in trl_logs[1:]])
+        np.testing.assert_array_equal(
+            [o["rewards/accuracies"] for o in ours[1:]], [t["rewards/accuracies"] for t in trl_logs[1:]]
+        )
     # Weights: Adam moves a parameter by ≈ ±lr whatever its gradient's size, so where a gradient is ~0 its float
     # noise picks the sign; compare the whole update instead: ‖Δ_ours − Δ_TRL‖ / ‖Δ_TRL‖.
-    flat = {name: torch.cat([p.detach().cpu().flatten() for p in m.parameters()]) for name, m in
-            (("base", base), ("ours", model), ("trl", trl_model))}
+    flat = {
+        name: torch.cat([p.detach().cpu().flatten() for p in m.parameters()])
+        for name, m in (("base", base), ("ours", model), ("trl", trl_model))
+    }
     update, trl_update = flat["ours"] - flat["base"], flat["trl"] - flat["base"]
     assert float(trl_update.norm()) > 1e-2  # it learned
     print("relative update difference", float((update - trl_update).norm() / trl_update.norm()))

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from builders import conversation, survey_row, write_prism
+
 from prism_assets.dataset.loading import PrismFormatError, load_prism_directory
 
 
@@ -95,8 +95,10 @@ def test_hub_source_reads_the_hub_cache_offline(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     for name in ("survey", "conversations", "utterances"):
         (snapshot / f"{name}.jsonl").write_bytes((source / f"{name}.jsonl").read_bytes())
-    code = ("from prism_assets.dataset.loading import load_prism_hub; t = load_prism_hub(); "
-            "print(t.source, len(t.survey), len(t.utterances))")
+    code = (
+        "from prism_assets.dataset.loading import load_prism_hub; t = load_prism_hub(); "
+        "print(t.source, len(t.survey), len(t.utterances))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -10,20 +10,22 @@ from prism_assets.training.metrics import summarize_curve
 
 def _curve():
     steps = list(range(10, 110, 10))  # 10 logged steps of a 100-step run
-    return pd.DataFrame({
-        "step": steps,
-        "loss": [0.7, 0.69, 0.68, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3],
-        "margin": [0.0, 0.01, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-        "pref_acc": [0.5, 0.5, 0.55, 0.625, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9],
-        "heldout_acc": [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.62, 0.64, 0.66, 0.68],
-        "heldout_margin": [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18],
-    })
+    return pd.DataFrame(
+        {
+            "step": steps,
+            "loss": [0.7, 0.69, 0.68, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3],
+            "margin": [0.0, 0.01, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+            "pref_acc": [0.5, 0.5, 0.55, 0.625, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9],
+            "heldout_acc": [0.5, 0.52, 0.54, 0.56, 0.58, 0.6, 0.62, 0.64, 0.66, 0.68],
+            "heldout_margin": [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18],
+        }
+    )
 
 
 def test_final_tail_mid_and_steps_to_60pct():
     m = summarize_curve(_curve(), max_steps=100)
     assert m["final_loss"] == 0.3 and m["final_pref_acc"] == 0.9 and m["final_heldout_acc"] == 0.68
-    assert m["mean_pref_acc_tail"] == pytest.approx((0.85 + 0.9) / 2)      # last 20% of 10 rows = 2 rows
+    assert m["mean_pref_acc_tail"] == pytest.approx((0.85 + 0.9) / 2)  # last 20% of 10 rows = 2 rows
     assert m["mean_heldout_margin_tail"] == pytest.approx((0.16 + 0.18) / 2)
     assert m["mid_heldout_acc"] == pytest.approx((0.5 + 0.52 + 0.54 + 0.56) / 4)  # steps 10..40
     assert m["steps_to_60pct"] == 40
@@ -58,9 +60,9 @@ def test_heldout_summaries_use_only_the_evaluated_rows():
     curve = curve.assign(heldout_evaluated=evaluated, heldout_acc_se=[0.03 if e else float("nan") for e in evaluated])
     m = summarize_curve(curve, max_steps=100)
     assert m["final_heldout_acc"] == 0.68 and m["heldout_acc_se"] == 0.03
-    assert m["mean_heldout_acc_tail"] == 0.68                                  # last 20% of 5 evaluated rows = 1
-    assert m["mid_heldout_margin"] == pytest.approx((0.02 + 0.06) / 2)        # steps 20 and 40
-    assert m["mean_pref_acc_tail"] == pytest.approx((0.85 + 0.9) / 2)         # training metrics: every logged row
+    assert m["mean_heldout_acc_tail"] == 0.68  # last 20% of 5 evaluated rows = 1
+    assert m["mid_heldout_margin"] == pytest.approx((0.02 + 0.06) / 2)  # steps 20 and 40
+    assert m["mean_pref_acc_tail"] == pytest.approx((0.85 + 0.9) / 2)  # training metrics: every logged row
     assert m["logged_steps"] == 10
 
 

@@ -9,10 +9,14 @@ from scipy import stats
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 from prism_assets.dataset.loading import load_prism_directory
-from prism_assets.statistics.ordered_logit import (
-    CovariateSpec, LogitOrderedModel, cluster_robust_ordered_logit, gap_outcome, quartile_boundaries,
-)
 from prism_assets.dataset.pairs import within_model_pairs
+from prism_assets.statistics.ordered_logit import (
+    CovariateSpec,
+    LogitOrderedModel,
+    cluster_robust_ordered_logit,
+    gap_outcome,
+    quartile_boundaries,
+)
 
 
 def test_fast_logit_model_matches_stock_ordered_model_with_clustered_errors():
@@ -40,7 +44,9 @@ def test_quartile_bins_put_a_gap_on_a_boundary_in_the_lower_bin():
 def full_fit(full_synthetic_dir):
     tables = load_prism_directory(full_synthetic_dir)
     pairs = within_model_pairs(tables.utterances, tables.conversations).pairs
-    return cluster_robust_ordered_logit(pairs, tables.survey), json.loads((full_synthetic_dir / "truth.json").read_text())
+    return cluster_robust_ordered_logit(pairs, tables.survey), json.loads(
+        (full_synthetic_dir / "truth.json").read_text()
+    )
 
 
 def test_planted_effects_are_recovered_with_the_right_sign_inside_the_ci(full_fit):
@@ -80,11 +86,15 @@ def test_unknown_covariate_is_named(full_synthetic_dir):
 def _users_and_pairs(levels: np.ndarray, effect: dict, seed: int = 0, without_pairs: set = frozenset()):
     """A survey of users with covariate `level` (and `x`), and pairs whose gap grows with the level's effect."""
     rng = np.random.default_rng(seed)
-    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(len(levels))], "level": levels,
-                          "x": rng.uniform(0, 100, len(levels))})
-    rows = [(user, int(np.clip(np.round(12 + 8 * (effect.get(level, 0.0) + rng.logistic())), 1, 99)))
-            for user, level in zip(users["user_id"], users["level"]) if user not in without_pairs
-            for _ in range(rng.integers(5, 30))]
+    users = pd.DataFrame(
+        {"user_id": [f"u{i}" for i in range(len(levels))], "level": levels, "x": rng.uniform(0, 100, len(levels))}
+    )
+    rows = [
+        (user, int(np.clip(np.round(12 + 8 * (effect.get(level, 0.0) + rng.logistic())), 1, 99)))
+        for user, level in zip(users["user_id"], users["level"])
+        if user not in without_pairs
+        for _ in range(rng.integers(5, 30))
+    ]
     return users, pd.DataFrame(rows, columns=["user_id", "score_gap"])
 
 

@@ -23,11 +23,13 @@ def sequences() -> list[tuple[list[int], list[int]]]:
     def tokens(n):
         return torch.randint(5, 700, (n,), generator=generator).tolist()
 
-    return [(tokens(40), tokens(120)),
-            ([], tokens(30)),            # keep_end truncation can leave no prompt: the first token has no predictor
-            (tokens(7), tokens(1)),      # one completion token
-            (tokens(300), tokens(200)),
-            (tokens(1), tokens(2))]
+    return [
+        (tokens(40), tokens(120)),
+        ([], tokens(30)),  # keep_end truncation can leave no prompt: the first token has no predictor
+        (tokens(7), tokens(1)),  # one completion token
+        (tokens(300), tokens(200)),
+        (tokens(1), tokens(2)),
+    ]
 
 
 def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
@@ -35,7 +37,7 @@ def alone(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + completion])
     logits = model(input_ids=ids).logits[0, :-1].float()
     token_logps = logits.log_softmax(-1).gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
-    return token_logps[max(len(prompt), 1) - 1:].sum()
+    return token_logps[max(len(prompt), 1) - 1 :].sum()
 
 
 @pytest.mark.parametrize("chunk", [1024, 7])  # LOGITS_CHUNK: one chunk, or chunks that cut across sequences
@@ -68,7 +70,7 @@ def plain_token_logps(head, states, targets):
 
 # fp32: the same sums in other orders; bf16 autocast: the weight gradient is summed over chunks of bf16
 # products in fp32 instead of one bf16 product (more exact, not bit-equal).
-@pytest.mark.parametrize("autocast,tolerance", [(False, 1e-5), (True, 2e-2)])
+@pytest.mark.parametrize(("autocast", "tolerance"), [(False, 1e-5), (True, 2e-2)])
 def test_the_lm_head_in_chunks_gives_the_values_and_gradients_of_all_logits_at_once(monkeypatch, autocast, tolerance):
     monkeypatch.setattr(logps, "LOGITS_CHUNK", 7)
     generator = torch.Generator().manual_seed(0)
@@ -125,8 +127,10 @@ def test_the_kernel_is_chosen_once_per_device_dtype_and_head_shape_and_said_why(
         summed_logps(model, packing.pack(sequences(), "cpu"))
     # decided by the model's own forward, for its heads (4 query, 2 key/value, dimension 16), once
     assert choices == [(torch.device("cpu"), torch.float32, heads_of(model))]
-    assert packing.kernels_used() == ("cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence — "
-                                      "flash varlen needs CUDA and bf16/fp16 (cpu, torch.float32)")
+    assert packing.kernels_used() == (
+        "cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence — "
+        "flash varlen needs CUDA and bf16/fp16 (cpu, torch.float32)"
+    )
 
 
 def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointed_layer():
@@ -140,7 +144,9 @@ def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointe
 
     assert packing.self_check(leaky, cpu, torch.float32)[1].startswith("disagreed")
     assert packing.self_check(missing, cpu, torch.float32) == (
-        False, "failed its self-check: RuntimeError: no kernel image for this device")
+        False,
+        "failed its self-check: RuntimeError: no kernel image for this device",
+    )
 
     def no_small_heads(q, k, v, *args):  # a kernel built without the model's head dimension
         if q.shape[-1] < 32:
@@ -150,7 +156,9 @@ def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointe
     # checked at the model's own head shape: a shape the kernel lacks is caught before training, not during it
     assert packing.self_check(no_small_heads, cpu, torch.float32)[0]
     assert packing.self_check(no_small_heads, cpu, torch.float32, (4, 2, 16)) == (
-        False, "failed its self-check: RuntimeError: head dimension 16 not supported")
+        False,
+        "failed its self-check: RuntimeError: head dimension 16 not supported",
+    )
     assert packing.self_check(exact, cpu, torch.float32, (14, 2, 64))[0]  # Qwen2.5-0.5B's heads
     # The check first runs inside a model's forward: under no_grad (evaluation), or in a layer whose
     # activations gradient checkpointing recomputes in backward — where the check does not run again.
@@ -180,4 +188,3 @@ def test_on_cuda_bf16_flash_varlen_is_used_and_matches(model):
     assert "cuda:0 bfloat16 (4 heads, 2 kv, dim 16): flash varlen" in packing.kernels_used(), packing.kernels_used()
     single = torch.stack([alone(model.float().cpu(), p, c) for p, c in sequences()])
     torch.testing.assert_close(packed.cpu(), single.detach(), rtol=2e-2, atol=1.0)  # bf16 activations
-

@@ -36,14 +36,24 @@ def test_reference_logps_equal_trls_own_precompute(tiny_model_dir, pairs, tmp_pa
     max_length = 96  # short enough that a third of these pairs are truncated
     ours = reference_logps(model, tokenizer, pairs, max_length, batch_size=16)
 
-    dataset = Dataset.from_dict({
-        "prompt": [messages(p) for p in pairs["prompt"]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
-    })
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_length=max_length,
-                     truncation_mode="keep_end", precompute_ref_log_probs=True, precompute_ref_batch_size=8,
-                     use_cpu=True, report_to="none", disable_tqdm=True)
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [messages(p) for p in pairs["prompt"]],
+            "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+            "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+        }
+    )
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_length=max_length,
+        truncation_mode="keep_end",
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=8,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+    )
     trl = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
     lengths = [len(p) + len(c) for p, c in zip(trl["prompt_ids"], trl["chosen_ids"])]
     assert sum(n > max_length for n in lengths) >= 10  # truncation is exercised
@@ -51,8 +61,9 @@ def test_reference_logps_equal_trls_own_precompute(tiny_model_dir, pairs, tmp_pa
         np.testing.assert_allclose(ours[column].to_numpy(), np.asarray(trl[column]), rtol=RTOL, atol=ATOL)
     # the ids they are of, stored for the runs: TRL's untruncated ids, truncated as TRL's keep_end does
     for side in ("chosen", "rejected"):
-        for prompt, completion, trl_prompt, trl_completion in zip(ours[f"{side}_prompt_ids"], ours[f"{side}_completion_ids"],
-                                                                  trl["prompt_ids"], trl[f"{side}_ids"]):
+        for prompt, completion, trl_prompt, trl_completion in zip(
+            ours[f"{side}_prompt_ids"], ours[f"{side}_completion_ids"], trl["prompt_ids"], trl[f"{side}_ids"]
+        ):
             assert [*prompt, *completion] == (trl_prompt + trl_completion)[-max_length:]
             assert len(completion) == min(len(trl_completion), max_length)
 
@@ -62,11 +73,15 @@ def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # the columns the reference precompute stores, at three max_lengths
-    stored = {length: pairs.assign(**token_columns(*tokenize_pairs(tokenizer, pairs, length))) for length in (64, 96, 128)}
+    stored = {
+        length: pairs.assign(**token_columns(*tokenize_pairs(tokenizer, pairs, length))) for length in (64, 96, 128)
+    }
     chosen, rejected, was_stored = sequences_of(tokenizer, stored[96], 96)
     assert was_stored and (chosen, rejected) == tokenize_pairs(tokenizer, pairs, 96)
     assert sequences_of(tokenizer, pairs, 96)[2] is False  # no stored ids: tokenized
-    refused = r"pair '.+': its stored token ids .* at max_length 96; they were made with another tokenizer or max_length"
+    refused = (
+        r"pair '.+': its stored token ids .* at max_length 96; they were made with another tokenizer or max_length"
+    )
     for length in (64, 128):  # truncated more, or less, than the run's max_length: refused, the pair named
         with pytest.raises(ValueError, match=refused):
             sequences_of(tokenizer, stored[length], 96)
@@ -76,14 +91,20 @@ def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made
         sequences_of(other, stored[96], 96)
     missing = stored[96].copy()
     missing.loc[3, "rejected_completion_ids"] = None
-    with pytest.raises(ValueError, match=rf"pair '{pairs['pair_id'][3]}' has no rejected_completion_ids \(1 of 48 pairs"):
+    with pytest.raises(
+        ValueError, match=rf"pair '{pairs['pair_id'][3]}' has no rejected_completion_ids \(1 of 48 pairs"
+    ):
         sequences_of(tokenizer, missing, 96)
 
 
 def _run(tmp_path, name, module="prism_assets.training.trainer", **config):
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", module, "--config", str(tmp_path / f"{name}.json")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--config", str(tmp_path / f"{name}.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -91,16 +112,32 @@ def _run(tmp_path, name, module="prism_assets.training.trainer", **config):
 def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_model_dir, pairs, tmp_path):
     plain = tmp_path / "plain.parquet"
     pairs.to_parquet(plain, index=False)
-    _run(tmp_path, "reference", module="prism_assets.training.reference",
-         base_model=str(tiny_model_dir), pairs_path=str(plain), output_path=str(tmp_path / "ref.parquet"),
-         max_length=96)
+    _run(
+        tmp_path,
+        "reference",
+        module="prism_assets.training.reference",
+        base_model=str(tiny_model_dir),
+        pairs_path=str(plain),
+        output_path=str(tmp_path / "ref.parquet"),
+        max_length=96,
+    )
     fed = tmp_path / "fed.parquet"
     pairs.merge(pd.read_parquet(tmp_path / "ref.parquet"), on="pair_id").to_parquet(fed, index=False)
 
-    common = {"base_model": str(tiny_model_dir), "seed": 0, "max_steps": 4, "logging_steps": 2,
-              "learning_rate": 1e-3, "max_length": 96, "heldout_max_pairs": 8, "batch_size": 4}
-    logs = {name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name),
-                       **common) for name, path in (("live", plain), ("fed", fed))}
+    common = {
+        "base_model": str(tiny_model_dir),
+        "seed": 0,
+        "max_steps": 4,
+        "logging_steps": 2,
+        "learning_rate": 1e-3,
+        "max_length": 96,
+        "heldout_max_pairs": 8,
+        "batch_size": 4,
+    }
+    logs = {
+        name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name), **common)
+        for name, path in (("live", plain), ("fed", fed))
+    }
     assert "precomputed (reference_logps); token ids: stored by reference_logps" in logs["fed"]
     assert "computed here from the base model (the pairs carry none); token ids: tokenized here" in logs["live"]
     assert set(TOKEN_COLUMNS) <= set(pd.read_parquet(fed).columns)

@@ -18,10 +18,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from test_dpo_assets import _definitions, _materialize_partition
 
 from prism_assets import partitions
 from resources.slurm import SlurmLauncher, parse_scontrol, time_limit_seconds
-from test_dpo_assets import _definitions, _materialize_partition
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,9 @@ def slurm_cluster():
 
 
 def _launcher(**overrides) -> SlurmLauncher:
-    settings = dict(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_initial_s=0.5,
-                    poll_max_s=2.0)
+    settings = dict(
+        partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_initial_s=0.5, poll_max_s=2.0
+    )
     return SlurmLauncher(**{**settings, **overrides})
 
 
@@ -57,8 +58,12 @@ def cluster_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("slurm")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(assets[:-2], instance=instance, resources=resources,  # data, statistics, reference_logps
-                       run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}})
+        dg.materialize(
+            assets[:-2],
+            instance=instance,
+            resources=resources,  # data, statistics, reference_logps
+            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
+        )
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, instance
 
@@ -67,7 +72,9 @@ def _run(cluster_instance, cell, launcher, **settings):
     tmp_path, instance = cluster_instance
     assets, resources = _definitions(tmp_path, **{"max_steps": 6, "logging_steps": 2, **settings})
     resources["launcher"] = launcher
-    return _materialize_partition(assets, resources, instance, cell, 0, raise_on_error=False), tmp_path / "runs" / cell / "seed0"
+    return _materialize_partition(
+        assets, resources, instance, cell, 0, raise_on_error=False
+    ), tmp_path / "runs" / cell / "seed0"
 
 
 def _failure(result) -> str:
@@ -76,7 +83,9 @@ def _failure(result) -> str:
 
 
 def _job(job_id: str) -> dict:
-    return parse_scontrol(subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout)
+    return parse_scontrol(
+        subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    )
 
 
 def _job_id(run_dir: Path, timeout: float = 60) -> str:
@@ -110,8 +119,9 @@ def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_in
         assert (run_dir / f"slurm-{job_id}.out").read_text().count("step 6/6") == 1
         assert (run_dir / "pipes_messages.jsonl").exists()
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)  # the runs' settings: the table's runs
-    table = dg.materialize(assets, selection=[dg.AssetKey("correspondence_table")], instance=instance,
-                           resources=resources).output_for_node("correspondence_table")["table"]
+    table = dg.materialize(
+        assets, selection=[dg.AssetKey("correspondence_table")], instance=instance, resources=resources
+    ).output_for_node("correspondence_table")["table"]
     assert table.set_index(["split", "metric"]).loc[("S8_region", "mean_heldout_acc_tail"), "n_seeds"] == 1
 
 
@@ -121,8 +131,9 @@ def test_runs_per_gpu_packs_jobs_onto_one_gpu_through_shards(tmp_path):
     for i in range(2):
         run_dir = tmp_path / f"run{i}"
         run_dir.mkdir()
-        script = launcher.job_script(["bash", "-c", "echo gpu=$CUDA_VISIBLE_DEVICES; sleep 8"], run_dir, {},
-                                     f"pack{i}", str(tmp_path))
+        script = launcher.job_script(
+            ["bash", "-c", "echo gpu=$CUDA_VISIBLE_DEVICES; sleep 8"], run_dir, {}, f"pack{i}", str(tmp_path)
+        )
         assert "#SBATCH --gres=shard:1" in script and "--gres=gpu" not in script
         (run_dir / "job.sbatch").write_text(script)
         jobs.append((launcher.submit(run_dir / "job.sbatch"), run_dir))
@@ -179,18 +190,32 @@ def test_unsafe_names_and_values_are_refused_before_submission(cluster_instance,
     result, _ = _run(cluster_instance, "S1_age$(touch pwned).A", _launcher())
     assert not result.success and "invalid split name" in _failure(result)
     instance.delete_dynamic_partition(partitions.CELL, "S1_age$(touch pwned).A")
-    for bad in (dict(partition="debug;id"), dict(account="a b"), dict(extra_sbatch_args=["--comment=$(id)"]),
-                dict(time_limit="1:00\n#SBATCH --uid=0"), dict(mem="8G;id"), dict(gpu_type="a100 x")):
+    for bad in (
+        dict(partition="debug;id"),
+        dict(account="a b"),
+        dict(extra_sbatch_args=["--comment=$(id)"]),
+        dict(time_limit="1:00\n#SBATCH --uid=0"),
+        dict(mem="8G;id"),
+        dict(gpu_type="a100 x"),
+    ):
         with pytest.raises(ValueError, match="not allowed"):
             _launcher(**bad).sbatch_options(tmp_path, "job")
     with pytest.raises(ValueError, match="--long-option"):
         _launcher(extra_sbatch_args=["-p debug"]).sbatch_options(tmp_path, "job")
     assert not Path("pwned").exists()
-    assert subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    assert (
+        subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    )
 
 
 def test_time_limit_forms():
-    assert [time_limit_seconds(t) for t in ("5", "5:30", "1:00:00", "2-3", "1-00:00:10")] == [300, 330, 3600, 183600, 86410]
+    assert [time_limit_seconds(t) for t in ("5", "5:30", "1:00:00", "2-3", "1-00:00:10")] == [
+        300,
+        330,
+        3600,
+        183600,
+        86410,
+    ]
 
 
 def _release_requeued(job_id_of, stop: threading.Event):
@@ -237,13 +262,22 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
 
     # The same run, uninterrupted, straight through the trainer.
     config = json.loads((run_dir / "config.json").read_text()) | {
-        "output_dir": str(tmp_path / "uninterrupted"), "pairs_path": str(run_dir / "pairs.parquet")}
+        "output_dir": str(tmp_path / "uninterrupted"),
+        "pairs_path": str(run_dir / "pairs.parquet"),
+    }
     (tmp_path / "uninterrupted.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "uninterrupted.json")],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "uninterrupted.json")],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     straight = pd.read_parquet(tmp_path / "uninterrupted" / "curve.parquet")
     pd.testing.assert_frame_equal(resumed, straight, rtol=1e-6, atol=1e-7)
-    assert metrics["data_version"] == json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["data_version"]
+    assert (
+        metrics["data_version"]
+        == json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["data_version"]
+    )
 
 
 @pytest.mark.slow
@@ -253,9 +287,19 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
     cell = "S4_safety.A"
     run_dir = tmp_path / "runs" / cell / "seed0"
     stop = threading.Event()
-    _in_background(lambda: _release_requeued(lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop))
-    result, _ = _run(cluster_instance, cell, _launcher(time_limit="1", signal_before_end_s=45),
-                     max_steps=1000, logging_steps=20, checkpoint_steps=100)  # > 15 s of training: ≥ 1 warning
+    _in_background(
+        lambda: _release_requeued(
+            lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop
+        )
+    )
+    result, _ = _run(
+        cluster_instance,
+        cell,
+        _launcher(time_limit="1", signal_before_end_s=45),
+        max_steps=1000,
+        logging_steps=20,
+        checkpoint_steps=100,
+    )  # > 15 s of training: ≥ 1 warning
     stop.set()
     assert result.success, _failure(result)
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
@@ -266,8 +310,9 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
 
 @pytest.mark.slow
 def test_hitting_the_time_limit_without_requeue_names_timeout_and_the_fix(cluster_instance):
-    result, _ = _run(cluster_instance, "S4_safety.B", _launcher(time_limit="1", requeue=False),
-                     max_steps=5000, logging_steps=100)
+    result, _ = _run(
+        cluster_instance, "S4_safety.B", _launcher(time_limit="1", requeue=False), max_steps=5000, logging_steps=100
+    )
     assert not result.success
     message = _failure(result)
     assert "ended TIMEOUT" in message and "raise time_limit" in message
@@ -278,20 +323,23 @@ def test_terminating_the_dagster_run_cancels_the_job(cluster_instance):
     tmp_path, _ = cluster_instance
     script = tmp_path / "terminate_me.py"
     script.write_text(f"""
-import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+import sys; sys.path.insert(0, {str(REPO / "tests")!r})
 import dagster as dg
 from test_dpo_assets import _definitions, _materialize_partition
 from resources.slurm import SlurmLauncher
 from prism_assets import partitions
 tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})
 assets, resources = _definitions(tmp, max_steps=2000, logging_steps=100)
-resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5", poll_max_s=1.0)
+resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5",
+                                      poll_max_s=1.0)
 with dg.instance_for_test() as instance:
     dg.materialize(assets[:-2], instance=instance, resources=resources)
     instance.add_dynamic_partitions(partitions.SEED, ["0"])
     _materialize_partition(assets, resources, instance, "baseline", 0, raise_on_error=False)
 """)
-    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     run_dir = tmp_path / "terminate" / "runs" / "baseline" / "seed0"
     job_id = _job_id(run_dir, timeout=120)
     time.sleep(2)
@@ -322,15 +370,22 @@ def local_sshd(tmp_path_factory):
     (home / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {home / 'host_key'}\nPidFile {home / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {home / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
+        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+    )
     Path("/run/sshd").mkdir(exist_ok=True)
     server = subprocess.Popen([str(sshd), "-D", "-e", "-f", str(home / "sshd_config")], stderr=subprocess.PIPE)
     (home / "known_hosts").write_text(f"[127.0.0.1]:{port} {(home / 'host_key.pub').read_text()}")
     time.sleep(0.5)
-    yield {"ssh_host": "127.0.0.1", "ssh_port": port, "ssh_identity_file": str(home / "client_key"),
-           "ssh_known_hosts_file": str(home / "known_hosts"), "ssh_control_dir": str(home / "cm")}
-    subprocess.run(["ssh", "-o", f"ControlPath={home / 'cm'}/%C", "-O", "exit", "-p", str(port), "127.0.0.1"],
-                   capture_output=True)
+    yield {
+        "ssh_host": "127.0.0.1",
+        "ssh_port": port,
+        "ssh_identity_file": str(home / "client_key"),
+        "ssh_known_hosts_file": str(home / "known_hosts"),
+        "ssh_control_dir": str(home / "cm"),
+    }
+    subprocess.run(
+        ["ssh", "-o", f"ControlPath={home / 'cm'}/%C", "-O", "exit", "-p", str(port), "127.0.0.1"], capture_output=True
+    )
     server.terminate()
     server.wait(timeout=10)
 
@@ -346,17 +401,23 @@ def test_ssh_mode_submits_and_watches_through_one_multiplexed_connection(cluster
 
 def test_ssh_mode_refuses_an_unknown_host_key(cluster_instance, local_sshd, tmp_path):
     (tmp_path / "empty_known_hosts").write_text("")
-    settings = local_sshd | {"ssh_known_hosts_file": str(tmp_path / "empty_known_hosts"),
-                             "ssh_control_dir": str(tmp_path / "cm")}
+    settings = local_sshd | {
+        "ssh_known_hosts_file": str(tmp_path / "empty_known_hosts"),
+        "ssh_control_dir": str(tmp_path / "cm"),
+    }
     result, _ = _run(cluster_instance, "S5_factuality.B", _launcher(**settings))
     assert not result.success
     assert "sbatch rejected the job" in _failure(result) and "Host key verification failed" in _failure(result)
 
 
-def test_ssh_mode_with_a_remote_run_directory_mirrors_inputs_messages_and_outputs(cluster_instance, local_sshd, tmp_path):
+def test_ssh_mode_with_a_remote_run_directory_mirrors_inputs_messages_and_outputs(
+    cluster_instance, local_sshd, tmp_path
+):
     """The cluster's filesystem is not the Dagster host's: the run directory is copied over and tailed back."""
     remote_root = tmp_path / "cluster-scratch"
-    result, run_dir = _run(cluster_instance, "S6_helpfulness.A", _launcher(**local_sshd, remote_runs_dir=str(remote_root)))
+    result, run_dir = _run(
+        cluster_instance, "S6_helpfulness.A", _launcher(**local_sshd, remote_runs_dir=str(remote_root))
+    )
     assert result.success, _failure(result)
     remote = remote_root / "S6_helpfulness.A" / "seed0"
     assert (remote / "pairs.parquet").exists() and (remote / "metrics.json").exists()
@@ -376,9 +437,16 @@ def test_ssh_mode_with_a_remote_run_directory_builds_reference_logps(cluster_ins
     resources["launcher"] = _launcher(**local_sshd, remote_runs_dir=str(tmp_path / "cluster-scratch"))
     earlier = tmp_path / "cluster-scratch" / "runs" / "reference" / "pipes_messages.jsonl"
     earlier.parent.mkdir(parents=True)
-    earlier.write_text('{"__dagster_pipes_version": "0.1", "method": "closed", "params": {}}\n')  # an earlier attempt's
-    result = dg.materialize(assets, selection=[dg.AssetKey("reference_logps")], instance=instance, resources=resources,
-                            raise_on_error=False)
+    earlier.write_text(
+        '{"__dagster_pipes_version": "0.1", "method": "closed", "params": {}}\n'
+    )  # an earlier attempt's
+    result = dg.materialize(
+        assets,
+        selection=[dg.AssetKey("reference_logps")],
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
     assert result.success, _failure(result)
     assert earlier.read_text().count('"method": "closed"') == 1  # the remote directory was made afresh
     fetched = cluster_tmp / "runs" / "reference" / "reference_logps.parquet"
@@ -386,8 +454,8 @@ def test_ssh_mode_with_a_remote_run_directory_builds_reference_logps(cluster_ins
 
 
 def test_a_controller_that_stops_answering_for_a_while_does_not_fail_the_partition(cluster_instance):
-    """slurmctld frozen (SIGSTOP) for 30 s while a job runs: scontrol times out; the launcher asks again and the run ends
-    as usual — it neither cancels the job nor takes the silence for a vanished job."""
+    """slurmctld frozen (SIGSTOP) for 30 s while a job runs: scontrol times out; the launcher asks again and the
+    run ends as usual — it neither cancels the job nor takes the silence for a vanished job."""
     tmp_path, instance = cluster_instance
     cell = "S7_diversity.A"
     run_dir = tmp_path / "runs" / cell / "seed0"

@@ -10,8 +10,10 @@ from prism_assets.dataset import schema, synthetic
 
 @pytest.fixture(scope="module")
 def rows(small_synthetic_dir):
-    return {t: [json.loads(line) for line in (small_synthetic_dir / f"{t}.jsonl").read_text().splitlines()]
-            for t in schema.TABLES}
+    return {
+        t: [json.loads(line) for line in (small_synthetic_dir / f"{t}.jsonl").read_text().splitlines()]
+        for t in schema.TABLES
+    }
 
 
 def test_every_codebook_field_is_present(rows):
@@ -27,11 +29,11 @@ def test_every_codebook_field_is_present(rows):
 def test_prism_quirks_are_present(rows):
     utterances = pd.DataFrame(rows["utterances"])
     opening = utterances[utterances["turn"] == 0].groupby("interaction_id")
-    assert opening["model_name"].nunique().eq(opening.size()).all()          # distinct models at turn 0
+    assert opening["model_name"].nunique().eq(opening.size()).all()  # distinct models at turn 0
     assert opening.size().max() == 4
     later = utterances[utterances["turn"] >= 1].groupby("interaction_id")
     assert later.size().eq(2).all() and later["model_name"].nunique().eq(1).all()
-    assert (later["score"].nunique() == 1).any()                             # ties
+    assert (later["score"].nunique() == 1).any()  # ties
     assert (utterances["model_response"] == schema.EMPTY_RESPONSE).any()
     assert utterances["score"].between(1, 100).all()
     assert later["if_chosen"].sum().eq(1).all()

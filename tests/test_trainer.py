@@ -8,22 +8,36 @@ import sys
 import pandas as pd
 import pytest
 
-from prism_assets.training.trainer import HeldoutEvaluator
 from prism_assets.training.metrics import summarize_curve
 from prism_assets.training.run_files import split_heldout
 from prism_assets.training.settings import RunConfig
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
+from prism_assets.training.trainer import HeldoutEvaluator
 
 
 def _train(tmp_path, name, model, pairs, log=False, **overrides):
     """The trainer's output directory (or, with `log`, what it printed) after a run with these settings."""
     out = tmp_path / name
-    config = {"base_model": str(model), "pairs_path": str(pairs), "output_dir": str(out), "seed": 0,
-              "max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128,
-              "heldout_max_pairs": 16, **overrides}
+    config = {
+        "base_model": str(model),
+        "pairs_path": str(pairs),
+        "output_dir": str(out),
+        "seed": 0,
+        "max_steps": 6,
+        "logging_steps": 2,
+        "learning_rate": 1e-3,
+        "max_length": 128,
+        "heldout_max_pairs": 16,
+        **overrides,
+    }
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / f"{name}.json")],
-                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / f"{name}.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr if log else out
 
@@ -55,8 +69,10 @@ def test_same_seed_same_numbers(first_run, tiny_model_dir, small_pairs_path):
     tmp_path, out = first_run
     again = _train(tmp_path, "b", tiny_model_dir, small_pairs_path)
     assert pd.read_parquet(out / "curve.parquet").equals(pd.read_parquet(again / "curve.parquet"))
-    assert json.loads((out / "metrics.json").read_text())["data_version"] == \
-        json.loads((again / "metrics.json").read_text())["data_version"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["data_version"]
+        == json.loads((again / "metrics.json").read_text())["data_version"]
+    )
 
 
 def test_parameters_change_at_the_original_learning_rate(first_run, tiny_model_dir, small_pairs_path):
@@ -91,8 +107,9 @@ def test_tiny_model_builds_deterministically_and_loads_as_qwen2(tmp_path, tiny_m
     assert fingerprint(build_tiny_qwen2(tmp_path / "again")) == fingerprint(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hey! Honestly?"}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hey! Honestly?"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nHey! Honestly?<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("Kind regards, café")["input_ids"]) == "Kind regards, café"
     assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.model_type == "qwen2"
@@ -100,7 +117,9 @@ def test_tiny_model_builds_deterministically_and_loads_as_qwen2(tmp_path, tiny_m
 
 def test_heldout_evaluated_every_eval_steps_and_at_the_last_logged_step(first_run, tiny_model_dir, small_pairs_path):
     tmp_path, out = first_run
-    sparse = pd.read_parquet(_train(tmp_path, "eval", tiny_model_dir, small_pairs_path, eval_steps=4) / "curve.parquet")
+    sparse = pd.read_parquet(
+        _train(tmp_path, "eval", tiny_model_dir, small_pairs_path, eval_steps=4) / "curve.parquet"
+    )
     dense = pd.read_parquet(out / "curve.parquet")  # the same run evaluated at every logged step (2, 4, 6)
     assert list(sparse["step"]) == [2, 4, 6]
     assert list(sparse.dropna(subset=["heldout_acc"])["step"]) == [4, 6]  # every 4 steps, and the last
@@ -136,36 +155,53 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(first_run
     (out / "metrics.json").unlink()
     config = json.loads((tmp_path / "resume.json").read_text())
     (tmp_path / "other.json").write_text(json.dumps({**config, "beta": 0.2, "seed": 1, "checkpoint_steps": 4}))
-    done = subprocess.run([sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "other.json")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "other.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
-    assert "checkpoint-6 was written by a run with other settings: beta 0.1 (now 0.2), seed 0 (now 1); delete" \
+    assert (
+        "checkpoint-6 was written by a run with other settings: beta 0.1 (now 0.2), seed 0 (now 1); delete"
         in done.stderr
+    )
 
 
-@pytest.mark.parametrize("minutes, kept", [(1e-9, ["checkpoint-2", "checkpoint-4"]), (60, [])])
-def test_checkpoints_every_checkpoint_minutes_but_not_at_the_last_step(first_run, tiny_model_dir, small_pairs_path,
-                                                                       minutes, kept):
+@pytest.mark.parametrize(("minutes", "kept"), [(1e-9, ["checkpoint-2", "checkpoint-4"]), (60, [])])
+def test_checkpoints_every_checkpoint_minutes_but_not_at_the_last_step(
+    first_run, tiny_model_dir, small_pairs_path, minutes, kept
+):
     tmp_path, out = first_run
-    run = _train(tmp_path, f"minutes{minutes}", tiny_model_dir, small_pairs_path, checkpoint_minutes=minutes,
-                 keep_checkpoints=True)
+    run = _train(
+        tmp_path,
+        f"minutes{minutes}",
+        tiny_model_dir,
+        small_pairs_path,
+        checkpoint_minutes=minutes,
+        keep_checkpoints=True,
+    )
     assert sorted(p.name for p in (run / "trainer").glob("checkpoint-*")) == kept  # the last 2 kept; none at step 6
     assert pd.read_parquet(run / "curve.parquet").equals(pd.read_parquet(out / "curve.parquet"))
 
 
-@pytest.mark.parametrize("steps, message", [
-    ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
-    ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
-    ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
-    ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must be a finite number of minutes, not negative"),
-    ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes nan must be a finite"),
-    ({"checkpoint_steps": -4}, "checkpoint_steps -4 must not be negative"),
-])
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
+        ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
+        ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
+        ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must be a finite number of minutes, not negative"),
+        ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes nan must be a finite"),
+        ({"checkpoint_steps": -4}, "checkpoint_steps -4 must not be negative"),
+    ],
+)
 def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, monkeypatch, steps, message):
     from prism_assets.definitions import dpo_settings_from_env
 
-    (tmp_path / "c.json").write_text(json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "seed": 0,
-                                                 "logging_steps": 2, **steps}))
+    (tmp_path / "c.json").write_text(
+        json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "seed": 0, "logging_steps": 2, **steps})
+    )
     with pytest.raises(ValueError, match=message):
         RunConfig.from_json(tmp_path / "c.json")
     # the same check when the code location loads its settings from the environment
@@ -179,8 +215,12 @@ def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, s
     tmp_path, out = first_run
     checkpointed = _train(tmp_path, "gc", tiny_model_dir, small_pairs_path, gradient_checkpointing=True)
     columns = ["loss", "margin", "pref_acc", "grad_norm", "heldout_acc", "heldout_margin"]
-    pd.testing.assert_frame_equal(pd.read_parquet(checkpointed / "curve.parquet")[columns],
-                                  pd.read_parquet(out / "curve.parquet")[columns], rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(checkpointed / "curve.parquet")[columns],
+        pd.read_parquet(out / "curve.parquet")[columns],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.gpu
@@ -191,7 +231,9 @@ def test_on_cuda_the_trainer_trains_the_cpu_run_in_bf16_and_resumes(first_run, t
     run = _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, **settings)
     metrics = json.loads((run / "metrics.json").read_text())
     assert json.loads((run / "run.json").read_text())["device"] == "cuda"
-    assert "cuda:0 bfloat16 (4 heads, 2 kv, dim 16): flash varlen" in metrics["attention_kernel"], metrics["attention_kernel"]
+    assert "cuda:0 bfloat16 (4 heads, 2 kv, dim 16): flash varlen" in metrics["attention_kernel"], metrics[
+        "attention_kernel"
+    ]
     assert 0 < metrics["peak_gpu_memory_gb"] < 2
     # The CPU run in fp32 and this one in bf16 autocast (flash attention, fused AdamW): the same training, up to bf16.
     curve, cpu_curve = pd.read_parquet(run / "curve.parquet"), pd.read_parquet(out / "curve.parquet")

@@ -12,14 +12,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from webserver import serve, staleness
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path(os.environ.get("PRISM_CHROMIUM", "/usr/bin/chromium"))
-ASSETS = ["raw_prism", "within_model_pairs", "ordered_logit_fit", "significant_splits", "reference_logps",
-          "group_dpo_run", "correspondence_table"]
+ASSETS = [
+    "raw_prism",
+    "within_model_pairs",
+    "ordered_logit_fit",
+    "significant_splits",
+    "reference_logps",
+    "group_dpo_run",
+    "correspondence_table",
+]
 PARTITION = "S1_age.A|0"
 
 pytestmark = pytest.mark.slow
@@ -93,8 +99,9 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         browser = _browser(playwright)
         page = browser.new_page(viewport={"width": 2400, "height": 1000})  # wide: nodes show whole names
         # A fresh instance greets its first visitor with a newsletter dialog: dismiss it whenever it shows.
-        page.add_locator_handler(page.get_by_text("Join the Dagster community"),
-                                 lambda: page.get_by_role("button", name="Skip").click())
+        page.add_locator_handler(
+            page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
+        )
         page.goto(f"{served}/asset-groups")
         page.locator('[aria-label="unfold_more"]').first.wait_for(timeout=60_000)  # the graph, its groups folded
         _expand_all_groups(page)

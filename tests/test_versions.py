@@ -23,8 +23,12 @@ def test_source_version_ignores_comments_layout_and_docstrings_but_not_code(tmp_
 def test_code_versions_follow_the_logic_modules_imports(tmp_path, monkeypatch):
     # The trainer's own imports decide what a DPO run's code version covers: nobody lists the step's modules.
     covered = versions.code_modules(dpo, "prism_assets.training.trainer")
-    assert {"prism_assets.training.engine", "prism_assets.training.logps", "prism_assets.training.packing",
-            "prism_assets.training.metrics"} <= set(covered)
+    assert {
+        "prism_assets.training.engine",
+        "prism_assets.training.logps",
+        "prism_assets.training.packing",
+        "prism_assets.training.metrics",
+    } <= set(covered)
     assert "prism_assets.dataset.pairs" not in covered and "prism_assets.versions" not in covered
     # an edit to a module reached only through imports changes the version
     package = tmp_path / "prism_assets" / "training"
@@ -43,7 +47,9 @@ def test_settings_from_env_converts_types_and_names_unknown_variables(monkeypatc
     monkeypatch.setenv("DPO_BALANCE_GROUPS", "true")
     monkeypatch.setenv("DPO_RECIPE", "original")  # not a setting: ignored when listed
     assert settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",)) == {
-        "learning_rate": 2e-5, "balance_groups": True}
+        "learning_rate": 2e-5,
+        "balance_groups": True,
+    }
     monkeypatch.setenv("DPO_LERNING_RATE", "1")
     with pytest.raises(ValueError, match="DPO_LERNING_RATE: DpoSettings has no setting 'lerning_rate'"):
         settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE",))

@@ -6,8 +6,15 @@ from pathlib import Path
 from webserver import serve, wait_for_assets
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = {"raw_prism": "data", "within_model_pairs": "data", "ordered_logit_fit": "statistics",
-          "significant_splits": "statistics", "reference_logps": "dpo", "group_dpo_run": "dpo", "correspondence_table": "report"}
+GROUPS = {
+    "raw_prism": "data",
+    "within_model_pairs": "data",
+    "ordered_logit_fit": "statistics",
+    "significant_splits": "statistics",
+    "reference_logps": "dpo",
+    "group_dpo_run": "dpo",
+    "correspondence_table": "report",
+}
 
 
 def test_webserver_lists_every_asset_in_its_group(tmp_path):

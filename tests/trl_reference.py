@@ -40,23 +40,38 @@ def make_trainer(cfg: RunConfig, model, tokenizer, train_pairs: pd.DataFrame, us
     from trl import DPOConfig, DPOTrainer
 
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    dataset = Dataset.from_dict({
-        "prompt": [messages(p) for p in train_pairs["prompt"]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
-        **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [messages(p) for p in train_pairs["prompt"]],
+            "chosen": [[{"role": "assistant", "content": c}] for c in train_pairs["chosen"]],
+            "rejected": [[{"role": "assistant", "content": r}] for r in train_pairs["rejected"]],
+            **({c: train_pairs[c].astype("float32").tolist() for c in REFERENCE_COLUMNS} if precomputed else {}),
+        }
+    )
     args = DPOConfig(
-        output_dir=str(Path(cfg.output_dir) / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, beta=cfg.beta, logging_steps=cfg.logging_steps, seed=cfg.seed,
-        data_seed=cfg.seed, bf16=use_cuda, use_cpu=not use_cuda, max_length=cfg.max_length,
+        output_dir=str(Path(cfg.output_dir) / "trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        beta=cfg.beta,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=use_cuda,
+        use_cpu=not use_cuda,
+        max_length=cfg.max_length,
         truncation_mode="keep_end",  # the truncation logps.tokenize_pairs reproduces for references and held-out pairs
-        gradient_checkpointing=cfg.gradient_checkpointing, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, save_strategy="steps" if cfg.checkpoint_steps else "no",
-        save_steps=cfg.checkpoint_steps or 500, save_total_limit=2,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=2,
         # With the base model's log-probs in the pairs, no reference model is loaded or run during training.
         precompute_ref_log_probs=precomputed,
     )
     trainer = (_precomputed_reference_trainer() if precomputed else DPOTrainer)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+    )
     return trainer

@@ -23,8 +23,13 @@ def serve(code_dir: Path, env: dict[str, str]):
     """dagster-webserver for code_dir's workspace.yaml with `env` (DAGSTER_HOME …); yields its URL."""
     port = free_port()
     webserver_bin = Path(sys.executable).parent / "dagster-webserver"
-    proc = subprocess.Popen([str(webserver_bin), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-                            cwd=code_dir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(webserver_bin), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+        cwd=code_dir,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -35,7 +40,9 @@ def serve(code_dir: Path, env: dict[str, str]):
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     proc.kill()
-                    raise RuntimeError(f"dagster-webserver did not come up: {proc.stdout.read().decode()[-3000:]}")
+                    raise RuntimeError(
+                        f"dagster-webserver did not come up: {proc.stdout.read().decode()[-3000:]}"
+                    ) from None
                 time.sleep(0.5)
         wait_for_assets(url)
         yield url
@@ -48,8 +55,11 @@ def serve(code_dir: Path, env: dict[str, str]):
 
 
 def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             body = json.loads(response.read())
@@ -81,6 +91,8 @@ def staleness(url: str, partition: str) -> dict[str, str]:
     for node in graphql(url, STALENESS)["assetNodes"]:
         path = node["assetKey"]["path"]
         if node["isPartitioned"]:
-            [node] = graphql(url, PARTITION_STALENESS, {"asset": [{"path": path}], "partition": partition})["assetNodes"]
+            [node] = graphql(url, PARTITION_STALENESS, {"asset": [{"path": path}], "partition": partition})[
+                "assetNodes"
+            ]
         status[path[-1]] = node["staleStatus"]
     return status

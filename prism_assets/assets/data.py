@@ -5,7 +5,6 @@ never a silent fallback) and the metadata a researcher reads in the UI: the sour
 every dropped row counted by reason. The logic lives in `prism_assets.dataset`; these assets wire it.
 """
 
-
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import dagster as dg
 import pandas as pd
 
 from prism_assets import versions
-from prism_assets.dataset import loading, pairs as pairs_lib, schema, synthetic
+from prism_assets.dataset import loading, schema, synthetic
+from prism_assets.dataset import pairs as pairs_lib
 
 SYNTHETIC, HUB = "synthetic", "hf"
 
@@ -38,14 +38,18 @@ class PrismSource(dg.ConfigurableResource):
             tables = loading.load_prism_directory(
                 directory, source=f"synthetic (seed {self.synthetic_seed}, {self.synthetic_users} users)"
             )
-            return tables, {"synthetic": True, "synthetic_note": synthetic.SYNTHETIC_NOTE,
-                            "planted_truth": dg.MetadataValue.path(str(directory / "truth.json"))}
+            return tables, {
+                "synthetic": True,
+                "synthetic_note": synthetic.SYNTHETIC_NOTE,
+                "planted_truth": dg.MetadataValue.path(str(directory / "truth.json")),
+            }
         if self.source == HUB:
             return loading.load_prism_hub(self.hub_dataset_id, self.hub_revision), {"synthetic": False}
         directory = Path(self.source)
         if not directory.is_dir():
             raise ValueError(
-                f"PRISM source {self.source!r} is neither 'synthetic', 'hf' nor an existing directory of PRISM jsonl files"
+                f"PRISM source {self.source!r} is neither 'synthetic', 'hf' nor an existing directory of PRISM "
+                "jsonl files"
             )
         return loading.load_prism_directory(directory), {"synthetic": False}
 
@@ -55,27 +59,36 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
 
 
 @dg.asset(
-    group_name="data", kinds={"parquet"}, owners=versions.OWNERS,
+    group_name="data",
+    kinds={"parquet"},
+    owners=versions.OWNERS,
     code_version=versions.source_version(sys.modules[__name__], loading, schema, synthetic),
     description="PRISM survey, conversations and utterances as typed tables (the embedded default is SYNTHETIC: "
-                "generated in the real schema with planted effects). Metadata names the source and counts dropped rows.",
+    "generated in the real schema with planted effects). Metadata names the source and counts dropped rows.",
 )
 def raw_prism(context: dg.AssetExecutionContext, prism_source: PrismSource) -> dict:
     tables, source_metadata = prism_source.load()
     context.log.info(f"PRISM from {tables.source}: {len(tables.survey)} users, {len(tables.utterances)} utterances")
     for reason, count in tables.dropped.items():
         context.log.warning(f"dropped {count} rows: {reason}")
-    context.add_output_metadata({
+    context.add_output_metadata(
+        {
+            "source": tables.source,
+            **source_metadata,
+            "num_survey_rows": len(tables.survey),
+            "num_conversations": len(tables.conversations),
+            "num_utterances": len(tables.utterances),
+            "dropped": dg.MetadataValue.json(tables.dropped),
+            **{f"dropped_{reason}": count for reason, count in tables.dropped.items()},
+        }
+    )
+    return {
+        "survey": tables.survey,
+        "conversations": tables.conversations,
+        "utterances": tables.utterances,
         "source": tables.source,
-        **source_metadata,
-        "num_survey_rows": len(tables.survey),
-        "num_conversations": len(tables.conversations),
-        "num_utterances": len(tables.utterances),
-        "dropped": dg.MetadataValue.json(tables.dropped),
-        **{f"dropped_{reason}": count for reason, count in tables.dropped.items()},
-    })
-    return {"survey": tables.survey, "conversations": tables.conversations, "utterances": tables.utterances,
-            "source": tables.source, "dropped": tables.dropped}
+        "dropped": tables.dropped,
+    }
 
 
 class PairsConfig(dg.Config):
@@ -83,10 +96,12 @@ class PairsConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="data", kinds={"parquet"}, owners=versions.OWNERS,
+    group_name="data",
+    kinds={"parquet"},
+    owners=versions.OWNERS,
     code_version=versions.source_version(sys.modules[__name__], pairs_lib),
     description="Within-model preference pairs: two responses of one model to one later turn (turn ≥ 1), "
-                "scored apart; chosen = higher score; prompt = the conversation up to that turn as chat messages.",
+    "scored apart; chosen = higher score; prompt = the conversation up to that turn as chat messages.",
 )
 def within_model_pairs(context: dg.AssetExecutionContext, config: PairsConfig, raw_prism: dict) -> pd.DataFrame:
     result = pairs_lib.within_model_pairs(raw_prism["utterances"], raw_prism["conversations"])
@@ -98,23 +113,32 @@ def within_model_pairs(context: dg.AssetExecutionContext, config: PairsConfig, r
     if pairs.empty:
         raise ValueError(f"no within-model pairs in {raw_prism['source']}; dropped: {dropped}")
     gap = pairs["score_gap"]
-    summary = pd.DataFrame({
-        "statistic": ["pairs", "users", "conversations", "mean gap", "median gap", "empty responses kept"],
-        "value": [len(pairs), pairs["user_id"].nunique(), pairs["conversation_id"].nunique(),
-                  round(float(gap.mean()), 2), float(gap.median()),
-                  0 if config.drop_empty_responses else result.empty_responses],
-    })
-    context.add_output_metadata({
-        "num_pairs": len(pairs),
-        "num_users": int(pairs["user_id"].nunique()),
-        "mean_score_gap": float(gap.mean()),
-        "median_score_gap": float(gap.median()),
-        "empty_responses": result.empty_responses,
-        "dropped": dg.MetadataValue.json(dropped),
-        **{f"dropped_{reason}": count for reason, count in dropped.items()},
-        "source": raw_prism["source"],
-        "summary": dg.MetadataValue.md(markdown_table(summary)),
-    })
+    summary = pd.DataFrame(
+        {
+            "statistic": ["pairs", "users", "conversations", "mean gap", "median gap", "empty responses kept"],
+            "value": [
+                len(pairs),
+                pairs["user_id"].nunique(),
+                pairs["conversation_id"].nunique(),
+                round(float(gap.mean()), 2),
+                float(gap.median()),
+                0 if config.drop_empty_responses else result.empty_responses,
+            ],
+        }
+    )
+    context.add_output_metadata(
+        {
+            "num_pairs": len(pairs),
+            "num_users": int(pairs["user_id"].nunique()),
+            "mean_score_gap": float(gap.mean()),
+            "median_score_gap": float(gap.median()),
+            "empty_responses": result.empty_responses,
+            "dropped": dg.MetadataValue.json(dropped),
+            **{f"dropped_{reason}": count for reason, count in dropped.items()},
+            "source": raw_prism["source"],
+            "summary": dg.MetadataValue.md(markdown_table(summary)),
+        }
+    )
     return pairs
 
 
@@ -122,7 +146,9 @@ def _check(passed: bool, failing: int, description: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=bool(passed), metadata={"failing_rows": failing}, description=description)
 
 
-@dg.asset_check(asset=within_model_pairs, description="Every pair's chosen response scored higher than its rejected one.")
+@dg.asset_check(
+    asset=within_model_pairs, description="Every pair's chosen response scored higher than its rejected one."
+)
 def chosen_scored_higher(within_model_pairs: pd.DataFrame) -> dg.AssetCheckResult:
     failing = int((within_model_pairs["chosen_score"] <= within_model_pairs["rejected_score"]).sum())
     return _check(failing == 0, failing, "chosen_score > rejected_score")
@@ -131,8 +157,12 @@ def chosen_scored_higher(within_model_pairs: pd.DataFrame) -> dg.AssetCheckResul
 @dg.asset_check(asset=within_model_pairs, description="Both responses of every pair come from the same model.")
 def both_responses_from_one_model(within_model_pairs: pd.DataFrame) -> dg.AssetCheckResult:
     pairs = within_model_pairs
-    failing = int(((pairs["chosen_model_name"] != pairs["rejected_model_name"])
-                   | (pairs["chosen_model_name"] != pairs["model_name"])).sum())
+    failing = int(
+        (
+            (pairs["chosen_model_name"] != pairs["rejected_model_name"])
+            | (pairs["chosen_model_name"] != pairs["model_name"])
+        ).sum()
+    )
     return _check(failing == 0, failing, "chosen_model_name == rejected_model_name == model_name")
 
 

@@ -29,12 +29,21 @@ from prism_assets.training.run_files import (
     pair_text_digests,
     split_heldout,
 )
-from prism_assets.training.settings import LEARNS, REFERENCE, ReferenceConfig, RunConfig, TrainingSettings, fields_where
+from prism_assets.training.settings import (
+    LEARNS,
+    REFERENCE,
+    ReferenceConfig,
+    RunConfig,
+    TrainingSettings,
+    fields_where,
+)
 from resources.launcher import RunLauncher
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
 # and the builder of the embedded base model.
-CODE_VERSION = versions.source_version(sys.modules[__name__], "prism_assets.training.trainer", "prism_assets.training.tiny_model")
+CODE_VERSION = versions.source_version(
+    sys.modules[__name__], "prism_assets.training.trainer", "prism_assets.training.tiny_model"
+)
 REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.reference", "prism_assets.training.tiny_model")
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
@@ -49,8 +58,11 @@ class DpoSettings(TrainingSettings, dg.ConfigurableResource):
     models_dir: str = Field("storage/models", description="where the tiny base model is built")
     runs_dir: str = Field("storage/runs", description="run directories, <runs_dir>/<cell>/seed<seed>/")
     reports_dir: str = Field("storage/reports", description="the report's files (learning-curve PNG)")
-    python: str = Field(sys.executable, description="the interpreter that runs the trainer (on the cluster for "
-                                                    "SLURM: a venv where this project is installed)")
+    python: str = Field(
+        sys.executable,
+        description="the interpreter that runs the trainer (on the cluster for "
+        "SLURM: a venv where this project is installed)",
+    )
 
     def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
         """Hash of the settings that change what a run learns (not where it runs)."""
@@ -67,8 +79,11 @@ def group_users(splits: dict, split: str, group: str) -> pd.Series:
     """The user ids of one group of a split in significant_splits (a split it does not have: a final failure)."""
     membership = splits["membership"]
     if split not in set(membership["split"]):
-        raise dg.Failure(f"split {split!r} is not in significant_splits (have {sorted(set(membership['split']))}); "
-                         "rematerialize significant_splits or drop the stale partition", allow_retries=False)
+        raise dg.Failure(
+            f"split {split!r} is not in significant_splits (have {sorted(set(membership['split']))}); "
+            "rematerialize significant_splits or drop the stale partition",
+            allow_retries=False,
+        )
     return membership[(membership["split"] == split) & (membership["group"] == group)]["user_id"]
 
 
@@ -93,8 +108,9 @@ def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings
     """Training pairs of the split's smaller group (after its held-out pairs are set aside)."""
     sizes = []
     for group in partitions.GROUPS:
-        train, _ = split_heldout(group_pairs(pairs, splits, split, group), settings.heldout_fraction,
-                                 settings.heldout_max_pairs)
+        train, _ = split_heldout(
+            group_pairs(pairs, splits, split, group), settings.heldout_fraction, settings.heldout_max_pairs
+        )
         sizes.append(len(train))
     return min(sizes)
 
@@ -103,22 +119,26 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     metrics_path, curve_path = run_dir / METRICS_FILE, run_dir / CURVE_FILE
     for path in (metrics_path, curve_path):
         if not path.exists():
-            raise dg.Failure(f"the DPO run left no {path.name} in {run_dir}: it did not finish (see its stderr there: "
-                             "stderr.log, or slurm-<job id>.err under SLURM)",
-                             allow_retries=False)
+            raise dg.Failure(
+                f"the DPO run left no {path.name} in {run_dir}: it did not finish (see its stderr there: "
+                "stderr.log, or slurm-<job id>.err under SLURM)",
+                allow_retries=False,
+            )
     try:
         metrics = json.loads(metrics_path.read_text())
     except json.JSONDecodeError as error:
-        raise dg.Failure(f"{metrics_path} is not valid JSON ({error.msg} at line {error.lineno})",
-                         allow_retries=False) from None
+        raise dg.Failure(
+            f"{metrics_path} is not valid JSON ({error.msg} at line {error.lineno})", allow_retries=False
+        ) from None
     try:
         curve = pd.read_parquet(curve_path)
     except Exception as error:  # pyarrow raises several types for a damaged file
         raise dg.Failure(f"{curve_path} cannot be read as parquet: {error}", allow_retries=False) from None
     missing = [key for key in ("final_heldout_acc", "mean_heldout_acc_tail", "data_version") if key not in metrics]
     if missing or curve.empty:
-        raise dg.Failure(f"{metrics_path} lacks {missing}" if missing else f"{curve_path} has no rows",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"{metrics_path} lacks {missing}" if missing else f"{curve_path} has no rows", allow_retries=False
+        )
     return metrics, curve
 
 
@@ -137,54 +157,90 @@ def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, .
     found = settings.fingerprint(fields)
     if found != fingerprint:
         values = {name: getattr(settings, name) for name in fields}
-        raise dg.Failure(f"dpo_settings {values} are not those this code location was loaded with (fingerprint "
-                         f"{found}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and reload the code "
-                         "location instead of overriding the resource", allow_retries=False)
+        raise dg.Failure(
+            f"dpo_settings {values} are not those this code location was loaded with (fingerprint "
+            f"{found}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and reload the code "
+            "location instead of overriding the resource",
+            allow_retries=False,
+        )
 
 
 def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
-        name="reference_logps", group_name="dpo", kinds={"pytorch", "parquet"}, owners=versions.OWNERS, pool="gpu",
-        code_version=f"{REFERENCE_CODE_VERSION}-{settings_fingerprint}", retry_policy=RETRY_POLICY,
+        name="reference_logps",
+        group_name="dpo",
+        kinds={"pytorch", "parquet"},
+        owners=versions.OWNERS,
+        pool="gpu",
+        code_version=f"{REFERENCE_CODE_VERSION}-{settings_fingerprint}",
+        retry_policy=RETRY_POLICY,
         description="The frozen base model's summed log-probabilities of every pair's chosen and rejected response "
-                    "(TRL's tokenization and truncation), computed once per base model and pairs version in large "
-                    "batches, as one job through the launcher, with the token ids they are of; every DPO run reads "
-                    "them instead of running a reference model and tokenizing its pairs.",
+        "(TRL's tokenization and truncation), computed once per base model and pairs version in large "
+        "batches, as one job through the launcher, with the token ids they are of; every DPO run reads "
+        "them instead of running a reference model and tokenizing its pairs.",
     )
-    def reference_logps(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
-                        within_model_pairs: pd.DataFrame) -> dg.Output:
+    def reference_logps(
+        context: dg.AssetExecutionContext,
+        dpo_settings: DpoSettings,
+        launcher: RunLauncher,
+        within_model_pairs: pd.DataFrame,
+    ) -> dg.Output:
         check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / "reference").resolve())
-        within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
-        config = ReferenceConfig(**{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
-                                 pairs_path="pairs.parquet", output_path="reference_logps.parquet",
-                                 device=dpo_settings.device)
+        within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(
+            run_dir / "pairs.parquet", index=False
+        )
+        config = ReferenceConfig(
+            **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
+            pairs_path="pairs.parquet",
+            output_path="reference_logps.parquet",
+            device=dpo_settings.device,
+        )
         config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
         config_path = run_dir / "reference.json"
         config_path.write_text(config.model_dump_json(indent=2))
-        launcher.run(context=context, run_dir=str(run_dir), outputs=[config.output_path],
-                     command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)])
+        launcher.run(
+            context=context,
+            run_dir=str(run_dir),
+            outputs=[config.output_path],
+            command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)],
+        )
         output = run_dir / config.output_path
         if not output.exists():
-            raise dg.Failure(f"the reference job left no {output.name} in {run_dir} (see its stderr there: "
-                             "stderr.log, or slurm-<job id>.err under SLURM)",
-                             allow_retries=False)
+            raise dg.Failure(
+                f"the reference job left no {output.name} in {run_dir} (see its stderr there: "
+                "stderr.log, or slurm-<job id>.err under SLURM)",
+                allow_retries=False,
+            )
         frame = pd.read_parquet(output)
-        absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]
+        absent = [
+            c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns
+        ]
         if absent:
-            raise dg.Failure(f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
-                             "run this version of the project?", allow_retries=False)
+            raise dg.Failure(
+                f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
+                "run this version of the project?",
+                allow_retries=False,
+            )
         missing = len(set(within_model_pairs["pair_id"]) - set(frame["pair_id"]))
         bad = int((~frame[list(REFERENCE_COLUMNS)].apply(pd.to_numeric).map(math.isfinite)).to_numpy().sum())
         if missing or bad:
-            raise dg.Failure(f"{output}: {missing} pairs without reference log-probs, {bad} non-finite values",
-                             allow_retries=False)
-        return dg.Output(frame, data_version=dg.DataVersion(hashlib.sha256(output.read_bytes()).hexdigest()[:24]),
-                         metadata={"num_pairs": len(frame), "run_dir": dg.MetadataValue.path(str(run_dir)),
-                                   "base_model": dpo_settings.base_model, "max_length": dpo_settings.max_length,
-                                   "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
-                                   "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
-                                   "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS))})
+            raise dg.Failure(
+                f"{output}: {missing} pairs without reference log-probs, {bad} non-finite values", allow_retries=False
+            )
+        return dg.Output(
+            frame,
+            data_version=dg.DataVersion(hashlib.sha256(output.read_bytes()).hexdigest()[:24]),
+            metadata={
+                "num_pairs": len(frame),
+                "run_dir": dg.MetadataValue.path(str(run_dir)),
+                "base_model": dpo_settings.base_model,
+                "max_length": dpo_settings.max_length,
+                "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
+                "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
+                "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS)),
+            },
+        )
 
     return reference_logps
 
@@ -197,13 +253,18 @@ def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFra
     merged = pairs.merge(references[["pair_id", *carried]], on="pair_id", how="left", validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
-        raise dg.Failure(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps",
+            allow_retries=False,
+        )
     changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
     if changed.any():
-        raise dg.Failure(f"{int(changed.sum())} of {len(pairs)} pairs (first: "
-                         f"{merged['pair_id'][changed].iloc[0]!r}) have other text than reference_logps "
-                         "computed its log-probs from: rematerialize reference_logps", allow_retries=False)
+        raise dg.Failure(
+            f"{int(changed.sum())} of {len(pairs)} pairs (first: "
+            f"{merged['pair_id'][changed].iloc[0]!r}) have other text than reference_logps "
+            "computed its log-probs from: rematerialize reference_logps",
+            allow_retries=False,
+        )
     return merged.drop(columns=TEXT_DIGEST_COLUMN)
 
 
@@ -211,23 +272,38 @@ def run_config(settings: DpoSettings, cell: str, seed: int, max_train_pairs: int
     """The trainer's config of one partition: every field of the schema as the settings have it (the base model
     resolved to a path), the run's pairs file and seed."""
     split, group = partitions.parse_cell(cell)
-    return RunConfig(**{**settings.training_values(), "base_model": settings.resolved_base_model()},
-                     pairs_path="pairs.parquet", output_dir=".", seed=seed, max_train_pairs=max_train_pairs,
-                     label={"cell": cell, "split": split, "group": group, "seed": seed})
+    return RunConfig(
+        **{**settings.training_values(), "base_model": settings.resolved_base_model()},
+        pairs_path="pairs.parquet",
+        output_dir=".",
+        seed=seed,
+        max_train_pairs=max_train_pairs,
+        label={"cell": cell, "split": split, "group": group, "seed": seed},
+    )
 
 
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
-        name="group_dpo_run", partitions_def=partitions.dpo_partitions, group_name="dpo", kinds={"pytorch"},
-        owners=versions.OWNERS, pool="gpu", code_version=f"{CODE_VERSION}-{settings_fingerprint}",
+        name="group_dpo_run",
+        partitions_def=partitions.dpo_partitions,
+        group_name="dpo",
+        kinds={"pytorch"},
+        owners=versions.OWNERS,
+        pool="gpu",
+        code_version=f"{CODE_VERSION}-{settings_fingerprint}",
         retry_policy=RETRY_POLICY,
         description="One DPO fine-tuning run (TRL's DPO loss, reference log-probs from reference_logps) per "
-                    "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
-                    "(held-out accuracy/margin every eval step) and summary metrics.",
+        "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
+        "(held-out accuracy/margin every eval step) and summary metrics.",
     )
-    def group_dpo_run(context: dg.AssetExecutionContext, dpo_settings: DpoSettings, launcher: RunLauncher,
-                      within_model_pairs: pd.DataFrame, significant_splits: dict,
-                      reference_logps: pd.DataFrame) -> dg.Output:
+    def group_dpo_run(
+        context: dg.AssetExecutionContext,
+        dpo_settings: DpoSettings,
+        launcher: RunLauncher,
+        within_model_pairs: pd.DataFrame,
+        significant_splits: dict,
+        reference_logps: pd.DataFrame,
+    ) -> dg.Output:
         check_settings(dpo_settings, settings_fingerprint)
         keys = context.partition_key.keys_by_dimension
         try:
@@ -239,18 +315,33 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve())
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         balance = dpo_settings.balance_groups and split is not None
-        config = run_config(dpo_settings, cell, seed, balanced_train_pairs(within_model_pairs, significant_splits,
-                                                                           split, dpo_settings) if balance else None)
+        config = run_config(
+            dpo_settings,
+            cell,
+            seed,
+            balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
+        )
         config_path = run_dir / "config.json"
         config_path.write_text(config.model_dump_json(indent=2))
         context.log.info(f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}")
-        launcher.run(context=context, run_dir=str(run_dir), outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
-                     command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)])
+        launcher.run(
+            context=context,
+            run_dir=str(run_dir),
+            outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
+            command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)],
+        )
         metrics, curve = read_run_outputs(run_dir)
-        value = {"metrics": metrics, "curve": curve, "cell": cell, "split": split, "group": group, "seed": seed,
-                 "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
-                 "membership_digest": membership_digest(significant_splits, split, group),
-                 "settings_fingerprint": settings_fingerprint}
+        value = {
+            "metrics": metrics,
+            "curve": curve,
+            "cell": cell,
+            "split": split,
+            "group": group,
+            "seed": seed,
+            "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
+            "membership_digest": membership_digest(significant_splits, split, group),
+            "settings_fingerprint": settings_fingerprint,
+        }
         metadata = {
             **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
             "run_dir": dg.MetadataValue.path(str(run_dir)),

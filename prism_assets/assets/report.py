@@ -23,10 +23,18 @@ class ReportConfig(dg.Config):
 
 
 def runs_table(runs: dict) -> pd.DataFrame:
-    rows = [{"cell": run["cell"], "split": run["split"], "group": run["group"], "seed": int(run["seed"]),
-             "membership_digest": run["membership_digest"], "settings_fingerprint": run["settings_fingerprint"],
-             **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]}}
-            for run in runs.values()]
+    rows = [
+        {
+            "cell": run["cell"],
+            "split": run["split"],
+            "group": run["group"],
+            "seed": int(run["seed"]),
+            "membership_digest": run["membership_digest"],
+            "settings_fingerprint": run["settings_fingerprint"],
+            **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]},
+        }
+        for run in runs.values()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -45,14 +53,18 @@ def current_runs(runs: pd.DataFrame, splits: dict, settings_fingerprint: str) ->
     reasons[other_users] = "trained on other users than the group now holds"
     other_settings = reasons.isna() & (runs["settings_fingerprint"] != settings_fingerprint)
     reasons[other_settings] = "trained under other DPO settings"
-    left_out = {reason: [f"{cell} seed {seed}" for cell, seed in zip(group["cell"], group["seed"])]
-                for reason, group in runs[reasons.notna()].groupby(reasons[reasons.notna()], sort=True)}
+    left_out = {
+        reason: [f"{cell} seed {seed}" for cell, seed in zip(group["cell"], group["seed"])]
+        for reason, group in runs[reasons.notna()].groupby(reasons[reasons.notna()], sort=True)
+    }
     return runs[reasons.isna()].reset_index(drop=True), left_out
 
 
 def curves_table(runs: dict) -> pd.DataFrame:
-    frames = [run["curve"].assign(cell=run["cell"], split=run["split"], group=run["group"], seed=int(run["seed"]))
-              for run in runs.values()]
+    frames = [
+        run["curve"].assign(cell=run["cell"], split=run["split"], group=run["group"], seed=int(run["seed"]))
+        for run in runs.values()
+    ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -62,24 +74,35 @@ def _format_table(table: pd.DataFrame) -> pd.DataFrame:
             return f"{row['mean_d']:+.3f} (CI needs ≥ 2 seeds)"
         return f"{row['mean_d']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
-    return pd.DataFrame({
-        "split": table["split"], "predicted": table["predicted"],
-        "per-seed A−B": table["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
-        "mean A−B [95% CI]": table.apply(ci, axis=1), "sign k/n": table["sign_consistency"],
-        "verdict": table["verdict"],
-    })
+    return pd.DataFrame(
+        {
+            "split": table["split"],
+            "predicted": table["predicted"],
+            "per-seed A−B": table["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
+            "mean A−B [95% CI]": table.apply(ci, axis=1),
+            "sign k/n": table["sign_consistency"],
+            "verdict": table["verdict"],
+        }
+    )
 
 
 @dg.asset(
-    group_name="report", kinds={"pandas"}, owners=versions.OWNERS,
+    group_name="report",
+    kinds={"pandas"},
+    owners=versions.OWNERS,
     code_version=versions.source_version(sys.modules[__name__], plots, correspondence),
     ins={"group_dpo_run": dg.AssetIn(metadata={"allow_missing_partitions": True})},
     description="Per split: does the DPO difference between groups A and B (held-out accuracy primary) follow "
-                "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
-                "parquet and learning-curve plots.",
+    "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
+    "parquet and learning-curve plots.",
 )
-def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig, dpo_settings: dpo.DpoSettings,
-                         group_dpo_run: dict, significant_splits: dict) -> dict:
+def correspondence_table(
+    context: dg.AssetExecutionContext,
+    config: ReportConfig,
+    dpo_settings: dpo.DpoSettings,
+    group_dpo_run: dict,
+    significant_splits: dict,
+) -> dict:
     if not group_dpo_run:
         raise dg.Failure("no group_dpo_run partition has been materialized yet")
     splits = significant_splits["splits"]
@@ -97,18 +120,26 @@ def correspondence_table(context: dg.AssetExecutionContext, config: ReportConfig
     reports = Path(dpo_settings.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "learning_curves.png").write_bytes(png)
-    secondary = {metric: markdown_table(_format_table(table[table["metric"] == metric]))
-                 for metric in correspondence.METRICS if metric != correspondence.PRIMARY_METRIC}
-    context.add_output_metadata({
-        "correspondence": dg.MetadataValue.md(
-            f"**Primary metric: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}** "
-            f"({len(runs)} runs, seeds {sorted(runs['seed'].unique().tolist())})\n\n"
-            + markdown_table(_format_table(primary))),
-        "secondary_metrics": dg.MetadataValue.md("\n\n".join(f"**{correspondence.METRICS[m]}**\n\n{t}" for m, t in secondary.items())),
-        "learning_curves": dg.MetadataValue.md(plots.markdown_image(png, "learning curves")),
-        "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
-        "num_runs": len(runs),
-        "runs_left_out": dg.MetadataValue.json(left_out),
-        "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),
-    })
+    secondary = {
+        metric: markdown_table(_format_table(table[table["metric"] == metric]))
+        for metric in correspondence.METRICS
+        if metric != correspondence.PRIMARY_METRIC
+    }
+    context.add_output_metadata(
+        {
+            "correspondence": dg.MetadataValue.md(
+                f"**Primary metric: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}** "
+                f"({len(runs)} runs, seeds {sorted(runs['seed'].unique().tolist())})\n\n"
+                + markdown_table(_format_table(primary))
+            ),
+            "secondary_metrics": dg.MetadataValue.md(
+                "\n\n".join(f"**{correspondence.METRICS[m]}**\n\n{t}" for m, t in secondary.items())
+            ),
+            "learning_curves": dg.MetadataValue.md(plots.markdown_image(png, "learning curves")),
+            "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
+            "num_runs": len(runs),
+            "runs_left_out": dg.MetadataValue.json(left_out),
+            "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),
+        }
+    )
     return {"table": table, "seed_differences": diffs, "runs": runs}

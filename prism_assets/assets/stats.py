@@ -5,7 +5,6 @@ the metadata shown in the UI: the coefficient table and quartile boundaries, and
 their rule, predicted direction and group sizes in users and pairs.
 """
 
-
 import sys
 
 import dagster as dg
@@ -13,7 +12,8 @@ import pandas as pd
 
 from prism_assets import partitions, plots, versions
 from prism_assets.assets.data import markdown_table
-from prism_assets.statistics import ordered_logit, splits as splits_lib
+from prism_assets.statistics import ordered_logit
+from prism_assets.statistics import splits as splits_lib
 
 
 class OrderedLogitConfig(dg.Config):
@@ -23,38 +23,55 @@ class OrderedLogitConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="statistics", kinds={"statsmodels"}, owners=versions.OWNERS,
+    group_name="statistics",
+    kinds={"statsmodels"},
+    owners=versions.OWNERS,
     code_version=versions.source_version(sys.modules[__name__], plots, ordered_logit),
     description="Ordered logit of the score gap's quartile bin (Y ∈ 1..4) on user covariates; statsmodels "
-                "OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and plot with 95% CIs, "
-                "score-gap histogram with the quartile boundaries.",
+    "OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and plot with 95% CIs, "
+    "score-gap histogram with the quartile boundaries.",
 )
-def ordered_logit_fit(context: dg.AssetExecutionContext, config: OrderedLogitConfig, raw_prism: dict,
-                      within_model_pairs: pd.DataFrame) -> dict:
+def ordered_logit_fit(
+    context: dg.AssetExecutionContext, config: OrderedLogitConfig, raw_prism: dict, within_model_pairs: pd.DataFrame
+) -> dict:
     spec = ordered_logit.CovariateSpec(tuple(config.categorical), tuple(config.continuous), config.min_level_users)
     fit = ordered_logit.cluster_robust_ordered_logit(within_model_pairs, raw_prism["survey"], spec)
     if not fit.converged:
         context.log.warning("the ordered logit did not converge; read its coefficients with care")
     table = fit.coefficients[["term", "beta", "se", "z", "p", "ci_low", "ci_high"]]
-    context.add_output_metadata({
-        "coefficients": dg.MetadataValue.md(markdown_table(table, ".4g")),
-        "coefficient_plot": dg.MetadataValue.md(plots.markdown_image(plots.coefficient_plot(table), "coefficients")),
-        "score_gap_histogram": dg.MetadataValue.md(plots.markdown_image(
-            plots.score_gap_histogram(within_model_pairs["score_gap"], fit.boundaries), "score-gap histogram")),
-        "quartile_boundaries": dg.MetadataValue.json(fit.boundaries),
-        "thresholds": dg.MetadataValue.json(fit.thresholds),
-        "reference_levels": dg.MetadataValue.json(fit.reference_levels),
-        "outcome_counts": dg.MetadataValue.json({str(k): v for k, v in fit.outcome_counts.items()}),
+    context.add_output_metadata(
+        {
+            "coefficients": dg.MetadataValue.md(markdown_table(table, ".4g")),
+            "coefficient_plot": dg.MetadataValue.md(
+                plots.markdown_image(plots.coefficient_plot(table), "coefficients")
+            ),
+            "score_gap_histogram": dg.MetadataValue.md(
+                plots.markdown_image(
+                    plots.score_gap_histogram(within_model_pairs["score_gap"], fit.boundaries), "score-gap histogram"
+                )
+            ),
+            "quartile_boundaries": dg.MetadataValue.json(fit.boundaries),
+            "thresholds": dg.MetadataValue.json(fit.thresholds),
+            "reference_levels": dg.MetadataValue.json(fit.reference_levels),
+            "outcome_counts": dg.MetadataValue.json({str(k): v for k, v in fit.outcome_counts.items()}),
+            "num_pairs": fit.num_pairs,
+            "num_users": fit.num_users,
+            "converged": fit.converged,
+            "dropped": dg.MetadataValue.json(fit.dropped),
+            "significant_terms_at_0.05": int((fit.coefficients["p"] < 0.05).sum()),
+            "source": raw_prism["source"],
+        }
+    )
+    return {
+        "coefficients": fit.coefficients,
+        "thresholds": fit.thresholds,
+        "boundaries": fit.boundaries,
+        "reference_levels": fit.reference_levels,
         "num_pairs": fit.num_pairs,
         "num_users": fit.num_users,
         "converged": fit.converged,
-        "dropped": dg.MetadataValue.json(fit.dropped),
-        "significant_terms_at_0.05": int((fit.coefficients["p"] < 0.05).sum()),
-        "source": raw_prism["source"],
-    })
-    return {"coefficients": fit.coefficients, "thresholds": fit.thresholds, "boundaries": fit.boundaries,
-            "reference_levels": fit.reference_levels, "num_pairs": fit.num_pairs, "num_users": fit.num_users,
-            "converged": fit.converged, "dropped": fit.dropped}
+        "dropped": fit.dropped,
+    }
 
 
 class SplitsConfig(dg.Config):
@@ -62,7 +79,9 @@ class SplitsConfig(dg.Config):
     preset: str = "auto"  # "auto": one split per significant covariate; "v3": the original experiment's eight
 
 
-def split_tables(memberships: list[splits_lib.SplitMembership], pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_tables(
+    memberships: list[splits_lib.SplitMembership], pairs: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per split with group sizes in users and pairs, long membership table split/user_id/group)."""
     pairs_per_user = pairs.groupby("user_id").size()
     rows, members = [], []
@@ -71,13 +90,23 @@ def split_tables(memberships: list[splits_lib.SplitMembership], pairs: pd.DataFr
         n_pairs = users["user_id"].map(pairs_per_user).fillna(0).groupby(users["group"]).sum()
         n_users = users[users["user_id"].isin(pairs_per_user.index)].groupby("group").size()
         split = membership.split
-        rows.append({
-            "split": split.name, "variable": split.variable, "rule": split.rule,
-            "group_a": split.group_a, "group_b": split.group_b, "predicted": split.predicted,
-            "null_control": split.null_control, "beta": split.beta, "p": split.p,
-            "users_a": int(n_users.get("A", 0)), "users_b": int(n_users.get("B", 0)),
-            "pairs_a": int(n_pairs.get("A", 0)), "pairs_b": int(n_pairs.get("B", 0)),
-        })
+        rows.append(
+            {
+                "split": split.name,
+                "variable": split.variable,
+                "rule": split.rule,
+                "group_a": split.group_a,
+                "group_b": split.group_b,
+                "predicted": split.predicted,
+                "null_control": split.null_control,
+                "beta": split.beta,
+                "p": split.p,
+                "users_a": int(n_users.get("A", 0)),
+                "users_b": int(n_users.get("B", 0)),
+                "pairs_a": int(n_pairs.get("A", 0)),
+                "pairs_b": int(n_pairs.get("B", 0)),
+            }
+        )
         members.append(users.assign(split=split.name)[["split", "user_id", "group"]])
     return pd.DataFrame(rows), pd.concat(members, ignore_index=True)
 
@@ -93,13 +122,20 @@ def register_cells(instance: dg.DagsterInstance, split_names: list[str]) -> list
 
 
 @dg.asset(
-    group_name="statistics", kinds={"pandas"}, owners=versions.OWNERS,
+    group_name="statistics",
+    kinds={"pandas"},
+    owners=versions.OWNERS,
     code_version=versions.source_version(sys.modules[__name__], plots, splits_lib, partitions),
     description="Two-group user splits: one per covariate significant in the ordered logit (or the v3 preset's "
-                "eight), each with its predicted direction, plus the Europe-vs-Americas null control.",
+    "eight), each with its predicted direction, plus the Europe-vs-Americas null control.",
 )
-def significant_splits(context: dg.AssetExecutionContext, config: SplitsConfig, raw_prism: dict,
-                       within_model_pairs: pd.DataFrame, ordered_logit_fit: dict) -> dict:
+def significant_splits(
+    context: dg.AssetExecutionContext,
+    config: SplitsConfig,
+    raw_prism: dict,
+    within_model_pairs: pd.DataFrame,
+    ordered_logit_fit: dict,
+) -> dict:
     if config.preset not in splits_lib.PRESETS:
         raise ValueError(f"unknown split preset {config.preset!r}; expected one of {splits_lib.PRESETS}")
     coefficients = ordered_logit_fit["coefficients"]
@@ -109,8 +145,10 @@ def significant_splits(context: dg.AssetExecutionContext, config: SplitsConfig, 
         memberships = splits_lib.v3_splits(coefficients, survey, analysed_users)
     else:
         fitted_levels = {
-            variable: [ordered_logit_fit["reference_levels"][variable],
-                       *coefficients.loc[coefficients["variable"] == variable, "level"]]
+            variable: [
+                ordered_logit_fit["reference_levels"][variable],
+                *coefficients.loc[coefficients["variable"] == variable, "level"],
+            ]
             for variable in ordered_logit_fit["reference_levels"]
         }
         memberships = splits_lib.splits_from_fit(coefficients, survey, analysed_users, fitted_levels, config.alpha)
@@ -125,14 +163,16 @@ def significant_splits(context: dg.AssetExecutionContext, config: SplitsConfig, 
     membership = membership[membership["split"].isin(table["split"])].reset_index(drop=True)
     cells = register_cells(context.instance, list(table["split"]))
     context.log.info(f"DPO cells: {', '.join(cells)}")
-    context.add_output_metadata({
-        "splits": dg.MetadataValue.md(markdown_table(table.drop(columns=["rule"]), ".3g")),
-        "dpo_cells": dg.MetadataValue.json(cells),
-        "num_splits": len(table),
-        "dropped_splits_with_an_empty_group": dg.MetadataValue.json(dropped_splits),
-        "split_names": dg.MetadataValue.json(list(table["split"])),
-        "preset": config.preset,
-        "alpha": config.alpha,
-        "source": raw_prism["source"],
-    })
+    context.add_output_metadata(
+        {
+            "splits": dg.MetadataValue.md(markdown_table(table.drop(columns=["rule"]), ".3g")),
+            "dpo_cells": dg.MetadataValue.json(cells),
+            "num_splits": len(table),
+            "dropped_splits_with_an_empty_group": dg.MetadataValue.json(dropped_splits),
+            "split_names": dg.MetadataValue.json(list(table["split"])),
+            "preset": config.preset,
+            "alpha": config.alpha,
+            "source": raw_prism["source"],
+        }
+    )
     return {"splits": table, "membership": membership, "preset": config.preset, "alpha": config.alpha}

@@ -42,7 +42,9 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise PrismFormatError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
+                raise PrismFormatError(
+                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(row, dict):
                 raise PrismFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             for name in required:
@@ -68,16 +70,21 @@ def _as_json_text(value):
 
 
 def _valid_score(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer() \
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and float(value).is_integer()
         and schema.MIN_SCORE <= value <= schema.MAX_SCORE
+    )
 
 
 def _valid_turn(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def tables_from_rows(survey: list[dict], conversations: list[dict], utterances: list[dict],
-                     source: str, paths: dict[str, Path]) -> PrismTables:
+def tables_from_rows(
+    survey: list[dict], conversations: list[dict], utterances: list[dict], source: str, paths: dict[str, Path]
+) -> PrismTables:
     """Validate, drop-and-count, and type the three tables' rows."""
     _check_unique(survey, "user_id", paths["survey"])
     _check_unique(conversations, "conversation_id", paths["conversations"])
@@ -100,8 +107,9 @@ def tables_from_rows(survey: list[dict], conversations: list[dict], utterances: 
     kept_utterances = []
     for row in utterances:
         if not _valid_turn(row["turn"]):
-            raise PrismFormatError(f"{paths['utterances']}:{row['_line']}: turn must be an integer ≥ 0 (0-based), "
-                                   f"got {row['turn']!r}")
+            raise PrismFormatError(
+                f"{paths['utterances']}:{row['_line']}: turn must be an integer ≥ 0 (0-based), got {row['turn']!r}"
+            )
         if row["user_id"] not in known_users:
             dropped["utterances_user_not_in_survey"] += 1
         elif not _valid_score(row["score"]):
@@ -139,8 +147,11 @@ def load_prism_directory(directory: str | Path, source: str | None = None) -> Pr
         raise FileNotFoundError(f"PRISM directory {directory} lacks {', '.join(missing)}")
     rows = {table: read_jsonl(paths[table], schema.REQUIRED_FIELDS[table]) for table in schema.TABLES}
     return tables_from_rows(
-        rows["survey"], rows["conversations"], rows["utterances"],
-        source=source or f"local directory {directory}", paths=paths,
+        rows["survey"],
+        rows["conversations"],
+        rows["utterances"],
+        source=source or f"local directory {directory}",
+        paths=paths,
     )
 
 
@@ -154,5 +165,7 @@ def load_prism_hub(dataset_id: str = schema.HUB_DATASET_ID, revision: str | None
     }
     directories = {path.parent for path in files.values()}
     if len(directories) != 1:
-        raise PrismFormatError(f"Hub files of {dataset_id} resolved to different snapshots: {sorted(map(str, directories))}")
+        raise PrismFormatError(
+            f"Hub files of {dataset_id} resolved to different snapshots: {sorted(map(str, directories))}"
+        )
     return load_prism_directory(directories.pop(), source=f"hub {dataset_id}@{revision or 'main'}")

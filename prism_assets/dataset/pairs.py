@@ -18,13 +18,29 @@ import pandas as pd
 from prism_assets.dataset import schema
 
 DROP_REASONS = (
-    "interaction_not_two_responses", "cross_model_interaction", "score_tie", "conversation_not_found",
-    "history_without_turn", "history_without_chosen_response",
+    "interaction_not_two_responses",
+    "cross_model_interaction",
+    "score_tie",
+    "conversation_not_found",
+    "history_without_turn",
+    "history_without_chosen_response",
 )
 PAIR_COLUMNS = (
-    "pair_id", "user_id", "conversation_id", "turn", "model_name", "prompt", "chosen", "rejected",
-    "chosen_score", "rejected_score", "score_gap", "chosen_utterance_id", "rejected_utterance_id",
-    "chosen_model_name", "rejected_model_name",
+    "pair_id",
+    "user_id",
+    "conversation_id",
+    "turn",
+    "model_name",
+    "prompt",
+    "chosen",
+    "rejected",
+    "chosen_score",
+    "rejected_score",
+    "score_gap",
+    "chosen_utterance_id",
+    "rejected_utterance_id",
+    "chosen_model_name",
+    "rejected_model_name",
 )
 
 
@@ -40,7 +56,8 @@ def _response_text(text: str) -> str:
 
 
 def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
-    """turn → chat messages up to and including that turn's user message (None: an earlier turn has no chosen response)."""
+    """turn → chat messages up to and including that turn's user message (None: an earlier turn has no chosen
+    response)."""
     users: dict[int, str] = {}
     chosen: dict[int, str] = {}
     for item in history:
@@ -53,20 +70,33 @@ def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
     for turn in sorted(users):
         prompts[turn] = None if messages is None else [*messages, {"role": "user", "content": users[turn]}]
         if messages is not None and turn in chosen:
-            messages = [*messages, {"role": "user", "content": users[turn]}, {"role": "assistant", "content": chosen[turn]}]
+            messages = [
+                *messages,
+                {"role": "user", "content": users[turn]},
+                {"role": "assistant", "content": chosen[turn]},
+            ]
         else:
             messages = None
     return prompts
 
 
 def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) -> PairsResult:
-    dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+    dropped: Counter[str] = Counter(dict.fromkeys(DROP_REASONS, 0))
     later = utterances[utterances["turn"] >= 1].sort_values(["interaction_id", "within_turn_id", "utterance_id"])
     histories = dict(zip(conversations["conversation_id"], conversations["conversation_history"]))
     prompt_cache: dict[str, dict] = {}
     rows = []
     empty = 0
-    columns = ["interaction_id", "user_id", "conversation_id", "turn", "model_name", "model_response", "score", "utterance_id"]
+    columns = [
+        "interaction_id",
+        "user_id",
+        "conversation_id",
+        "turn",
+        "model_name",
+        "model_response",
+        "score",
+        "utterance_id",
+    ]
     records = later[columns].itertuples(index=False, name=None)
     grouped: dict[str, list[tuple]] = {}
     for record in records:
@@ -88,7 +118,9 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
             continue
         if conversation_id not in prompt_cache:
             history = histories[conversation_id]
-            prompt_cache[conversation_id] = _prompts_by_turn(json.loads(history) if isinstance(history, str) else history)
+            prompt_cache[conversation_id] = _prompts_by_turn(
+                json.loads(history) if isinstance(history, str) else history
+            )
         prompts = prompt_cache[conversation_id]
         if turn not in prompts:  # the conversation's history has no user message for this turn
             dropped["history_without_turn"] += 1
@@ -99,10 +131,24 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
             continue
         chosen, rejected = (first, second) if first[6] > second[6] else (second, first)
         empty += (chosen[5] == schema.EMPTY_RESPONSE) + (rejected[5] == schema.EMPTY_RESPONSE)
-        rows.append((
-            interaction_id, first[1], conversation_id, turn, first[4], prompt,
-            _response_text(chosen[5]), _response_text(rejected[5]), int(chosen[6]), int(rejected[6]),
-            int(chosen[6] - rejected[6]), chosen[7], rejected[7], chosen[4], rejected[4],
-        ))
+        rows.append(
+            (
+                interaction_id,
+                first[1],
+                conversation_id,
+                turn,
+                first[4],
+                prompt,
+                _response_text(chosen[5]),
+                _response_text(rejected[5]),
+                int(chosen[6]),
+                int(rejected[6]),
+                int(chosen[6] - rejected[6]),
+                chosen[7],
+                rejected[7],
+                chosen[4],
+                rejected[4],
+            )
+        )
     pairs = pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
     return PairsResult(pairs=pairs, dropped=dict(dropped), empty_responses=int(empty))

@@ -36,58 +36,133 @@ FAMILIARITY_COUNTS = dict(zip(schema.LM_FAMILIARITY_LEVELS, (156, 920, 424)))
 REGION_COUNTS = dict(zip(schema.SPECIAL_REGIONS, (338, 313, 292, 146, 129, 118, 60, 50, 50, 3, 1)))
 CONVERSATION_TYPE_COUNTS = dict(zip(schema.CONVERSATION_TYPES, (3113, 2460, 2438)))
 STATED_PREF_MOMENTS = {
-    "values": (54.3, 26.3), "creativity": (69.6, 22.1), "fluency": (86.7, 16.3),
-    "factuality": (88.7, 16.2), "diversity": (75.7, 20.0), "safety": (80.2, 25.2),
-    "personalisation": (67.9, 24.6), "helpfulness": (89.4, 14.4),
+    "values": (54.3, 26.3),
+    "creativity": (69.6, 22.1),
+    "fluency": (86.7, 16.3),
+    "factuality": (88.7, 16.2),
+    "diversity": (75.7, 20.0),
+    "safety": (80.2, 25.2),
+    "personalisation": (67.9, 24.6),
+    "helpfulness": (89.4, 14.4),
 }
 EMPLOYMENT_COUNTS = {
-    "Working full-time": 712, "Working part-time": 265, "Student": 191, "Unemployed, seeking work": 113,
-    "Retired": 104, "Homemaker / Stay-at-home parent": 46, "Unemployed, not seeking work": 46,
+    "Working full-time": 712,
+    "Working part-time": 265,
+    "Student": 191,
+    "Unemployed, seeking work": 113,
+    "Retired": 104,
+    "Homemaker / Stay-at-home parent": 46,
+    "Unemployed, not seeking work": 46,
     schema.PREFER_NOT_TO_SAY: 23,
 }
-MARITAL_COUNTS = {"Never been married": 870, "Married": 463, "Divorced / Separated": 123,
-                  schema.PREFER_NOT_TO_SAY: 23, "Widowed": 21}
+MARITAL_COUNTS = {
+    "Never been married": 870,
+    "Married": 463,
+    "Divorced / Separated": 123,
+    schema.PREFER_NOT_TO_SAY: 23,
+    "Widowed": 21,
+}
 ENGLISH_COUNTS = {"Native speaker": 886, "Fluent": 405, "Advanced": 160, "Intermediate": 42, "Basic": 7}
-RELIGION_COUNTS = {"No Affiliation": 851, "Christian": 487, schema.PREFER_NOT_TO_SAY: 59, "Jewish": 42,
-                   "Muslim": 31, "Other": 30}
-ETHNICITY_COUNTS = {"White": 969, "Black": 122, "Hispanic": 121, "Asian": 95, schema.PREFER_NOT_TO_SAY: 86,
-                    "Mixed": 68, "Other": 39}
+RELIGION_COUNTS = {
+    "No Affiliation": 851,
+    "Christian": 487,
+    schema.PREFER_NOT_TO_SAY: 59,
+    "Jewish": 42,
+    "Muslim": 31,
+    "Other": 30,
+}
+ETHNICITY_COUNTS = {
+    "White": 969,
+    "Black": 122,
+    "Hispanic": 121,
+    "Asian": 95,
+    schema.PREFER_NOT_TO_SAY: 86,
+    "Mixed": 68,
+    "Other": 39,
+}
 USE_COUNTS = {"Yes": 1162, "No": 259, "Unsure": 79}
-FREQUENCY_COUNTS = {"Once per month": 374, "Every week": 316, "More than once a month": 291,
-                    "Less than one a year": 162, "Every day": 110}
+FREQUENCY_COUNTS = {
+    "Once per month": 374,
+    "Every week": 316,
+    "More than once a month": 291,
+    "Less than one a year": 162,
+    "Every day": 110,
+}
 REGION_COUNTRY = {
-    "US": ("United States", "USA", "Northern America"), "Europe": ("Germany", "DEU", "Western Europe"),
+    "US": ("United States", "USA", "Northern America"),
+    "Europe": ("Germany", "DEU", "Western Europe"),
     "UK": ("United Kingdom", "GBR", "Northern Europe"),
     "Latin America and the Caribbean": ("Mexico", "MEX", "Central America"),
     "Australia and New Zealand": ("Australia", "AUS", "Australia and New Zealand"),
-    "Africa": ("South Africa", "ZAF", "Southern Africa"), "Asia": ("India", "IND", "Southern Asia"),
-    "Northern America": ("Canada", "CAN", "Northern America"), "Middle East": ("Israel", "ISR", "Western Asia"),
-    schema.PREFER_NOT_TO_SAY: (schema.PREFER_NOT_TO_SAY, "", ""), "Oceania": ("Fiji", "FJI", "Melanesia"),
+    "Africa": ("South Africa", "ZAF", "Southern Africa"),
+    "Asia": ("India", "IND", "Southern Asia"),
+    "Northern America": ("Canada", "CAN", "Northern America"),
+    "Middle East": ("Israel", "ISR", "Western Asia"),
+    schema.PREFER_NOT_TO_SAY: (schema.PREFER_NOT_TO_SAY, "", ""),
+    "Oceania": ("Fiji", "FJI", "Melanesia"),
 }
 MODELS = (
-    ("gpt-4", "openai"), ("gpt-4-turbo", "openai"), ("gpt-3.5-turbo", "openai"),
-    ("claude-2", "anthropic"), ("claude-2.1", "anthropic"), ("claude-instant-1", "anthropic"),
-    ("command", "cohere"), ("command-light", "cohere"), ("command-nightly", "cohere"),
-    ("llama-2-7b-chat", "meta"), ("llama-2-13b-chat", "meta"), ("llama-2-70b-chat", "meta"),
-    ("mistral-7b-instruct", "mistralai"), ("zephyr-7b-beta", "huggingfaceh4"),
-    ("falcon-7b-instruct", "tiiuae"), ("flan-t5-xxl", "google"), ("chat-bison", "google"),
-    ("gemini-pro", "google"), ("luminous-extended-control", "aleph-alpha"),
-    ("luminous-supreme-control", "aleph-alpha"), ("pythia-12b", "eleutherai"),
+    ("gpt-4", "openai"),
+    ("gpt-4-turbo", "openai"),
+    ("gpt-3.5-turbo", "openai"),
+    ("claude-2", "anthropic"),
+    ("claude-2.1", "anthropic"),
+    ("claude-instant-1", "anthropic"),
+    ("command", "cohere"),
+    ("command-light", "cohere"),
+    ("command-nightly", "cohere"),
+    ("llama-2-7b-chat", "meta"),
+    ("llama-2-13b-chat", "meta"),
+    ("llama-2-70b-chat", "meta"),
+    ("mistral-7b-instruct", "mistralai"),
+    ("zephyr-7b-beta", "huggingfaceh4"),
+    ("falcon-7b-instruct", "tiiuae"),
+    ("flan-t5-xxl", "google"),
+    ("chat-bison", "google"),
+    ("gemini-pro", "google"),
+    ("luminous-extended-control", "aleph-alpha"),
+    ("luminous-supreme-control", "aleph-alpha"),
+    ("pythia-12b", "eleutherai"),
 )
 TOPICS = (
-    "climate policy", "remote work", "raising children", "religious freedom", "immigration",
-    "healthy eating", "learning a language", "saving for retirement", "social media", "gun control",
-    "artificial intelligence", "travel on a budget", "mental health", "abortion", "the death penalty",
-    "electric cars", "friendship", "vaccines", "free speech", "minimum wage", "meditation",
-    "video games", "nuclear energy", "volunteering", "homework help", "cooking pasta",
+    "climate policy",
+    "remote work",
+    "raising children",
+    "religious freedom",
+    "immigration",
+    "healthy eating",
+    "learning a language",
+    "saving for retirement",
+    "social media",
+    "gun control",
+    "artificial intelligence",
+    "travel on a budget",
+    "mental health",
+    "abortion",
+    "the death penalty",
+    "electric cars",
+    "friendship",
+    "vaccines",
+    "free speech",
+    "minimum wage",
+    "meditation",
+    "video games",
+    "nuclear energy",
+    "volunteering",
+    "homework help",
+    "cooking pasta",
 )
 OPENERS = {
     "unguided": "Can you tell me something useful about {topic}?",
     "values guided": "What do you think matters most about {topic}? It is important to me.",
     "controversy guided": "Is it right to support {topic}? People disagree a lot.",
 }
-FOLLOW_UPS = ("Why do you say that about {topic}?", "Can you give an example about {topic}?",
-              "What would you recommend about {topic}?", "Could you say more about {topic}?")
+FOLLOW_UPS = (
+    "Why do you say that about {topic}?",
+    "Can you give an example about {topic}?",
+    "What would you recommend about {topic}?",
+    "Could you say more about {topic}?",
+)
 SENTENCES = (
     "Many people think about {topic} in terms of trade-offs between cost and benefit.",
     "Research on {topic} points in several directions at once.",
@@ -107,6 +182,7 @@ STYLE_FRAMES = {
 @dataclass
 class PlantedTaste:
     """Group-dependent taste: which style each group prefers, and how consistently."""
+
     covariate: str = "age"
     group_a_levels: tuple[str, ...] = ("18-24 years old", "25-34 years old")
     group_a_style: str = "casual"
@@ -120,11 +196,15 @@ def default_planted_effects() -> dict[str, float]:
     effects = {f"age[{level}]": -0.45 for level in schema.AGE_LEVELS[2:6]}
     for level in schema.EDUCATION_LEVELS[1:6]:
         effects[f"education[{level}]"] = -0.35
-    effects.update({
-        "stated_prefs_personalisation": 0.012, "stated_prefs_safety": -0.010,
-        "stated_prefs_factuality": -0.012, "stated_prefs_helpfulness": -0.014,
-        "stated_prefs_diversity": 0.012,
-    })
+    effects.update(
+        {
+            "stated_prefs_personalisation": 0.012,
+            "stated_prefs_safety": -0.010,
+            "stated_prefs_factuality": -0.012,
+            "stated_prefs_helpfulness": -0.014,
+            "stated_prefs_diversity": 0.012,
+        }
+    )
     return effects
 
 
@@ -147,60 +227,90 @@ def _choice(rng: np.random.Generator, counts: dict[str, int], size: int) -> np.n
 
 
 def _stated_prefs(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    return {name: np.clip(np.round(rng.normal(mean, sd * 1.15, n)), 0, 100).astype(int)
-            for name, (mean, sd) in STATED_PREF_MOMENTS.items()}
+    return {
+        name: np.clip(np.round(rng.normal(mean, sd * 1.15, n)), 0, 100).astype(int)
+        for name, (mean, sd) in STATED_PREF_MOMENTS.items()
+    }
 
 
 def _survey_rows(rng: np.random.Generator, cfg: SyntheticConfig) -> list[dict]:
     n = cfg.num_users
     columns = {
-        "age": _choice(rng, AGE_COUNTS, n), "gender": _choice(rng, GENDER_COUNTS, n),
-        "education": _choice(rng, EDUCATION_COUNTS, n), "lm_familiarity": _choice(rng, FAMILIARITY_COUNTS, n),
-        "region": _choice(rng, REGION_COUNTS, n), "employment_status": _choice(rng, EMPLOYMENT_COUNTS, n),
-        "marital_status": _choice(rng, MARITAL_COUNTS, n), "english_proficiency": _choice(rng, ENGLISH_COUNTS, n),
-        "religion": _choice(rng, RELIGION_COUNTS, n), "ethnicity": _choice(rng, ETHNICITY_COUNTS, n),
-        "direct": _choice(rng, USE_COUNTS, n), "indirect": _choice(rng, USE_COUNTS, n),
+        "age": _choice(rng, AGE_COUNTS, n),
+        "gender": _choice(rng, GENDER_COUNTS, n),
+        "education": _choice(rng, EDUCATION_COUNTS, n),
+        "lm_familiarity": _choice(rng, FAMILIARITY_COUNTS, n),
+        "region": _choice(rng, REGION_COUNTS, n),
+        "employment_status": _choice(rng, EMPLOYMENT_COUNTS, n),
+        "marital_status": _choice(rng, MARITAL_COUNTS, n),
+        "english_proficiency": _choice(rng, ENGLISH_COUNTS, n),
+        "religion": _choice(rng, RELIGION_COUNTS, n),
+        "ethnicity": _choice(rng, ETHNICITY_COUNTS, n),
+        "direct": _choice(rng, USE_COUNTS, n),
+        "indirect": _choice(rng, USE_COUNTS, n),
         "frequency": _choice(rng, FREQUENCY_COUNTS, n),
     }
     prefs = _stated_prefs(rng, n)
     has_conversations = rng.random(n) < cfg.share_with_conversations
-    num_conversations = rng.choice(np.arange(1, 8), size=n, p=[.02, .02, .03, .04, .06, .73, .10])
+    num_conversations = rng.choice(np.arange(1, 8), size=n, p=[0.02, 0.02, 0.03, 0.04, 0.06, 0.73, 0.10])
     rows = []
     for i in range(n):
         country, iso, subregion = REGION_COUNTRY[columns["region"][i]]
         uses = rng.random(len(schema.LM_USECASES)) < 0.25
         shown_frequency = columns["direct"][i] == "Yes" or columns["indirect"][i] == "Yes"
-        rows.append({
-            "user_id": f"user{i}",
-            "survey_only": not bool(has_conversations[i]),
-            "num_completed_conversations": int(num_conversations[i]) if has_conversations[i] else 0,
-            "consent": "Yes", "consent_age": "Yes",
-            "lm_familiarity": columns["lm_familiarity"][i],
-            "lm_direct_use": columns["direct"][i], "lm_indirect_use": columns["indirect"][i],
-            "lm_frequency_use": columns["frequency"][i] if shown_frequency else None,
-            "lm_usecases": {**{k: bool(v) for k, v in zip(schema.LM_USECASES, uses)}, "other_text": ""},
-            "order_lm_usecases": {k: j + 1 for j, k in enumerate(schema.LM_USECASES)},
-            "stated_prefs": {**{k: int(prefs[k][i]) for k in schema.STATED_PREFS}, "other": 0, "other_text": ""},
-            "order_stated_prefs": {k: j + 1 for j, k in enumerate((*schema.STATED_PREFS, "other"))},
-            "self_description": f"Synthetic participant {i}.",
-            "system_string": "Be helpful and honest.",
-            "age": columns["age"][i], "gender": columns["gender"][i],
-            "employment_status": columns["employment_status"][i], "education": columns["education"][i],
-            "marital_status": columns["marital_status"][i],
-            "english_proficiency": columns["english_proficiency"][i],
-            "religion": {"self_described": columns["religion"][i], "categorised": columns["religion"][i],
-                         "simplified": columns["religion"][i]},
-            "ethnicity": {"self_described": columns["ethnicity"][i], "categorised": columns["ethnicity"][i],
-                          "simplified": columns["ethnicity"][i]},
-            "location": {"birth_country": country, "birth_countryISO": iso, "birth_subregion": subregion,
-                         "reside_country": country, "reside_countryISO": iso, "reside_subregion": subregion,
-                         "same_birth_reside_country": "Yes", "special_region": columns["region"][i]},
-            "study_id": f"study{i % 51}", "study_locale": country,
-            "generated_datetime": "2023-11-22 12:00:00.000",
-            "timing_duration_s": 900.0, "timing_duration_mins": 15.0,
-            "included_in_UK_REP": columns["region"][i] == "UK", "included_in_US_REP": columns["region"][i] == "US",
-            "included_in_balanced_subset": False,
-        })
+        rows.append(
+            {
+                "user_id": f"user{i}",
+                "survey_only": not bool(has_conversations[i]),
+                "num_completed_conversations": int(num_conversations[i]) if has_conversations[i] else 0,
+                "consent": "Yes",
+                "consent_age": "Yes",
+                "lm_familiarity": columns["lm_familiarity"][i],
+                "lm_direct_use": columns["direct"][i],
+                "lm_indirect_use": columns["indirect"][i],
+                "lm_frequency_use": columns["frequency"][i] if shown_frequency else None,
+                "lm_usecases": {**{k: bool(v) for k, v in zip(schema.LM_USECASES, uses)}, "other_text": ""},
+                "order_lm_usecases": {k: j + 1 for j, k in enumerate(schema.LM_USECASES)},
+                "stated_prefs": {**{k: int(prefs[k][i]) for k in schema.STATED_PREFS}, "other": 0, "other_text": ""},
+                "order_stated_prefs": {k: j + 1 for j, k in enumerate((*schema.STATED_PREFS, "other"))},
+                "self_description": f"Synthetic participant {i}.",
+                "system_string": "Be helpful and honest.",
+                "age": columns["age"][i],
+                "gender": columns["gender"][i],
+                "employment_status": columns["employment_status"][i],
+                "education": columns["education"][i],
+                "marital_status": columns["marital_status"][i],
+                "english_proficiency": columns["english_proficiency"][i],
+                "religion": {
+                    "self_described": columns["religion"][i],
+                    "categorised": columns["religion"][i],
+                    "simplified": columns["religion"][i],
+                },
+                "ethnicity": {
+                    "self_described": columns["ethnicity"][i],
+                    "categorised": columns["ethnicity"][i],
+                    "simplified": columns["ethnicity"][i],
+                },
+                "location": {
+                    "birth_country": country,
+                    "birth_countryISO": iso,
+                    "birth_subregion": subregion,
+                    "reside_country": country,
+                    "reside_countryISO": iso,
+                    "reside_subregion": subregion,
+                    "same_birth_reside_country": "Yes",
+                    "special_region": columns["region"][i],
+                },
+                "study_id": f"study{i % 51}",
+                "study_locale": country,
+                "generated_datetime": "2023-11-22 12:00:00.000",
+                "timing_duration_s": 900.0,
+                "timing_duration_mins": 15.0,
+                "included_in_UK_REP": columns["region"][i] == "UK",
+                "included_in_US_REP": columns["region"][i] == "US",
+                "included_in_balanced_subset": False,
+            }
+        )
     return rows
 
 
@@ -243,19 +353,47 @@ class _Writer:
         self.conversations, self.utterances = [], []
         self.interactions = self.utterance_count = 0
 
-    def utterance(self, conversation: dict, turn: int, within: int, model: tuple[str, str],
-                  prompt: str, response: str, score: int, chosen: bool, interaction_id: str) -> dict:
-        self.utterances.append({
-            "user_id": conversation["user_id"], "conversation_id": conversation["conversation_id"],
-            "interaction_id": interaction_id, "utterance_id": f"ut{self.utterance_count}",
-            "within_turn_id": within, "conversation_type": conversation["conversation_type"], "turn": turn,
-            "model_name": model[0], "model_provider": model[1], "user_prompt": prompt,
-            "model_response": response, "score": score, "if_chosen": chosen,
-            "included_in_balanced_subset": False,
-        })
+    def utterance(
+        self,
+        conversation: dict,
+        turn: int,
+        within: int,
+        model: tuple[str, str],
+        prompt: str,
+        response: str,
+        score: int,
+        chosen: bool,
+        interaction_id: str,
+    ) -> dict:
+        self.utterances.append(
+            {
+                "user_id": conversation["user_id"],
+                "conversation_id": conversation["conversation_id"],
+                "interaction_id": interaction_id,
+                "utterance_id": f"ut{self.utterance_count}",
+                "within_turn_id": within,
+                "conversation_type": conversation["conversation_type"],
+                "turn": turn,
+                "model_name": model[0],
+                "model_provider": model[1],
+                "user_prompt": prompt,
+                "model_response": response,
+                "score": score,
+                "if_chosen": chosen,
+                "included_in_balanced_subset": False,
+            }
+        )
         self.utterance_count += 1
-        return {"turn": turn, "role": "model", "content": response, "model_name": model[0],
-                "model_provider": model[1], "score": score, "if_chosen": chosen, "within_turn_id": within}
+        return {
+            "turn": turn,
+            "role": "model",
+            "content": response,
+            "model_name": model[0],
+            "model_provider": model[1],
+            "score": score,
+            "if_chosen": chosen,
+            "within_turn_id": within,
+        }
 
 
 def _chosen_flags(rng: random.Random, scores: list[int]) -> list[bool]:
@@ -284,21 +422,35 @@ def generate(cfg: SyntheticConfig) -> tuple[dict[str, list[dict]], dict]:
         for _ in range(user["num_completed_conversations"]):
             ctype = rng.choices(ctypes, ctype_weights)[0]
             topic = rng.choice(TOPICS)
-            conversation = {"conversation_id": f"c{len(writer.conversations)}", "user_id": user["user_id"],
-                            "conversation_type": ctype}
+            conversation = {
+                "conversation_id": f"c{len(writer.conversations)}",
+                "user_id": user["user_id"],
+                "conversation_type": ctype,
+            }
             later_turns = min(_geometric(rng, 2.39), 21)
             history = []
             prompt = OPENERS[ctype].format(topic=topic)
             history.append({"turn": 0, "role": "user", "content": prompt})
-            models = rng.sample(MODELS, rng.choices([4, 3, 2], [.8, .15, .05])[0])
+            models = rng.sample(MODELS, rng.choices([4, 3, 2], [0.8, 0.15, 0.05])[0])
             scores = [_score(rng) for _ in models]
             flags = _chosen_flags(rng, scores)
             interaction_id = f"int{writer.interactions}"
             writer.interactions += 1
             for within, (model, score, flag) in enumerate(zip(models, scores, flags)):
                 style = "casual" if rng.random() < 0.5 else "formal"
-                history.append(writer.utterance(conversation, 0, within, model, prompt,
-                                                _response(rng, topic, style), score, flag, interaction_id))
+                history.append(
+                    writer.utterance(
+                        conversation,
+                        0,
+                        within,
+                        model,
+                        prompt,
+                        _response(rng, topic, style),
+                        score,
+                        flag,
+                        interaction_id,
+                    )
+                )
             model = models[flags.index(True)]
             for turn in range(1, later_turns + 1):
                 prompt = rng.choice(FOLLOW_UPS).format(topic=topic)
@@ -320,24 +472,38 @@ def generate(cfg: SyntheticConfig) -> tuple[dict[str, list[dict]], dict]:
                 writer.interactions += 1
                 first = len(writer.utterances)
                 for within, i in enumerate(order):
-                    history.append(writer.utterance(conversation, turn, within, model, prompt, texts[i],
-                                                    0, i == winner, interaction_id))
+                    history.append(
+                        writer.utterance(
+                            conversation, turn, within, model, prompt, texts[i], 0, i == winner, interaction_id
+                        )
+                    )
                 pending_gaps.append((first, order.index(winner), None if tie else latent))
-            writer.conversations.append({
-                **conversation, "opening_prompt": history[0]["content"], "conversation_turns": later_turns + 1,
-                "conversation_history": history,
-                "performance_attributes": {k: rng.randint(1, 100) for k in ATTRIBUTES},
-                "choice_attributes": {k: rng.randint(1, 100) for k in ATTRIBUTES},
-                "open_feedback": "Synthetic feedback.", "generated_datetime": "2023-11-22 12:00:00.000",
-                "timing_duration_s": 300.0, "timing_duration_mins": 5.0, "included_in_balanced_subset": False,
-            })
+            writer.conversations.append(
+                {
+                    **conversation,
+                    "opening_prompt": history[0]["content"],
+                    "conversation_turns": later_turns + 1,
+                    "conversation_history": history,
+                    "performance_attributes": {k: rng.randint(1, 100) for k in ATTRIBUTES},
+                    "choice_attributes": {k: rng.randint(1, 100) for k in ATTRIBUTES},
+                    "open_feedback": "Synthetic feedback.",
+                    "generated_datetime": "2023-11-22 12:00:00.000",
+                    "timing_duration_s": 300.0,
+                    "timing_duration_mins": 5.0,
+                    "included_in_balanced_subset": False,
+                }
+            )
     gap_map = _assign_later_turn_scores(rng, writer, pending_gaps)
     truth = {
-        "note": SYNTHETIC_NOTE, "seed": cfg.seed, "num_users": cfg.num_users,
+        "note": SYNTHETIC_NOTE,
+        "seed": cfg.seed,
+        "num_users": cfg.num_users,
         "ordered_logit_beta": cfg.planted_effects,
         "continuous_covariates_centred_at": 50.0,
-        "gap_from_latent": gap_map, "user_effect_sd": cfg.user_effect_sd,
-        "taste": asdict(taste), "tie_probability": cfg.tie_probability,
+        "gap_from_latent": gap_map,
+        "user_effect_sd": cfg.user_effect_sd,
+        "taste": asdict(taste),
+        "tie_probability": cfg.tie_probability,
     }
     return {"survey": survey, "conversations": writer.conversations, "utterances": writer.utterances}, truth
 
@@ -355,7 +521,7 @@ def _assign_later_turn_scores(rng, writer: _Writer, pending) -> dict:
         for offset in (0, 1):
             row = writer.utterances[first + offset]
             row["score"] = high if offset == winner else high - gap  # on a tie, the random winner keeps if_chosen
-        rows = writer.utterances[first:first + 2]
+        rows = writer.utterances[first : first + 2]
         for item in history_of[rows[0]["conversation_id"]]:
             if item["role"] == "model" and item["turn"] == rows[0]["turn"]:
                 item["score"] = rows[item["within_turn_id"]]["score"]

@@ -29,8 +29,11 @@ METRICS = {
     "mid_pref_acc": "train-batch accuracy, 10–40% of training",
 }
 # The held-out standard error (reported by each run) that goes with a held-out metric.
-EVAL_SE = {"mean_heldout_acc_tail": "heldout_acc_se", "mid_heldout_acc": "heldout_acc_se",
-           "mean_heldout_margin_tail": "heldout_margin_se"}
+EVAL_SE = {
+    "mean_heldout_acc_tail": "heldout_acc_se",
+    "mid_heldout_acc": "heldout_acc_se",
+    "mean_heldout_margin_tail": "heldout_margin_se",
+}
 MATCH, MISMATCH, INCONCLUSIVE = "MATCH", "MISMATCH", "INCONCLUSIVE"
 NULL_OK, NULL_NOT_OK = "null OK", "null NOT OK"
 
@@ -46,7 +49,9 @@ def seed_differences(runs: pd.DataFrame) -> pd.DataFrame:
     for metric in METRICS:
         se_column = EVAL_SE.get(metric)
         se = grouped[se_column] if se_column in grouped else pd.Series(0.0, index=grouped.index)
-        frames.append(grouped[["split", "group", "seed"]].assign(metric=metric, value=grouped[metric], se=se.fillna(0.0)))
+        frames.append(
+            grouped[["split", "group", "seed"]].assign(metric=metric, value=grouped[metric], se=se.fillna(0.0))
+        )
     long = pd.concat(frames, ignore_index=True)
     wide = long.pivot_table(index=["split", "metric", "seed"], columns="group", values=["value", "se"]).reset_index()
     wide.columns = [f"{a}_{b.lower()}" if b else a for a, b in wide.columns]
@@ -98,13 +103,23 @@ def correspondence(diffs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
             eval_se = float(d["eval_se"].mean()) if len(d) else 0.0
             mean, low, high = mean_ci(values, eval_se)
             sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null control: it predicts no sign
-            rows.append({
-                "split": split.split, "metric": metric, "predicted": split.predicted,
-                "null_control": bool(split.null_control), "n_seeds": len(values),
-                "per_seed_d": [round(float(v), 4) for v in values],
-                "mean_d": mean, "ci_low": low, "ci_high": high, "eval_se": eval_se,
-                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
-                "null_abs_mean_d": null_abs_mean,
-                "verdict": verdict(split.predicted, low, high, mean, np.nan if split.null_control else null_abs_mean),
-            })
+            rows.append(
+                {
+                    "split": split.split,
+                    "metric": metric,
+                    "predicted": split.predicted,
+                    "null_control": bool(split.null_control),
+                    "n_seeds": len(values),
+                    "per_seed_d": [round(float(v), 4) for v in values],
+                    "mean_d": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "eval_se": eval_se,
+                    "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
+                    "null_abs_mean_d": null_abs_mean,
+                    "verdict": verdict(
+                        split.predicted, low, high, mean, np.nan if split.null_control else null_abs_mean
+                    ),
+                }
+            )
     return pd.DataFrame(rows)

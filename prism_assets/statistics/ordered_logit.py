@@ -33,9 +33,9 @@ class CovariateSpec:
 
 @dataclass
 class OrderedLogitResult:
-    coefficients: pd.DataFrame          # term, variable, level, kind, beta, se, z, p, ci_low, ci_high
-    thresholds: list[float]             # cut points θ_1 < θ_2 < θ_3 on the latent scale
-    boundaries: list[float]             # score_gap quartile boundaries defining Y
+    coefficients: pd.DataFrame  # term, variable, level, kind, beta, se, z, p, ci_low, ci_high
+    thresholds: list[float]  # cut points θ_1 < θ_2 < θ_3 on the latent scale
+    boundaries: list[float]  # score_gap quartile boundaries defining Y
     reference_levels: dict[str, str]
     num_pairs: int
     num_users: int
@@ -75,7 +75,7 @@ class LogitOrderedModel(OrderedModel):
         d_theta[rows, self.endog - 1 + (self.endog == 0) * (k_thresholds + 1)] -= pdf_low / prob
         d_theta = d_theta[:, :k_thresholds]
         # theta_k = t_0 + sum_{m=1..k} exp(t_m): chain rule into the increment parameters.
-        increments = params[self.k_vars:]
+        increments = params[self.k_vars :]
         jacobian = np.tril(np.ones((k_thresholds, k_thresholds))) * np.concatenate(([1.0], np.exp(increments[1:])))
         d_beta = -((pdf_upp - pdf_low) / prob)[:, None] * self.exog
         return np.column_stack((d_beta, d_theta @ jacobian))
@@ -149,8 +149,9 @@ def design_matrix(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec
     return kept, X, references, dropped
 
 
-def cluster_robust_ordered_logit(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec | None = None,
-                                 alpha_ci: float = 0.05) -> OrderedLogitResult:
+def cluster_robust_ordered_logit(
+    pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec | None = None, alpha_ci: float = 0.05
+) -> OrderedLogitResult:
     spec = spec or CovariateSpec()
     if len(pairs) == 0:
         raise ValueError("no pairs to fit: within_model_pairs is empty")
@@ -170,14 +171,20 @@ def cluster_robust_ordered_logit(pairs: pd.DataFrame, survey: pd.DataFrame, spec
     se = np.asarray(fit.bse[:k]) / scale.to_numpy()
     z = beta / se
     critical = stats.norm.ppf(1 - alpha_ci / 2)
-    coefficients = pd.DataFrame({
-        "term": X.columns,
-        "variable": [c.split("[", 1)[0] for c in X.columns],
-        "level": [c.split("[", 1)[1][:-1] if "[" in c else None for c in X.columns],
-        "kind": ["categorical" if "[" in c else "continuous" for c in X.columns],
-        "beta": beta, "se": se, "z": z, "p": 2 * stats.norm.sf(np.abs(z)),
-        "ci_low": beta - critical * se, "ci_high": beta + critical * se,
-    })
+    coefficients = pd.DataFrame(
+        {
+            "term": X.columns,
+            "variable": [c.split("[", 1)[0] for c in X.columns],
+            "level": [c.split("[", 1)[1][:-1] if "[" in c else None for c in X.columns],
+            "kind": ["categorical" if "[" in c else "continuous" for c in X.columns],
+            "beta": beta,
+            "se": se,
+            "z": z,
+            "p": 2 * stats.norm.sf(np.abs(z)),
+            "ci_low": beta - critical * se,
+            "ci_high": beta + critical * se,
+        }
+    )
     thresholds = model.transform_threshold_params(fit.params)[1:-1]
     return OrderedLogitResult(
         coefficients=coefficients,

@@ -37,7 +37,7 @@ class Split:
     rule: str
     group_a: str
     group_b: str
-    predicted: str              # "A>B", "A<B" or "A≈B"
+    predicted: str  # "A>B", "A<B" or "A≈B"
     null_control: bool
     beta: float | None = None
     p: float | None = None
@@ -46,7 +46,7 @@ class Split:
 @dataclass
 class SplitMembership:
     split: Split
-    users: pd.DataFrame         # user_id, group ("A" / "B"); users in neither group are absent
+    users: pd.DataFrame  # user_id, group ("A" / "B"); users in neither group are absent
 
 
 def safe_split_name(text: str) -> str:
@@ -85,18 +85,36 @@ def _median_split(name: str, survey: pd.DataFrame, variable: str, analysed_users
     group[in_sample] = "B"
     group[high] = "A"
     users = pd.DataFrame({"user_id": survey["user_id"], "group": group}).dropna()
-    split = Split(name=name, variable=variable, group_a=f"{variable} {op} {median:g}",
-                  group_b=f"{variable} {'≤' if use_strict else '<'} {median:g}", **kw)
+    split = Split(
+        name=name,
+        variable=variable,
+        group_a=f"{variable} {op} {median:g}",
+        group_b=f"{variable} {'≤' if use_strict else '<'} {median:g}",
+        **kw,
+    )
     return SplitMembership(split, users.reset_index(drop=True))
 
 
 def null_control(name: str, survey: pd.DataFrame) -> SplitMembership:
-    return _categorical_split(name, survey, REGION_COLUMN, NULL_REGION_A, NULL_REGION_B,
-                              rule="null control: region (no effect expected)", predicted="A≈B", null_control=True)
+    return _categorical_split(
+        name,
+        survey,
+        REGION_COLUMN,
+        NULL_REGION_A,
+        NULL_REGION_B,
+        rule="null control: region (no effect expected)",
+        predicted="A≈B",
+        null_control=True,
+    )
 
 
-def splits_from_fit(coefficients: pd.DataFrame, survey: pd.DataFrame, analysed_users: set,
-                    fitted_levels: dict[str, list[str]], alpha: float) -> list[SplitMembership]:
+def splits_from_fit(
+    coefficients: pd.DataFrame,
+    survey: pd.DataFrame,
+    analysed_users: set,
+    fitted_levels: dict[str, list[str]],
+    alpha: float,
+) -> list[SplitMembership]:
     """One split per covariate with a term at p < alpha (rule in the module docstring), then the null control."""
     splits = []
     for variable, terms in coefficients.groupby("variable", sort=False):
@@ -108,13 +126,25 @@ def splits_from_fit(coefficients: pd.DataFrame, survey: pd.DataFrame, analysed_u
         sign = 1.0 if top["beta"] > 0 else -1.0
         common = dict(predicted=_direction(sign), null_control=False, beta=float(top["beta"]), p=float(top["p"]))
         if top["kind"] == "continuous":
-            splits.append(_median_split(name, survey, variable, analysed_users,
-                                        rule=f"median split (p={top['p']:.2g})", **common))
+            splits.append(
+                _median_split(
+                    name, survey, variable, analysed_users, rule=f"median split (p={top['p']:.2g})", **common
+                )
+            )
         else:
             a_levels = [lvl for lvl, b in zip(significant["level"], significant["beta"]) if (b > 0) == (sign > 0)]
             b_levels = [lvl for lvl in fitted_levels[variable] if lvl not in a_levels]
-            splits.append(_categorical_split(name, survey, variable, a_levels, b_levels,
-                                             rule=f"significant levels with β {'>' if sign > 0 else '<'} 0 vs the rest", **common))
+            splits.append(
+                _categorical_split(
+                    name,
+                    survey,
+                    variable,
+                    a_levels,
+                    b_levels,
+                    rule=f"significant levels with β {'>' if sign > 0 else '<'} 0 vs the rest",
+                    **common,
+                )
+            )
     splits.append(null_control(safe_split_name(f"S{len(splits) + 1}_region"), survey))
     return splits
 
@@ -124,23 +154,54 @@ def v3_splits(coefficients: pd.DataFrame, survey: pd.DataFrame, analysed_users: 
     by_term = coefficients.set_index("term") if len(coefficients) else pd.DataFrame(columns=["beta", "p"])
 
     def fitted(term):
-        return dict(beta=float(by_term.loc[term, "beta"]), p=float(by_term.loc[term, "p"])) if term in by_term.index else {}
+        return (
+            dict(beta=float(by_term.loc[term, "beta"]), p=float(by_term.loc[term, "p"]))
+            if term in by_term.index
+            else {}
+        )
 
     age_a, age_b = schema.AGE_LEVELS[:2], schema.AGE_LEVELS[2:6]
     edu_a = ("University Bachelors Degree", "Graduate / Professional degree")
-    edu_b = tuple(level for level in schema.EDUCATION_LEVELS if level not in edu_a and level != schema.PREFER_NOT_TO_SAY)
+    edu_b = tuple(
+        level for level in schema.EDUCATION_LEVELS if level not in edu_a and level != schema.PREFER_NOT_TO_SAY
+    )
     splits = [
-        _categorical_split("S1_age", survey, "age", age_a, age_b, rule="v3: age 18-34 vs 35+",
-                           predicted="A>B", null_control=False),
-        _categorical_split("S2_education", survey, "education", edu_a, edu_b,
-                           rule="v3: Bachelors or Graduate/Professional vs below (Prefer not to say excluded)",
-                           predicted="A>B", null_control=False),
+        _categorical_split(
+            "S1_age", survey, "age", age_a, age_b, rule="v3: age 18-34 vs 35+", predicted="A>B", null_control=False
+        ),
+        _categorical_split(
+            "S2_education",
+            survey,
+            "education",
+            edu_a,
+            edu_b,
+            rule="v3: Bachelors or Graduate/Professional vs below (Prefer not to say excluded)",
+            predicted="A>B",
+            null_control=False,
+        ),
     ]
-    for index, (pref, predicted) in enumerate((("personalisation", "A>B"), ("safety", "A<B"), ("factuality", "A<B"),
-                                               ("helpfulness", "A<B"), ("diversity", "A>B")), start=3):
+    for index, (pref, predicted) in enumerate(
+        (
+            ("personalisation", "A>B"),
+            ("safety", "A<B"),
+            ("factuality", "A<B"),
+            ("helpfulness", "A<B"),
+            ("diversity", "A>B"),
+        ),
+        start=3,
+    ):
         variable = f"stated_prefs_{pref}"
-        splits.append(_median_split(f"S{index}_{pref}", survey, variable, analysed_users,
-                                    rule=f"v3: median split of {variable}", predicted=predicted,
-                                    null_control=False, **fitted(variable)))
+        splits.append(
+            _median_split(
+                f"S{index}_{pref}",
+                survey,
+                variable,
+                analysed_users,
+                rule=f"v3: median split of {variable}",
+                predicted=predicted,
+                null_control=False,
+                **fitted(variable),
+            )
+        )
     splits.append(null_control("S8_region", survey))
     return splits

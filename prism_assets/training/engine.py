@@ -30,15 +30,15 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass
 class Batch:
-    sequences: packing.Packed      # B chosen sequences, then their B rejected ones, in one padding-free row
-    ref_chosen: torch.Tensor       # (B,) the base model's summed completion log-probs
+    sequences: packing.Packed  # B chosen sequences, then their B rejected ones, in one padding-free row
+    ref_chosen: torch.Tensor  # (B,) the base model's summed completion log-probs
     ref_rejected: torch.Tensor
 
 
 @dataclass
 class Step:
-    values: torch.Tensor           # METRICS of the step, still on the device (reading them waits for it)
-    learning_rate: float           # the rate the step used (what the Trainer logs)
+    values: torch.Tensor  # METRICS of the step, still on the device (reading them waits for it)
+    learning_rate: float  # the rate the step used (what the Trainer logs)
 
 
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -64,16 +64,20 @@ def dpo_loss(policy: torch.Tensor, batch: Batch, beta: float) -> tuple[torch.Ten
     chosen_reward = beta * (chosen - batch.ref_chosen)
     rejected_reward = beta * (rejected - batch.ref_rejected)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
-    metrics = {"rewards/chosen": chosen_reward.mean(), "rewards/rejected": rejected_reward.mean(),
-               "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
-               "rewards/margins": (chosen_reward - rejected_reward).mean()}
+    metrics = {
+        "rewards/chosen": chosen_reward.mean(),
+        "rewards/rejected": rejected_reward.mean(),
+        "rewards/accuracies": (chosen_reward > rejected_reward).float().mean(),
+        "rewards/margins": (chosen_reward - rejected_reward).mean(),
+    }
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def make_optimizer(model, learning_rate: float, max_steps: int, use_cuda: bool):
     """The Trainer's defaults: AdamW without weight decay, linear decay to 0 over max_steps, no warm-up."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0, fused=use_cuda)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=use_cuda
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (max_steps - step) / max_steps))
     return optimizer, schedule
 
@@ -109,4 +113,4 @@ def batch_indices(num_pairs: int, batch_size: int, seed: int, step: int) -> list
     per_epoch = math.ceil(num_pairs / batch_size)
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[index * batch_size:(index + 1) * batch_size].tolist()
+    return order[index * batch_size : (index + 1) * batch_size].tolist()

@@ -25,7 +25,7 @@ CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
-    if a[:len(b)] == b[:len(a)]:  # the usual case, compared in C: one is a prefix of the other
+    if a[: len(b)] == b[: len(a)]:  # the usual case, compared in C: one is a prefix of the other
         return min(len(a), len(b))
     n = 0
     for x, y in zip(a, b):
@@ -42,7 +42,7 @@ def keep_end(prompt_ids: list[int], completion_ids: list[int], max_length: int) 
         return prompt_ids, completion_ids
     if excess <= len(prompt_ids):
         return prompt_ids[excess:], completion_ids
-    return [], completion_ids[excess - len(prompt_ids):]
+    return [], completion_ids[excess - len(prompt_ids) :]
 
 
 def split_pair(prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int], max_length: int):
@@ -65,8 +65,10 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> tuple[list, list]:
     prompts = [messages(p) for p in pairs["prompt"]]
     texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
     for column in ("chosen", "rejected"):
-        texts += [tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
-                  for prompt, response in zip(prompts, pairs[column])]
+        texts += [
+            tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+            for prompt, response in zip(prompts, pairs[column])
+        ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     n = len(prompts)
     split = [split_pair(ids[i], ids[n + i], ids[2 * n + i], max_length) for i in range(n)]
@@ -89,20 +91,24 @@ def sequences_of(tokenizer, pairs, max_length: int) -> tuple[list, list, bool]:
     for name in TOKEN_COLUMNS:
         absent = pairs[name].isna()  # None or NaN; an array of ids, even empty, is a value
         if absent.any():
-            raise ValueError(f"pair {pairs['pair_id'][absent].iloc[0]!r} has no {name} ({int(absent.sum())} of "
-                             f"{len(pairs)} pairs lack stored token ids): store them for every pair or for none")
+            raise ValueError(
+                f"pair {pairs['pair_id'][absent].iloc[0]!r} has no {name} ({int(absent.sum())} of "
+                f"{len(pairs)} pairs lack stored token ids): store them for every pair or for none"
+            )
     stored = [[np.asarray(ids).tolist() for ids in pairs[name]] for name in TOKEN_COLUMNS]
     chosen, rejected = list(zip(stored[0], stored[1])), list(zip(stored[2], stored[3]))
     lengths = np.array([max(len(p) + len(c), len(q) + len(r)) for (p, c), (q, r) in zip(chosen, rejected)], dtype=int)
-    longest = np.argsort(-lengths, kind="stable")[:CHECKED_PAIRS // 2].tolist()
+    longest = np.argsort(-lengths, kind="stable")[: CHECKED_PAIRS // 2].tolist()
     sample = sorted({*longest, *range(min(CHECKED_PAIRS // 2, len(pairs)))})
     again = tokenize_pairs(tokenizer, pairs.iloc[sample], max_length)
     for position, i in enumerate(sample):
         if (chosen[i], rejected[i]) != (again[0][position], again[1][position]):
-            raise ValueError(f"pair {pairs['pair_id'].iloc[i]!r}: its stored token ids ({', '.join(TOKEN_COLUMNS)}) are "
-                             f"not what {getattr(tokenizer, 'name_or_path', 'the tokenizer')} gives at max_length "
-                             f"{max_length}; they were made with another tokenizer or max_length (rematerialize "
-                             "reference_logps, or drop those columns to tokenize here)")
+            raise ValueError(
+                f"pair {pairs['pair_id'].iloc[i]!r}: its stored token ids ({', '.join(TOKEN_COLUMNS)}) are "
+                f"not what {getattr(tokenizer, 'name_or_path', 'the tokenizer')} gives at max_length "
+                f"{max_length}; they were made with another tokenizer or max_length (rematerialize "
+                "reference_logps, or drop those columns to tokenize here)"
+            )
     return chosen, rejected, True
 
 
@@ -128,8 +134,10 @@ def token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """(positions,) log p(target | state) through the LM head (a Linear), fp32, in chunks (`TokenLogps`); its
     matmuls in the autocast dtype where autocast is on (as the head's own forward would run them)."""
     if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"the model's output embeddings are a {type(head).__name__}, not a Linear layer: "
-                        "completion log-probs need the vocabulary projection's weight")
+        raise TypeError(
+            f"the model's output embeddings are a {type(head).__name__}, not a Linear layer: "
+            "completion log-probs need the vocabulary projection's weight"
+        )
     device = states.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     return TokenLogps.apply(states, head.weight, head.bias, targets, dtype)
@@ -150,9 +158,9 @@ class TokenLogps(torch.autograd.Function):
             out = torch.empty(len(s), device=states.device, dtype=torch.float32)
             lse = torch.empty_like(out)
             for i in range(0, len(s), chunk):
-                logits = torch.nn.functional.linear(s[i:i + chunk], w, b).float()
-                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-                out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
+                logits = torch.nn.functional.linear(s[i : i + chunk], w, b).float()
+                lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
+                out[i : i + chunk] = logits.gather(1, targets[i : i + chunk, None]).squeeze(1) - lse[i : i + chunk]
         ctx.save_for_backward(states, weight, bias, targets, lse)
         ctx.dtype = dtype
         return out
@@ -169,19 +177,26 @@ class TokenLogps(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
             grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
             for i in range(0, len(s), chunk):
-                g = grad[i:i + chunk, None].float()
-                probs = torch.nn.functional.linear(s[i:i + chunk], w, b).float().sub_(lse[i:i + chunk, None]).exp_()
-                grad_logits = probs.mul_(-g).scatter_add_(1, targets[i:i + chunk, None], g).to(dtype)
+                g = grad[i : i + chunk, None].float()
+                probs = (
+                    torch.nn.functional.linear(s[i : i + chunk], w, b).float().sub_(lse[i : i + chunk, None]).exp_()
+                )
+                grad_logits = probs.mul_(-g).scatter_add_(1, targets[i : i + chunk, None], g).to(dtype)
                 if need_states:
-                    grad_states[i:i + chunk] = grad_logits @ w
+                    grad_states[i : i + chunk] = grad_logits @ w
                 if need_weight and dtype == accumulate:  # no (vocabulary × hidden) product beside the sum
-                    grad_weight.addmm_(grad_logits.t(), s[i:i + chunk])
+                    grad_weight.addmm_(grad_logits.t(), s[i : i + chunk])
                 elif need_weight:  # each chunk's bf16 product summed in fp32
-                    grad_weight.add_(grad_logits.t() @ s[i:i + chunk])
+                    grad_weight.add_(grad_logits.t() @ s[i : i + chunk])
                 if need_bias:
                     grad_bias.add_(grad_logits.sum(0))
-        return (grad_states, _cast(grad_weight, weight.dtype), _cast(grad_bias, None if bias is None else bias.dtype),
-                None, None)
+        return (
+            grad_states,
+            _cast(grad_weight, weight.dtype),
+            _cast(grad_bias, None if bias is None else bias.dtype),
+            None,
+            None,
+        )
 
 
 def _cast(tensor, dtype):
@@ -195,7 +210,7 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], batch_
     out = []
     for start in range(0, len(sequences), batch_size):
         with autocast_for(device):
-            out.append(summed_logps(model, packing.pack(sequences[start:start + batch_size], device)).cpu())
+            out.append(summed_logps(model, packing.pack(sequences[start : start + batch_size], device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

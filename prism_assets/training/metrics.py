@@ -18,8 +18,13 @@ import math
 
 import pandas as pd
 
-CURVE_METRICS = {"loss": "loss", "margin": "margin", "pref_acc": "pref_acc",
-                 "heldout_acc": "heldout_acc", "heldout_margin": "heldout_margin"}
+CURVE_METRICS = {
+    "loss": "loss",
+    "margin": "margin",
+    "pref_acc": "pref_acc",
+    "heldout_acc": "heldout_acc",
+    "heldout_margin": "heldout_margin",
+}
 TAIL_FRACTION = 0.2
 MID_WINDOW = (0.10, 0.40)
 HELDOUT_METRICS = ("heldout_acc", "heldout_margin")
@@ -57,5 +62,8 @@ def _summaries(name: str, steps: pd.Series, values: pd.Series, max_steps: int) -
     mid = values[(steps >= low) & (steps <= high)]
     if mid.empty:
         mid = values.loc[[(steps - (low + high) / 2).abs().idxmin()]]
-    return {f"final_{name}": float(values.iloc[-1]), f"mean_{name}_tail": float(tail.mean()),
-            f"mid_{name}": float(mid.mean())}
+    return {
+        f"final_{name}": float(values.iloc[-1]),
+        f"mean_{name}_tail": float(tail.mean()),
+        f"mid_{name}": float(mid.mean()),
+    }

@@ -41,14 +41,14 @@ FLASH_VARLEN, SDPA_PER_SEQUENCE = "flash varlen", "sdpa per sequence"
 class Packed:
     """S sequences in one row of N tokens; M of them are completion tokens predicted by their previous token."""
 
-    input_ids: torch.Tensor     # (1, N)
+    input_ids: torch.Tensor  # (1, N)
     position_ids: torch.Tensor  # (1, N), 0 at each sequence's first token
-    cu_seq_lens: torch.Tensor   # (S + 1,) int32: where each sequence starts, then N
-    bounds: tuple[int, ...]     # the same, on the host
-    max_length: int             # the longest sequence
-    predicting: torch.Tensor    # (M,) positions whose next token is a completion token
-    targets: torch.Tensor       # (M,) those completion tokens
-    rows: torch.Tensor          # (M,) the sequence each belongs to
+    cu_seq_lens: torch.Tensor  # (S + 1,) int32: where each sequence starts, then N
+    bounds: tuple[int, ...]  # the same, on the host
+    max_length: int  # the longest sequence
+    predicting: torch.Tensor  # (M,) positions whose next token is a completion token
+    targets: torch.Tensor  # (M,) those completion tokens
+    rows: torch.Tensor  # (M,) the sequence each belongs to
 
     @property
     def count(self) -> int:
@@ -62,11 +62,14 @@ def pack(sequences: list[tuple[list[int], list[int]]], device) -> Packed:
     if len(lengths) == 0 or (lengths == 0).any():
         raise ValueError("pack: every sequence needs at least one token")
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.fromiter(itertools.chain.from_iterable(p + c for p, c in sequences), dtype=np.int64, count=int(bounds[-1]))
+    ids = np.fromiter(
+        itertools.chain.from_iterable(p + c for p, c in sequences), dtype=np.int64, count=int(bounds[-1])
+    )
     positions = np.arange(bounds[-1]) - np.repeat(bounds[:-1], lengths)
     # Completion token at absolute index a is predicted by a − 1; a sequence's first token has no predictor.
-    completion = [np.arange(start + max(len(p), 1), start + len(p) + len(c))
-                  for start, (p, c) in zip(bounds[:-1], sequences)]
+    completion = [
+        np.arange(start + max(len(p), 1), start + len(p) + len(c)) for start, (p, c) in zip(bounds[:-1], sequences)
+    ]
     targets_at = np.concatenate(completion)
     rows = np.repeat(np.arange(len(sequences)), [len(c) for c in completion])
     tokens = torch.from_numpy(np.stack([ids, positions]))
@@ -75,15 +78,30 @@ def pack(sequences: list[tuple[list[int], list[int]]], device) -> Packed:
     if device.type == "cuda":  # pinned, so the copies neither block the host nor wait for the device
         tokens, index, cu = tokens.pin_memory(), index.pin_memory(), cu.pin_memory()
     tokens, index, cu = (t.to(device, non_blocking=True) for t in (tokens, index, cu))
-    return Packed(input_ids=tokens[0:1], position_ids=tokens[1:2], cu_seq_lens=cu, bounds=tuple(bounds.tolist()),
-                  max_length=int(lengths.max()), predicting=index[0], targets=index[1], rows=index[2])
+    return Packed(
+        input_ids=tokens[0:1],
+        position_ids=tokens[1:2],
+        cu_seq_lens=cu,
+        bounds=tuple(bounds.tolist()),
+        max_length=int(lengths.max()),
+        predicting=index[0],
+        targets=index[1],
+        rows=index[2],
+    )
 
 
 def decoder_kwargs(packed: Packed) -> dict:
     """What the decoder's forward takes for a packed row (transformers' flash-attention kwargs + host bounds)."""
-    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False,
-            "cu_seq_lens_q": packed.cu_seq_lens, "cu_seq_lens_k": packed.cu_seq_lens,
-            "max_length_q": packed.max_length, "max_length_k": packed.max_length, "packed_bounds": packed.bounds}
+    return {
+        "input_ids": packed.input_ids,
+        "position_ids": packed.position_ids,
+        "use_cache": False,
+        "cu_seq_lens_q": packed.cu_seq_lens,
+        "cu_seq_lens_k": packed.cu_seq_lens,
+        "max_length_q": packed.max_length,
+        "max_length_k": packed.max_length,
+        "packed_bounds": packed.bounds,
+    }
 
 
 @contextmanager
@@ -92,8 +110,10 @@ def attention_of(model):
     config = model.config
     sliding = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
     if sliding or getattr(config, "use_sliding_window", False):
-        raise ValueError(f"{type(model).__name__}: packed attention implements full causal attention only; "
-                         f"this model has {sorted(set(sliding)) or 'sliding-window'} layers")
+        raise ValueError(
+            f"{type(model).__name__}: packed attention implements full causal attention only; "
+            f"this model has {sorted(set(sliding)) or 'sliding-window'} layers"
+        )
     _register()
     previous = config._attn_implementation
     config._attn_implementation = PACKED_ATTENTION
@@ -109,9 +129,19 @@ def _register() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)  # a dict entry: idempotent
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     packed_bounds: tuple[int, ...] | None = None, cu_seq_lens_q=None, max_length_q: int | None = None,
-                     **kwargs):
+def packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_bounds: tuple[int, ...] | None = None,
+    cu_seq_lens_q=None,
+    max_length_q: int | None = None,
+    **kwargs,
+):
     """transformers attention function: query (1, Hq, N, D), key/value (1, Hkv, N, D) → ((1, N, Hq, D), None)."""
     if packed_bounds is None:
         raise ValueError("packed attention takes packed rows only (prism_assets.training.packing.pack)")
@@ -130,10 +160,17 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
 
 def _per_sequence(query, key, value, bounds, cu_seq_lens, max_length, scaling):
     dtype = _compute_dtype(query)
-    outputs = [F.scaled_dot_product_attention(query[:, :, s:e].to(dtype), key[:, :, s:e].to(dtype),
-                                              value[:, :, s:e].to(dtype), is_causal=True, scale=scaling,
-                                              enable_gqa=query.shape[1] != key.shape[1])
-               for s, e in zip(bounds[:-1], bounds[1:])]
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e].to(dtype),
+            key[:, :, s:e].to(dtype),
+            value[:, :, s:e].to(dtype),
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
@@ -167,7 +204,9 @@ def _flash_varlen(query, key, value, bounds, cu_seq_lens, max_length, scaling):
 
 KERNELS = {FLASH_VARLEN: _flash_varlen, SDPA_PER_SEQUENCE: _per_sequence}
 SELF_CHECK_HEADS = (8, 2, 64)  # query heads, key/value heads, head dimension: a grouped-query shape
-_CHOSEN: dict[tuple[str, torch.dtype, tuple[int, int, int]], tuple[str, str]] = {}  # (device, dtype, heads) → (kernel, why)
+_CHOSEN: dict[
+    tuple[str, torch.dtype, tuple[int, int, int]], tuple[str, str]
+] = {}  # (device, dtype, heads) → (kernel, why)
 
 
 def kernel_for(device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS) -> str:
@@ -190,8 +229,9 @@ def _choose(device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int
     return (FLASH_VARLEN if agrees else SDPA_PER_SEQUENCE), f"flash varlen {note}"
 
 
-def self_check(kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS,
-               tolerance: float = 5e-2) -> tuple[bool, str]:
+def self_check(
+    kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS, tolerance: float = 5e-2
+) -> tuple[bool, str]:
     """Does `kernel` give per-sequence causal attention's outputs and gradients on a small row of three sequences
     with these `heads` (query heads, key/value heads, head dimension) and a non-default scale? Relative to the
     largest value: two bf16 kernels differ by ~1e-2 at most, a wrong mask, scale or head grouping by O(1).
@@ -202,8 +242,10 @@ def self_check(kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_H
     bounds = (0, 5, 70, 200)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     query_heads, kv_heads, dim = heads
-    q, k, v = (torch.randn(1, n, 200, dim, device=device, dtype=dtype, generator=generator, requires_grad=True)
-               for n in (query_heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(1, n, 200, dim, device=device, dtype=dtype, generator=generator, requires_grad=True)
+        for n in (query_heads, kv_heads, kv_heads)
+    )
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         try:
             out = kernel(q, k, v, bounds, cu, 130, 0.1)
@@ -221,5 +263,8 @@ def self_check(kernel, device, dtype, heads: tuple[int, int, int] = SELF_CHECK_H
 
 def kernels_used() -> str:
     """Which kernel packed attention used on each device, dtype and head shape so far, and why (run metadata)."""
-    return "; ".join(f"{device} {str(dtype).removeprefix('torch.')} ({query_heads} heads, {kv_heads} kv, dim {dim}): "
-                     f"{kernel} — {note}" for (device, dtype, (query_heads, kv_heads, dim)), (kernel, note) in _CHOSEN.items())
+    return "; ".join(
+        f"{device} {str(dtype).removeprefix('torch.')} ({query_heads} heads, {kv_heads} kv, dim {dim}): "
+        f"{kernel} — {note}"
+        for (device, dtype, (query_heads, kv_heads, dim)), (kernel, note) in _CHOSEN.items()
+    )

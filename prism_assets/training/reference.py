@@ -29,10 +29,15 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batc
     a digest of the text they are of."""
     chosen, rejected = tokenize_pairs(tokenizer, pairs, max_length)
     values = frozen_logps(model, chosen + rejected, batch_size)
-    return pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(),
-                         REFERENCE_COLUMNS[0]: values[:len(chosen)].numpy(),
-                         REFERENCE_COLUMNS[1]: values[len(chosen):].numpy(), **token_columns(chosen, rejected),
-                         TEXT_DIGEST_COLUMN: pair_text_digests(pairs)})
+    return pd.DataFrame(
+        {
+            "pair_id": pairs["pair_id"].to_numpy(),
+            REFERENCE_COLUMNS[0]: values[: len(chosen)].numpy(),
+            REFERENCE_COLUMNS[1]: values[len(chosen) :].numpy(),
+            **token_columns(chosen, rejected),
+            TEXT_DIGEST_COLUMN: pair_text_digests(pairs),
+        }
+    )
 
 
 def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:
@@ -47,7 +52,9 @@ def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
     if use_cuda:
         model.to("cuda")
-    reporter.info(f"reference log-probs of {len(pairs)} pairs under {cfg.base_model} on {'cuda' if use_cuda else 'cpu'}")
+    reporter.info(
+        f"reference log-probs of {len(pairs)} pairs under {cfg.base_model} on {'cuda' if use_cuda else 'cpu'}"
+    )
     frame = reference_logps(model, tokenizer, pairs, cfg.max_length, cfg.batch_size)
     output = Path(cfg.output_path)
     tmp = output.with_name(f".{output.name}.tmp")
@@ -55,8 +62,14 @@ def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:
     tmp.replace(output)
     data_version = hashlib.sha256(output.read_bytes()).hexdigest()[:24]
     elapsed = time.perf_counter() - started
-    reporter.report({"num_pairs": len(frame), "runtime_s": elapsed,
-                     "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean())}, data_version)
+    reporter.report(
+        {
+            "num_pairs": len(frame),
+            "runtime_s": elapsed,
+            "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
+        },
+        data_version,
+    )
     reporter.info(f"{len(frame)} pairs in {elapsed:.1f} s → {output}")
     return frame
 

@@ -22,6 +22,7 @@ TEXT_DIGEST_COLUMN = "pair_text_digest"
 
 def pair_text_digests(pairs: pd.DataFrame) -> list[str]:
     """Per pair, a hash of what tokenizing it reads: its prompt messages' roles and contents, and both responses."""
+
     def digest(prompt, chosen: str, rejected: str) -> str:
         text = json.dumps([[[m["role"], m["content"]] for m in prompt], chosen, rejected], ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

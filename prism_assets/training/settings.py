@@ -25,12 +25,14 @@ def setting(default: Any, help: str, *, learns: bool = True, resumable: bool = F
     resumable: a checkpoint written under another value may be resumed (paths, device, cadence).
     reference: the base model's log-probs of a pair depend on it.
     """
-    return Field(default, description=help,
-                 json_schema_extra={LEARNS: learns, RESUMABLE: resumable, REFERENCE: reference})
+    return Field(
+        default, description=help, json_schema_extra={LEARNS: learns, RESUMABLE: resumable, REFERENCE: reference}
+    )
 
 
 def fields_where(model: type[BaseModel], key: str, value: bool = True) -> tuple[str, ...]:
     """The names of `model`'s fields whose metadata `key` is `value` (a field without metadata: False)."""
+
     def meta(field) -> dict:
         return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
 
@@ -43,29 +45,43 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str = setting(
-        "tiny", "'tiny' (a 2-layer Qwen2 built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a "
-        "local model directory", resumable=True, reference=True)
+        "tiny",
+        "'tiny' (a 2-layer Qwen2 built offline), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a "
+        "local model directory",
+        resumable=True,
+        reference=True,
+    )
     max_steps: int = setting(30, "optimizer steps of a run")
     batch_size: int = setting(8, "pairs per step")
     beta: float = setting(0.1, "DPO's β: the strength of the KL penalty towards the base model")
     learning_rate: float = setting(1e-3, "AdamW's peak learning rate (linear decay to 0)")
     logging_steps: int = setting(5, "a curve row (and a possible checkpoint) every N steps")
     eval_steps: int | None = setting(
-        None, "held-out evaluation every N steps, a multiple of logging_steps (none: every logged step); the "
-        "last logged step is always evaluated")
-    max_length: int = setting(256, "tokens of a prompt and response together (TRL's keep_end truncation)",
-                              reference=True)
+        None,
+        "held-out evaluation every N steps, a multiple of logging_steps (none: every logged step); the "
+        "last logged step is always evaluated",
+    )
+    max_length: int = setting(
+        256, "tokens of a prompt and response together (TRL's keep_end truncation)", reference=True
+    )
     heldout_fraction: float = setting(0.1, "share of a run's pairs (by pair_id hash) held out")
     heldout_max_pairs: int = setting(64, "at most this many held-out pairs")
     balance_groups: bool = setting(False, "both groups of a split train on the smaller group's number of pairs")
-    gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, slower)",
-                                           resumable=True)
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward (less memory, slower)", resumable=True
+    )
     checkpoint_steps: int | None = setting(
-        None, "a checkpoint every N steps, a multiple of logging_steps (a SLURM signal always checkpoints)",
-        learns=False, resumable=True)
+        None,
+        "a checkpoint every N steps, a multiple of logging_steps (a SLURM signal always checkpoints)",
+        learns=False,
+        resumable=True,
+    )
     checkpoint_minutes: float | None = setting(
-        None, "a checkpoint at the first logged step this many minutes after the last one", learns=False,
-        resumable=True)
+        None,
+        "a checkpoint at the first logged step this many minutes after the last one",
+        learns=False,
+        resumable=True,
+    )
     device: str = setting("auto", "'auto', 'cpu' or 'cuda'", learns=False, resumable=True)
 
     def training_values(self) -> dict[str, Any]:
@@ -76,8 +92,17 @@ class TrainingSettings(BaseModel):
 # `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
 RECIPES: dict[str, TrainingSettings] = {
     "tiny": TrainingSettings(),
-    "original": TrainingSettings(max_steps=2000, batch_size=8, beta=0.1, learning_rate=5e-6, logging_steps=25,
-                                 eval_steps=100, max_length=1024, heldout_max_pairs=256, checkpoint_minutes=10),
+    "original": TrainingSettings(
+        max_steps=2000,
+        batch_size=8,
+        beta=0.1,
+        learning_rate=5e-6,
+        logging_steps=25,
+        eval_steps=100,
+        max_length=1024,
+        heldout_max_pairs=256,
+        checkpoint_minutes=10,
+    ),
 }
 
 
@@ -85,7 +110,11 @@ def step_problem(settings: TrainingSettings) -> str | None:
     """What is wrong with the step intervals of `settings`, or None. Checkpoints and held-out evaluations happen
     on logged steps only, so a resumed run logs and evaluates exactly as an uninterrupted one. A checkpoint
     interval of 0 or None: no periodic checkpoints."""
-    logging_steps, checkpoint_steps, eval_steps = settings.logging_steps, settings.checkpoint_steps, settings.eval_steps
+    logging_steps, checkpoint_steps, eval_steps = (
+        settings.logging_steps,
+        settings.checkpoint_steps,
+        settings.eval_steps,
+    )
     minutes = settings.checkpoint_minutes
     if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
         return f"checkpoint_minutes {minutes:g} must be a finite number of minutes, not negative"
@@ -102,6 +131,7 @@ def step_problem(settings: TrainingSettings) -> str | None:
 
 def validation_problems(error: ValidationError) -> str:
     """A pydantic error as one line a user can act on: each field, what was wrong with it and the value."""
+
     def problem(e) -> str:
         field = ".".join(map(str, e["loc"]))
         if e["type"] == "extra_forbidden":
@@ -141,8 +171,7 @@ class RunConfig(JobConfig, TrainingSettings):
     seed: int = setting(..., "the run's seed: its batches, sampling and initialisation")
     user_ids: list[str] | None = setting(None, "train on these users' pairs only (none: every pair in the file)")
     max_train_pairs: int | None = setting(None, "train on at most this many pairs (balance_groups)")
-    keep_checkpoints: bool = setting(False, "keep the checkpoints after a finished run", learns=False,
-                                     resumable=True)
+    keep_checkpoints: bool = setting(False, "keep the checkpoints after a finished run", learns=False, resumable=True)
     label: dict = setting({}, "cell / split / group / seed, for humans", learns=False, resumable=True)
 
     @model_validator(mode="after")

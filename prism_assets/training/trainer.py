@@ -51,9 +51,15 @@ from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_files import CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, split_heldout  # noqa: E402
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
-TRL_LOG_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "pref_acc",
-                   "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
-                   "grad_norm": "grad_norm", "learning_rate": "learning_rate"}
+TRL_LOG_COLUMNS = {
+    "loss": "loss",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "pref_acc",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "grad_norm": "grad_norm",
+    "learning_rate": "learning_rate",
+}
 
 
 REQUEUE_EXIT_CODE = 99
@@ -86,8 +92,11 @@ def peak_memory(use_cuda: bool) -> dict:
 
 def complete_checkpoints(directory: Path) -> list[Path]:
     """The checkpoints written completely (training state and curve both present), newest first."""
-    complete = [p for p in directory.glob("checkpoint-*")
-                if (p / CHECKPOINT_STATE).exists() and (p / CHECKPOINT_CURVE).exists()]
+    complete = [
+        p
+        for p in directory.glob("checkpoint-*")
+        if (p / CHECKPOINT_STATE).exists() and (p / CHECKPOINT_CURVE).exists()
+    ]
     return sorted(complete, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
 
 
@@ -100,28 +109,38 @@ def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter)
             state = torch.load(candidate / CHECKPOINT_STATE, map_location=device, weights_only=True)
             rows = json.loads((candidate / CHECKPOINT_CURVE).read_text())
         except Exception as error:  # any unreadable file: the checkpoint before it may be whole
-            reporter.info(f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
-                          "trying the checkpoint before it")
+            reporter.info(
+                f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                "trying the checkpoint before it"
+            )
             continue
         ours, theirs = cfg.trajectory(), state["trajectory"]
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         if changed:
-            raise ValueError(f"{candidate} was written by a run with other settings: " +
-                             ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in changed) +
-                             f"; delete {directory} to start this run over")
+            raise ValueError(
+                f"{candidate} was written by a run with other settings: "
+                + ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in changed)
+                + f"; delete {directory} to start this run over"
+            )
         return candidate, state, rows
     return None
 
 
-def save_checkpoint(directory: Path, step: int, cfg: RunConfig, model, optimizer, schedule, rows: list[dict],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: Path, step: int, cfg: RunConfig, model, optimizer, schedule, rows: list[dict], keep: int = 2
+) -> Path:
     """Model, optimizer and schedule state, the run's settings and the curve so far; the curve is written last
     (completeness mark). Keeps the newest `keep` complete checkpoints and removes the rest, incomplete ones of an
     earlier attempt included."""
     target = directory / f"checkpoint-{step}"
     target.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "trajectory": cfg.trajectory()}
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "trajectory": cfg.trajectory(),
+    }
     write_atomic(target / CHECKPOINT_STATE, lambda file: torch.save(state, file))  # 5.5 GB at 0.5B: no copy in memory
     write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
     kept = set(complete_checkpoints(directory)[:keep])
@@ -134,8 +153,10 @@ def save_checkpoint(directory: Path, step: int, cfg: RunConfig, model, optimizer
 def checkpoint_due(cfg: RunConfig, step: int, last_checkpoint: float) -> bool:
     """A periodic checkpoint at logged step `step`: every `checkpoint_steps`, or `checkpoint_minutes` after the last
     (a checkpoint of the 0.5B model with its optimizer is 5.5 GB: its cost is fixed in seconds, not steps)."""
-    return bool((cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0) or
-                (cfg.checkpoint_minutes and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes))
+    return bool(
+        (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)
+        or (cfg.checkpoint_minutes and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes)
+    )
 
 
 def write_atomic(path: Path, data: bytes | Callable[[Path], None]) -> None:
@@ -171,8 +192,10 @@ def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         # (seeded) so that only they are tokenized; the trainer then shuffles them with the same seed.
         train = train.sample(n=consumed, random_state=cfg.seed).reset_index(drop=True)
     if len(train) < cfg.batch_size or heldout.empty:
-        raise ValueError(f"{cfg.pairs_path}: {len(train)} training and {len(heldout)} held-out pairs are too few "
-                         f"(batch size {cfg.batch_size})")
+        raise ValueError(
+            f"{cfg.pairs_path}: {len(train)} training and {len(heldout)} held-out pairs are too few "
+            f"(batch size {cfg.batch_size})"
+        )
     return train, heldout
 
 
@@ -189,26 +212,31 @@ class HeldoutEvaluator:
         self.beta = cfg.beta
         self.chosen, self.rejected, _ = sequences_of(tokenizer, heldout, cfg.max_length)
         if set(REFERENCE_COLUMNS) <= set(heldout.columns):
-            self.ref_chosen, self.ref_rejected = (torch.tensor(heldout[c].to_numpy(), dtype=torch.float32)
-                                                  for c in REFERENCE_COLUMNS)
+            self.ref_chosen, self.ref_rejected = (
+                torch.tensor(heldout[c].to_numpy(), dtype=torch.float32) for c in REFERENCE_COLUMNS
+            )
         else:
             self.ref_chosen, self.ref_rejected = self._policy_logps(model)
 
     def _policy_logps(self, model):
         values = frozen_logps(model, self.chosen + self.rejected)
-        return values[:len(self.chosen)], values[len(self.chosen):]
+        return values[: len(self.chosen)], values[len(self.chosen) :]
 
     def evaluate(self, model) -> dict:
         chosen, rejected = self._policy_logps(model)
         margin = self.beta * ((chosen - self.ref_chosen) - (rejected - self.ref_rejected))
         accuracy, n = float((margin > 0).float().mean()), len(margin)
-        return {"heldout_acc": accuracy, "heldout_margin": float(margin.mean()),
-                "heldout_acc_se": math.sqrt(accuracy * (1 - accuracy) / n),
-                "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0}
+        return {
+            "heldout_acc": accuracy,
+            "heldout_margin": float(margin.mean()),
+            "heldout_acc_se": math.sqrt(accuracy * (1 - accuracy) / n),
+            "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0,
+        }
 
 
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
-    """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint (None)."""
+    """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint
+    (None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     started = time.perf_counter()
@@ -225,22 +253,41 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    write_atomic(out / RUN_CONFIG_FILE, json.dumps({
-        **cfg.model_dump(), "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout),
-        "device": "cuda" if use_cuda else "cpu", "torch": torch.__version__,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }, indent=2).encode())
-    reporter.info(f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
-                  f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}")
+    write_atomic(
+        out / RUN_CONFIG_FILE,
+        json.dumps(
+            {
+                **cfg.model_dump(),
+                "num_train_pairs": len(train_pairs),
+                "num_heldout_pairs": len(heldout),
+                "device": "cuda" if use_cuda else "cpu",
+                "torch": torch.__version__,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            },
+            indent=2,
+        ).encode(),
+    )
+    reporter.info(
+        f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
+        f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}"
+    )
 
     chosen, rejected, stored = sequences_of(tokenizer, train_pairs, cfg.max_length)
     refs = [train_pairs[c].to_numpy() for c in REFERENCE_COLUMNS] if precomputed else None
-    reporter.info("reference log-probs: " + ("precomputed (reference_logps)" if precomputed else
-                                             "computed here from the base model (the pairs carry none)") +
-                  "; token ids: " + ("stored by reference_logps" if stored else "tokenized here"))
+    reporter.info(
+        "reference log-probs: "
+        + (
+            "precomputed (reference_logps)"
+            if precomputed
+            else "computed here from the base model (the pairs carry none)"
+        )
+        + "; token ids: "
+        + ("stored by reference_logps" if stored else "tokenized here")
+    )
     if refs is None:  # the model is still the base model here
         values = frozen_logps(model, chosen + rejected).numpy()
-        refs = [values[:len(chosen)], values[len(chosen):]]
+        refs = [values[: len(chosen)], values[len(chosen) :]]
     if cfg.gradient_checkpointing:  # less activation memory for a second forward pass in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
@@ -262,33 +309,50 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     last_checkpoint = time.monotonic()
     while step < cfg.max_steps:
         batch_rows = engine.batch_indices(len(train_pairs), cfg.batch_size, cfg.seed, step)
-        batch = engine.collate([chosen[i] for i in batch_rows], [rejected[i] for i in batch_rows],
-                               refs[0][batch_rows], refs[1][batch_rows], device)
+        batch = engine.collate(
+            [chosen[i] for i in batch_rows],
+            [rejected[i] for i in batch_rows],
+            refs[0][batch_rows],
+            refs[1][batch_rows],
+            device,
+        )
         window.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
         step += 1
         if step % cfg.logging_steps:
             continue
         # A logged row averages the window (as TRL logs), grad norm and learning rate are the last step's.
         window = engine.read_metrics(window)  # the only wait for the device between logging steps
-        row = {"step": step, **{TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in window) / len(window))
-                                for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
-                                          "rewards/rejected")},
-               "grad_norm": window[-1]["grad_norm"], "learning_rate": window[-1]["learning_rate"]}
+        row = {
+            "step": step,
+            **{
+                TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in window) / len(window))
+                for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+            },
+            "grad_norm": window[-1]["grad_norm"],
+            "learning_rate": window[-1]["learning_rate"],
+        }
         window = []
         evaluated = cfg.evaluates_at(step)
         row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
         row[EVALUATED] = evaluated
         rows.append(row)
-        reporter.info(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}" +
-                      (f" heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}"
-                       if evaluated else ""))
+        reporter.info(
+            f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}"
+            + (
+                f" heldout_acc {row['heldout_acc']:.3f} heldout_margin {row['heldout_margin']:.4f}"
+                if evaluated
+                else ""
+            )
+        )
         # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
         if stop.signal is not None or (not cfg.last_logged(step) and checkpoint_due(cfg, step, last_checkpoint)):
             save_checkpoint(checkpoints, step, cfg, model, optimizer, schedule, rows)
             last_checkpoint = time.monotonic()
         if stop.signal is not None:
-            reporter.info(f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step {step}; "
-                          f"exiting with {stop.exit_code()}")
+            reporter.info(
+                f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step {step}; "
+                f"exiting with {stop.exit_code()}"
+            )
             return None
 
     curve = pd.DataFrame(rows)
@@ -299,9 +363,14 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     usage = {**peak_memory(use_cuda), "attention_kernel": packing.kernels_used()}
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
     write_atomic(out / CURVE_FILE, curve_data)
-    write_atomic(out / METRICS_FILE, json.dumps(
-        # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
-        {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage}, indent=2).encode())
+    write_atomic(
+        out / METRICS_FILE,
+        json.dumps(
+            # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
+            {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage},
+            indent=2,
+        ).encode(),
+    )
     if not cfg.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     reporter.report({k: v for k, v in {**metrics, **usage}.items() if v is not None}, data_version)
