@@ -5,16 +5,17 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/storage
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast ui install benchmark slurm-up slurm-down
+.PHONY: run test test-fast lint ui install benchmark slurm-up slurm-down constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and pinned: a loose torch requirement resolved by pip may pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Everything else at the versions the tests passed with (constraints.txt).
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,15 +31,26 @@ run: install storage/dagster.yaml
 # browser); as root all are installed and the cluster started, elsewhere install them yourself
 # (make slurm-up) or run `make test-fast`.
 DEBIAN_TEST_PACKAGES := openssh-server chromium fonts-dejavu-core
-test: install storage/dagster.yaml
+test: lint storage/dagster.yaml
 	@if [ "$$(id -u)" = 0 ]; then \
 	  [ -x /usr/sbin/sshd ] && [ -x /usr/bin/chromium ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(DEBIAN_TEST_PACKAGES) >/dev/null); \
 	  SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh; fi
 	PRISM_REQUIRE_SLURM=1 PRISM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
-test-fast: install storage/dagster.yaml
+test-fast: lint storage/dagster.yaml
 	$(BIN)/python -m pytest -m 'not slow and not slurm'
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; `make test` runs them before the suite.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# After upgrading a dependency and seeing the tests pass: pin what is installed.
+constraints: install
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
+	mv constraints.new constraints.txt
 
 slurm-up:
 	SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh

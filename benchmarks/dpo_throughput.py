@@ -74,7 +74,7 @@ def qwen05_directory(directory: Path) -> Path:
         num_attention_heads=14,
         num_key_value_heads=2,
         max_position_embeddings=32768,
-        rope_theta=1000000.0,
+        rope_theta=1000000.0,  # type: ignore[call-arg]  # accepted at runtime (into rope_parameters), not typed
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=None,
@@ -148,7 +148,8 @@ def measure(
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    # transformers' @wraps(Module.to) hides the bound self from mypy: hence the ignore
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
 
     class Clock(TrainerCallback):
         """The time at the end of the warm-up and at the end of the last step, the device drained at both (and
@@ -164,7 +165,8 @@ def measure(
                     self.peak_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 self.ticks.append(time.perf_counter())
 
-    clock, result = Clock(), {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    clock = Clock()
+    result: dict[str, object] = {"variant": variant, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     cfg = RunConfig(
         base_model=str(model_dir),
         pairs_path="-",

@@ -85,6 +85,7 @@ def timed(variant: str, positions: int, repeat: int, device: str) -> dict:
     peak = (
         torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ) - base
+    assert result is not None  # repeat ≥ 1
     values, state_grads, weight_grads = (t.float().cpu() for t in result)
     rows = torch.cat([targets.cpu()[:500], torch.arange(0, VOCAB, 151)])  # target rows and others, to compare
     return {

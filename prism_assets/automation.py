@@ -20,7 +20,9 @@ correspondence_table) and three instigators, all stopped unless turned on (in th
 """
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -59,7 +61,9 @@ def in_flight(instance: dg.DagsterInstance, asset: dg.AssetKey) -> list[dg.Dagst
     return [run for run in runs if asset in (run.asset_selection or set())]
 
 
-def missing_partitions(instance: dg.DagsterInstance, cells: list[str], seeds: list[str]) -> list[tuple[str, str]]:
+def missing_partitions(
+    instance: dg.DagsterInstance, cells: Sequence[str], seeds: Sequence[str]
+) -> list[tuple[str, str]]:
     """(cell, seed) pairs of group_dpo_run neither materialized nor in a queued or running run."""
     done = instance.get_materialized_partitions(DPO_ASSET)
     busy = {run.tags.get("dagster/partition") for run in in_flight(instance, DPO_ASSET)}
@@ -79,7 +83,7 @@ def run_requests(pairs: list[tuple[str, str]], suffix: str = "", **tags: str) ->
     ]
 
 
-def next_seeds(existing: list[str], count: int) -> list[str]:
+def next_seeds(existing: Sequence[str], count: int) -> list[str]:
     start = max((int(s) for s in existing), default=-1) + 1
     return [partitions.seed_key(s) for s in range(start, start + count)]
 
@@ -136,7 +140,7 @@ def build_new_cells_sensor(running: bool = False, interval_s: int = 60) -> dg.Se
         description="Requests the missing DPO partitions (every seed) of split cells not seen before.",
     )
     def new_cells(context: dg.SensorEvaluationContext):
-        state = json.loads(context.cursor) if context.cursor else {"cells": [], "generation": 0}
+        state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {"cells": [], "generation": 0}
         instance = context.instance
         cells = instance.get_dynamic_partitions(partitions.CELL)
         new = [cell for cell in cells if cell not in set(state["cells"])]

@@ -40,7 +40,7 @@ def settings_from_env(
     `lists` maps a list-valued field to how its one string is split. A variable with the prefix that names no
     field is an error (a typo must not be silently ignored), except those in `ignore`.
     """
-    values = {}
+    values: dict[str, typing.Any] = {}
     for key, raw in os.environ.items():
         if not key.startswith(prefix) or key in ignore:
             continue
@@ -51,6 +51,7 @@ def settings_from_env(
                 f"settings: {', '.join(sorted(settings.model_fields))}"
             )
         annotation = settings.model_fields[name].annotation
+        assert annotation is not None  # pydantic gives every field an annotation
         if not raw.strip() and type(None) in typing.get_args(annotation):  # DPO_EVAL_STEPS= : back to None
             values[name] = None
             continue
@@ -62,6 +63,10 @@ def settings_from_env(
     return values
 
 
+@typing.overload
+def int_from_env(name: str, default: int) -> int: ...
+@typing.overload
+def int_from_env(name: str, default: None) -> int | None: ...
 def int_from_env(name: str, default: int | None) -> int | None:
     """An integer variable (unset or empty: `default`); any other text is an error naming the variable."""
     raw = os.environ.get(name, "").strip()

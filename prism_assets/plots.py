@@ -34,7 +34,8 @@ def markdown_image(png: bytes, alt: str) -> str:
 def score_gap_histogram(score_gap: pd.Series, boundaries: list[float]) -> bytes:
     """Pairs by score gap (1..99), with the boundaries between the ordered logit's four outcome bins."""
     figure, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist(score_gap, bins=np.arange(0.5, max(100, int(score_gap.max()) + 1) + 0.5, 1), color="tab:gray")
+    bins = np.arange(0.5, max(100, int(score_gap.max()) + 1) + 0.5, 1)
+    ax.hist(score_gap, bins=bins, color="tab:gray")  # type: ignore[arg-type]  # stubs omit arrays, which hist takes
     for k, boundary in enumerate(boundaries, start=1):
         ax.axvline(boundary + 0.5, color="tab:red", linestyle="--", linewidth=1)
         ax.annotate(

@@ -56,7 +56,7 @@ def _is_logic(name: str) -> bool:
 
 def _imported_modules(source: str) -> set[str]:
     """Module names an import statement anywhere in the source refers to (`from p import m` → p and p.m)."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)

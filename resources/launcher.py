@@ -29,7 +29,7 @@ def tail(path: Path, lines: int = 30) -> str:
 class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
     """Base of the launchers: a Pipes session on files in the run directory around `execute`."""
 
-    def run(
+    def run(  # type: ignore[override]  # needs command and run_dir, beyond PipesClient.run's context and extras
         self,
         *,
         context: dg.AssetExecutionContext,

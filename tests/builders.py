@@ -9,7 +9,7 @@ from prism_assets.dataset import schema
 
 
 def survey_row(user_id: str, **overrides) -> dict:
-    row = {
+    row: dict = {
         "user_id": user_id,
         "survey_only": False,
         "num_completed_conversations": 1,

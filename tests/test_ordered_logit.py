@@ -83,7 +83,9 @@ def test_unknown_covariate_is_named(full_synthetic_dir):
         cluster_robust_ordered_logit(pairs, tables.survey, CovariateSpec(continuous=("stated_prefs_astrology",)))
 
 
-def _users_and_pairs(levels: np.ndarray, effect: dict, seed: int = 0, without_pairs: set = frozenset()):
+def _users_and_pairs(
+    levels: np.ndarray, effect: dict, seed: int = 0, without_pairs: set[str] | frozenset[str] = frozenset()
+):
     """A survey of users with covariate `level` (and `x`), and pairs whose gap grows with the level's effect."""
     rng = np.random.default_rng(seed)
     users = pd.DataFrame(

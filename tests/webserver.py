@@ -40,6 +40,7 @@ def serve(code_dir: Path, env: dict[str, str]):
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     proc.kill()
+                    assert proc.stdout is not None  # stdout=subprocess.PIPE
                     raise RuntimeError(
                         f"dagster-webserver did not come up: {proc.stdout.read().decode()[-3000:]}"
                     ) from None

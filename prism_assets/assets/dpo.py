@@ -91,6 +91,7 @@ def group_pairs(pairs: pd.DataFrame, splits: dict, split: str | None, group: str
     """The pairs of one cell: all pairs for the baseline, else the pairs of the group's users."""
     if split is None:
         return pairs
+    assert group is not None  # parse_cell gives a group with every split
     return pairs[pairs["user_id"].isin(set(group_users(splits, split, group)))]
 
 
@@ -100,6 +101,7 @@ def membership_digest(splits: dict, split: str | None, group: str | None) -> str
     (another preset, α or fit)."""
     if split is None:
         return None
+    assert group is not None  # parse_cell gives a group with every split
     users = sorted(group_users(splits, split, group).astype(str))
     return hashlib.sha256("\n".join(users).encode()).hexdigest()[:16]
 
@@ -314,12 +316,13 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
         run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve())
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
-        balance = dpo_settings.balance_groups and split is not None
         config = run_config(
             dpo_settings,
             cell,
             seed,
-            balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings) if balance else None,
+            balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings)
+            if dpo_settings.balance_groups and split is not None
+            else None,
         )
         config_path = run_dir / "config.json"
         config_path.write_text(config.model_dump_json(indent=2))

@@ -66,7 +66,7 @@ def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
         elif item.get("role") == "model" and item.get("if_chosen"):
             chosen[item["turn"]] = _response_text(item["content"])
     prompts: dict[int, list[dict] | None] = {}
-    messages: list[dict] = []
+    messages: list[dict] | None = []
     for turn in sorted(users):
         prompts[turn] = None if messages is None else [*messages, {"role": "user", "content": users[turn]}]
         if messages is not None and turn in chosen:

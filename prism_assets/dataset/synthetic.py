@@ -405,8 +405,7 @@ def _chosen_flags(rng: random.Random, scores: list[int]) -> list[bool]:
 
 def generate(cfg: SyntheticConfig) -> tuple[dict[str, list[dict]], dict]:
     """Rows of the three tables and the planted truth."""
-    rng = np.random.default_rng(cfg.seed)
-    survey = _survey_rows(rng, cfg)
+    survey = _survey_rows(np.random.default_rng(cfg.seed), cfg)
     rng = random.Random(cfg.seed)  # scalar draws below: the stdlib generator is ~10x faster per call
     ctypes, ctype_weights = list(CONVERSATION_TYPE_COUNTS), list(CONVERSATION_TYPE_COUNTS.values())
     taste = cfg.taste

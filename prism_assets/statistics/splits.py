@@ -116,7 +116,7 @@ def splits_from_fit(
     alpha: float,
 ) -> list[SplitMembership]:
     """One split per covariate with a term at p < alpha (rule in the module docstring), then the null control."""
-    splits = []
+    splits: list[SplitMembership] = []
     for variable, terms in coefficients.groupby("variable", sort=False):
         significant = terms[terms["p"] < alpha]
         if significant.empty:

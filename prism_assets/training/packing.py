@@ -28,6 +28,7 @@ import inspect
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -212,7 +213,7 @@ _CHOSEN: dict[
 def kernel_for(device: torch.device, dtype: torch.dtype, heads: tuple[int, int, int] = SELF_CHECK_HEADS) -> str:
     """The attention kernel packed rows use on this device, in this dtype, for `heads` (query heads, key/value heads,
     head dimension); decided once (see the module doc)."""
-    key = (str(device), dtype, tuple(heads))
+    key = (str(device), dtype, cast(tuple[int, int, int], tuple(heads)))
     if key not in _CHOSEN:
         _CHOSEN[key] = _choose(device, dtype, key[2])
     return _CHOSEN[key][0]

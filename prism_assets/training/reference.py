@@ -51,7 +51,7 @@ def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
     if use_cuda:
-        model.to("cuda")
+        model.to("cuda")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
     reporter.info(
         f"reference log-probs of {len(pairs)} pairs under {cfg.base_model} on {'cuda' if use_cuda else 'cpu'}"
     )

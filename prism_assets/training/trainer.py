@@ -78,6 +78,7 @@ class StopRequest:
         self.signal = signum
 
     def exit_code(self) -> int:
+        assert self.signal is not None  # called once a signal has arrived
         return REQUEUE_EXIT_CODE if self.signal == signal.SIGUSR1 else 128 + int(self.signal)
 
 
@@ -249,7 +250,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
     if use_cuda:
-        model.to("cuda")
+        model.to("cuda")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
@@ -305,7 +306,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         reporter.info(f"resuming from {resume_from} at step {step} ({len(rows)} logged steps so far)")
 
     model.train()
-    window: list[dict] = []
+    window: list[engine.Step] = []
     last_checkpoint = time.monotonic()
     while step < cfg.max_steps:
         batch_rows = engine.batch_indices(len(train_pairs), cfg.batch_size, cfg.seed, step)
@@ -321,15 +322,15 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         if step % cfg.logging_steps:
             continue
         # A logged row averages the window (as TRL logs), grad norm and learning rate are the last step's.
-        window = engine.read_metrics(window)  # the only wait for the device between logging steps
+        logged = engine.read_metrics(window)  # the only wait for the device between logging steps
         row = {
             "step": step,
             **{
-                TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in window) / len(window))
+                TRL_LOG_COLUMNS[k]: float(sum(w[k] for w in logged) / len(logged))
                 for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
             },
-            "grad_norm": window[-1]["grad_norm"],
-            "learning_rate": window[-1]["learning_rate"],
+            "grad_norm": logged[-1]["grad_norm"],
+            "learning_rate": logged[-1]["learning_rate"],
         }
         window = []
         evaluated = cfg.evaluates_at(step)
