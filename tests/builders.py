@@ -1,8 +1,11 @@
-"""Hand-built PRISM rows in the real schema, for tests that need to know every row."""
+"""Shared test helpers: hand-built PRISM rows in the real schema, and running a job-side module on a config."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from prism_assets.dataset import schema
@@ -125,3 +128,19 @@ def write_prism(directory: Path, survey: list[dict], conversations: list[dict], 
     for name, rows in (("survey", survey), ("conversations", conversations), ("utterances", utterances)):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory
+
+
+def run_job(directory: Path, name: str, module: str = "prism_assets.training.trainer", **config) -> str:
+    """Run a job module (the trainer, the reference precompute) on `config` written to <directory>/<name>.json, on
+    one torch thread; it must succeed. Returns what it printed."""
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr

@@ -84,7 +84,8 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     logs = "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
     assert "step 6/6" in logs
     # the run reads the base model's log-probs and token ids from reference_logps: no reference model, no tokenizing
-    assert "reference log-probs: precomputed (reference_logps); token ids: stored by reference_logps" in logs
+    ran = json.loads((run_dir / "run.json").read_text())
+    assert (ran["reference_logps"], ran["token_ids"]) == ("precomputed", "stored")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
 

@@ -2,13 +2,12 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import run_job
 
 from prism_assets.training.logps import messages, sequences_of, token_columns, tokenize_pairs
 from prism_assets.training.reference import reference_logps
@@ -97,22 +96,10 @@ def test_stored_token_ids_are_read_back_and_refused_when_another_max_length_made
         sequences_of(tokenizer, missing, 96)
 
 
-def _run(tmp_path, name, module="prism_assets.training.trainer", **config):
-    (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    done = subprocess.run(
-        [sys.executable, "-m", module, "--config", str(tmp_path / f"{name}.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_model_dir, pairs, tmp_path):
     plain = tmp_path / "plain.parquet"
     pairs.to_parquet(plain, index=False)
-    _run(
+    run_job(
         tmp_path,
         "reference",
         module="prism_assets.training.reference",
@@ -134,12 +121,11 @@ def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_
         "heldout_max_pairs": 8,
         "batch_size": 4,
     }
-    logs = {
-        name: _run(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name), **common)
-        for name, path in (("live", plain), ("fed", fed))
-    }
-    assert "precomputed (reference_logps); token ids: stored by reference_logps" in logs["fed"]
-    assert "computed here from the base model (the pairs carry none); token ids: tokenized here" in logs["live"]
+    for name, path in (("live", plain), ("fed", fed)):
+        run_job(tmp_path, name, pairs_path=str(path), output_dir=str(tmp_path / name), **common)
+    ran = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in ("live", "fed")}
+    assert (ran["fed"]["reference_logps"], ran["fed"]["token_ids"]) == ("precomputed", "stored")
+    assert (ran["live"]["reference_logps"], ran["live"]["token_ids"]) == ("computed", "tokenized")
     assert set(TOKEN_COLUMNS) <= set(pd.read_parquet(fed).columns)
     live, fed_curve = (pd.read_parquet(tmp_path / name / "curve.parquet") for name in ("live", "fed"))
     assert list(fed_curve["step"]) == [2, 4]

@@ -7,6 +7,7 @@ import sys
 
 import pandas as pd
 import pytest
+from builders import run_job
 
 from prism_assets.training.metrics import summarize_curve
 from prism_assets.training.run_files import split_heldout
@@ -15,31 +16,20 @@ from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
 from prism_assets.training.trainer import HeldoutEvaluator
 
 
-def _train(tmp_path, name, model, pairs, log=False, **overrides):
-    """The trainer's output directory (or, with `log`, what it printed) after a run with these settings."""
+def _train(tmp_path, name, model, pairs, **overrides):
+    """The trainer's output directory after a run with these settings."""
     out = tmp_path / name
-    config = {
-        "base_model": str(model),
-        "pairs_path": str(pairs),
-        "output_dir": str(out),
-        "seed": 0,
-        "max_steps": 6,
-        "logging_steps": 2,
-        "learning_rate": 1e-3,
-        "max_length": 128,
-        "heldout_max_pairs": 16,
-        **overrides,
-    }
-    (tmp_path / f"{name}.json").write_text(json.dumps(config))
-    done = subprocess.run(
-        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / f"{name}.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    run_job(
+        tmp_path,
+        name,
+        base_model=str(model),
+        pairs_path=str(pairs),
+        output_dir=str(out),
+        seed=0,
+        **{"max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128, "heldout_max_pairs": 16}
+        | overrides,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout + done.stderr if log else out
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +134,9 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(first_run
     (out / "trainer" / "checkpoint-8").mkdir()
     for name in ("curve.parquet", "metrics.json"):
         (out / name).unlink()
-    log = _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, log=True, **settings)
-    assert "checkpoint-6 cannot be read" in log and "trying the checkpoint before it" in log
-    assert "resuming from" in log and "at step 4 (2 logged steps so far)" in log
+    _train(tmp_path, "resume", tiny_model_dir, small_pairs_path, **settings)
+    ran = json.loads((out / "run.json").read_text())
+    assert ran["unreadable_checkpoints"] == ["checkpoint-6"] and ran["resumed_at_step"] == 4
     pd.testing.assert_frame_equal(pd.read_parquet(out / "curve.parquet"), uninterrupted)
     # The two newest whole checkpoints are kept; the unfinished one does not push out the older whole one.
     assert sorted(p.name for p in (out / "trainer").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
@@ -244,6 +234,6 @@ def test_on_cuda_the_trainer_trains_the_cpu_run_in_bf16_and_resumes(first_run, t
     shutil.rmtree(run / "trainer" / "checkpoint-4")
     for name in ("curve.parquet", "metrics.json"):
         (run / name).unlink()
-    log = _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, log=True, **settings)
-    assert "at step 2 (1 logged steps so far)" in log
+    _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, **settings)
+    assert json.loads((run / "run.json").read_text())["resumed_at_step"] == 2
     pd.testing.assert_frame_equal(pd.read_parquet(run / "curve.parquet"), curve, rtol=1e-2, atol=1e-3)

@@ -101,10 +101,12 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(complete, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
 
 
-def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter) -> tuple[Path, dict, list] | None:
+def load_checkpoint(
+    directory: Path, cfg: RunConfig, device, reporter: Reporter, unreadable: list[str]
+) -> tuple[Path, dict, list] | None:
     """(checkpoint, state, curve rows) of the newest readable checkpoint in `directory`, or None to start at step 0.
-    One that cannot be read (a node that died while the file system still held it in part) is reported and the
-    next older tried; one written under other settings is an error naming them."""
+    One that cannot be read (a node that died while the file system still held it in part) is reported, added to
+    `unreadable`, and the next older tried; one written under other settings is an error naming them."""
     for candidate in complete_checkpoints(directory):
         try:
             state = torch.load(candidate / CHECKPOINT_STATE, map_location=device, weights_only=True)
@@ -114,6 +116,7 @@ def load_checkpoint(directory: Path, cfg: RunConfig, device, reporter: Reporter)
                 f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
                 "trying the checkpoint before it"
             )
+            unreadable.append(candidate.name)
             continue
         ours, theirs = cfg.trajectory(), state["trajectory"]
         changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
@@ -254,21 +257,6 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
     precomputed = set(REFERENCE_COLUMNS) <= set(train_pairs.columns)
-    write_atomic(
-        out / RUN_CONFIG_FILE,
-        json.dumps(
-            {
-                **cfg.model_dump(),
-                "num_train_pairs": len(train_pairs),
-                "num_heldout_pairs": len(heldout),
-                "device": "cuda" if use_cuda else "cpu",
-                "torch": torch.__version__,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            },
-            indent=2,
-        ).encode(),
-    )
     reporter.info(
         f"DPO {cfg.label or ''}: {len(train_pairs)} train / {len(heldout)} held-out pairs, "
         f"{cfg.max_steps} steps on {'cuda' if use_cuda else 'cpu'}"
@@ -294,7 +282,8 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
 
     checkpoints = out / "trainer"
-    resumed = load_checkpoint(checkpoints, cfg, device, reporter)
+    unreadable: list[str] = []
+    resumed = load_checkpoint(checkpoints, cfg, device, reporter, unreadable)
     rows: list[dict] = []
     step = 0
     if resumed:
@@ -304,6 +293,26 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         schedule.load_state_dict(state["schedule"])
         step = state["step"]
         reporter.info(f"resuming from {resume_from} at step {step} ({len(rows)} logged steps so far)")
+    # What this attempt ran with and started from: the record tests and people read, not the log.
+    write_atomic(
+        out / RUN_CONFIG_FILE,
+        json.dumps(
+            {
+                **cfg.model_dump(),
+                "num_train_pairs": len(train_pairs),
+                "num_heldout_pairs": len(heldout),
+                "device": "cuda" if use_cuda else "cpu",
+                "torch": torch.__version__,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "reference_logps": "precomputed" if precomputed else "computed",
+                "token_ids": "stored" if stored else "tokenized",
+                "resumed_at_step": step if resumed else None,
+                "unreadable_checkpoints": unreadable,
+            },
+            indent=2,
+        ).encode(),
+    )
 
     model.train()
     window: list[engine.Step] = []
