@@ -1,22 +1,10 @@
 """Automation: more seeds on a schedule, runs for new split cells, and the report once runs are done.
 
-Owns the jobs the automation launches (`dpo_runs`: group_dpo_run partitions; `correspondence_report`:
-correspondence_table) and three instigators, all stopped unless turned on (in the UI, with
-`dagster schedule|sensor start NAME`, or for a whole deployment with PRISM_AUTOMATION=running):
-
-- `add_seeds` (schedule, cron configurable): each tick adds the next N seeds to the `seed` dimension
-  and requests every group_dpo_run partition that is neither materialized nor already in flight, for
-  every cell and every seed (so it also refills partitions that failed). Which seeds a tick added is
-  kept in the instance's key-value store under the tick's scheduled time: a tick evaluated again
-  (Dagster's failure recovery) adds no further seeds, and its run keys (`<cell>|<seed>`) let Dagster
-  launch each of its requests once. Evaluating the schedule IS its tick: "Test schedule" in the UI
-  adds the seeds of the time it is tested for.
-- `new_cells` (sensor): when significant_splits registers cells not seen before (a new split), it
-  requests their missing partitions for every existing seed. Its cursor holds the cells seen and a
-  generation that is part of each run key, so a cell that disappears and comes back is requested again.
-- `report_when_runs_done` (sensor): once no group_dpo_run partition is in flight and one has
-  materialized since the last correspondence_table, it requests the table (run key: the newest DPO
-  materialization's storage id, so each batch of runs gets one table).
+Owns the jobs the automation launches (`dpo_runs`, `correspondence_report`) and three instigators, stopped
+unless turned on: `add_seeds` (schedule: the next seeds, and every DPO partition neither materialized nor in
+flight; the seeds a tick added are recorded under its time, so a tick evaluated again adds none),
+`new_cells` (sensor: partitions of newly registered cells) and `report_when_runs_done` (sensor: one table
+per batch of finished runs). README, "Automation".
 """
 
 import json

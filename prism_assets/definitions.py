@@ -1,18 +1,8 @@
-"""The Dagster code location: every asset, check and resource, wired from the environment.
+"""The Dagster code location: every asset, check, resource and instigator, wired from the environment.
 
-The only module that reads environment variables. One switch per concern:
-- PRISM_SOURCE: "synthetic" (default), "hf" (HannahRoseKirk/prism-alignment on the Hub), or a
-  directory holding PRISM's survey/conversations/utterances jsonl files;
-- PRISM_SYNTHETIC_USERS / PRISM_SYNTHETIC_SEED: size and seed of the synthetic PRISM;
-- PRISM_STORAGE: where asset outputs, run directories and models live (default storage/);
-- DPO_RECIPE: "tiny" (default: few steps, CPU-sized) or "original" (2000 steps, lr 5e-6, …), and on top of it
-  DPO_<FIELD> for any DpoSettings field: DPO_BASE_MODEL ("tiny", built offline, a hub id such as
-  Qwen/Qwen2.5-0.5B-Instruct, or a path), DPO_LEARNING_RATE, DPO_MAX_STEPS, DPO_PYTHON, …;
-- DPO_LAUNCHER: "local" (default) or "slurm"; DPO_THREADS_PER_RUN: CPU threads of one local run;
-- PRISM_SEED_SCHEDULE_CRON / PRISM_SEEDS_PER_TICK: the add_seeds schedule (default "0 2 * * 0", 2 seeds);
-  PRISM_AUTOMATION=running starts the schedule and sensors by default (else they start stopped);
-- PRISM_SLURM_*: the SLURM launcher's settings (README, "Running on a SLURM cluster"). They are not
-  named SLURM_* because srun and the jobs themselves read SLURM_* variables.
+The only module that reads environment variables (README, "Configuration"): PRISM_* for the data, storage
+and automation, DPO_RECIPE and DPO_<FIELD> for the settings schema, DPO_LAUNCHER and PRISM_SLURM_<FIELD>
+for the launcher.
 """
 
 import os

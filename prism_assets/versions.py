@@ -1,13 +1,9 @@
-"""Owners and code versions of the assets, the versions derived from the source that computes each asset.
+"""Owners and code versions of the assets, derived from the source that computes each asset.
 
-Owns `source_version(*modules)`: a short hash of the modules' syntax trees with docstrings removed, so
-comments, formatting and documentation do not count as a change, while any edit to what the code does
-does. Every asset's `code_version` is built from the modules it runs: its asset module and the logic
-modules under `prism_assets.dataset` / `.statistics` / `.training` it names, together with every logic
-module those import, found in their source (`code_modules`) — so a module added to the trainer counts
-without anyone listing it. Dagster marks that asset — and, through data versions, everything downstream
-of it — unsynced after such an edit, and nothing else. (An asset module's own imports are not followed:
-one asset module can hold assets that run different logic modules.)
+Owns `source_version(*modules)`: a hash of the modules' syntax trees without docstrings (comments, layout
+and documentation do not count), over the given modules and every logic module (`dataset`, `statistics`,
+`training`) they import, found in their source; and `with_upstream_code_versions`, which folds upstream
+assets' code versions into each asset's.
 """
 
 import ast

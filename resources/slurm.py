@@ -1,16 +1,9 @@
 """The SLURM launcher: each DPO partition as one sbatch job, watched to its end, cancelled with its run.
 
-Owns the job script (every #SBATCH value validated — sbatch reads those lines without a shell, so
-nothing is quoted there and anything unexpected is refused before submission; shell lines use
-shlex quoting), submission with `sbatch --parsable`, watching with `scontrol show job -o` (falling
-back to `sacct` once the controller forgot the job; asking again, for a while, when SLURM gives no
-answer) under backoff polling and a time budget, the mapping of final states to success or to a
-`dg.Failure` naming state, exit code, the job's stderr tail and a hint, and `scancel` when the Dagster
-run is terminated. SLURM is reached through `SlurmCommands`: locally, or on a login node over one
-multiplexed OpenSSH connection with strict host keys.
-The run directory is on a filesystem both sides see, or, with `remote_runs_dir` in SSH mode, mirrored:
-inputs copied to the cluster, Pipes messages and job output tailed back over SSH, the outputs the caller
-names fetched.
+Owns the job script (every #SBATCH value validated, shell lines shlex-quoted), submission, watching
+(`scontrol`, then `sacct`; asking again while SLURM gives no answer), the mapping of final states to success
+or a `dg.Failure` with a hint, and `scancel` on termination. SLURM is reached locally or over one
+multiplexed SSH connection, with the run directory shared or mirrored (`remote_runs_dir`).
 """
 
 import re

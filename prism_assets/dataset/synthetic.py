@@ -1,17 +1,9 @@
 """A synthetic PRISM in the exact real schema, with known effects planted, deterministic per seed.
 
-Owns the generator behind the embedded default. It writes survey/conversations/utterances jsonl
-files that the real loader reads (every codebook field, nested dicts, "EMPTY STRING" responses,
-score ties, turn-0 turns of up to four different models, later A/B turns of the chosen model) with
-the codebook's marginals, and `truth.json` beside them. Two effects are planted:
-
-(a) the score gap of a later-turn pair follows an ordered-logit latent variable
-    L = Σ β·x(user) + u_user + ε, ε ~ Logistic(0, 1), gap = ceil(exp(a + b·L)); since gap ≤ k ⇔ L ≤
-    (ln k − a)/b, binning the gap at any integer boundaries is exactly an ordered logit in L with the
-    planted β (u_user, sd 0.3, attenuates β by ≈1%);
-(b) taste in response text: later-turn responses come in a "casual" and a "formal" style; users of
-    the taste covariate's group A prefer one style consistently, group B the other one less
-    consistently — so DPO on the two groups learns different things, and learns A's more easily.
+Owns the generator behind the embedded default: survey/conversations/utterances jsonl files that the real
+loader reads, with the codebook's marginals, and `truth.json` beside them recording the planted effects
+(score gaps from an ordered-logit latent variable, and a taste in response style that differs by age
+group). README, "The synthetic PRISM's planted effects".
 """
 
 from __future__ import annotations

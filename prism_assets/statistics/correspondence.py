@@ -1,18 +1,8 @@
 """Does the DPO difference between a split's groups follow the direction the ordered logit predicted?
 
-Owns the statistics and the verdict rule of the correspondence table (README, "Reading the
-correspondence table"). For each split, metric and seed with both groups' runs: d = metric(A) −
-metric(B). Over seeds: mean and sign consistency (k of n seeds whose d has the predicted sign). The
-95% CI combines two noises: training noise across seeds (Student t, n − 1 df; no CI below two seeds)
-and, for held-out metrics, the sampling noise of each group's fixed held-out set, which no number of
-seeds averages away: half-width = sqrt((t·s/√n)² + (1.96·se_eval)²), se_eval² = se_A² + se_B² from the
-runs' held-out standard errors. The null control's |mean d| is the noise yardstick. Verdicts:
-- MATCH: the CI excludes 0 on the predicted side and |mean d| exceeds the null control's |mean d|;
-- MISMATCH: the CI excludes 0 on the opposite side;
-- INCONCLUSIVE: anything else (CI spans 0, fewer than two seeds, not beyond the null's difference, or no
-  null-control difference yet).
-The null control itself is "null OK" when its CI contains 0, "null NOT OK" when it excludes 0, and
-INCONCLUSIVE with fewer than two seeds.
+Owns the per-seed differences d = metric(A) − metric(B), their mean, sign consistency and 95% CI (training
+noise across seeds plus the held-out sets' sampling noise), and the verdict rule against the null control
+(README, "Reading the correspondence table").
 """
 
 import numpy as np

@@ -1,16 +1,8 @@
 """From ordered-logit covariates to two-group splits of users, each with a predicted direction.
 
-Owns the rule (README, "How a covariate becomes a split"):
-- continuous covariate with p < α: median split of the users who have pairs; A = above the median
-  ("high"), B = the rest. Where many users sit on the median (stated_prefs pile up at 100), A takes
-  `≥ median` instead when that balances the two groups better.
-- categorical covariate with at least one level at p < α: take the most significant level's sign s;
-  A = every level significant with sign s, B = every other level in the fit (the reference included).
-- predicted direction: "A>B" when the split's A has the larger score gaps (β > 0 for continuous,
-  s > 0 for categorical), "A<B" otherwise. A larger gap means a stronger preference.
-- the null control, always present: Europe (UK + Europe) vs Americas (US + Northern America +
-  Latin America and the Caribbean), predicted "A≈B".
-The `v3` preset reproduces the original experiment's eight splits exactly, whatever the fit says.
+Owns the rule (README, "How a covariate becomes a split"): median splits of significant continuous
+covariates, significant levels against the rest for categorical ones, the predicted direction from the sign
+of β, the region null control, and the `v3` preset of the original experiment's eight splits.
 """
 
 from __future__ import annotations

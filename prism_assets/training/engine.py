@@ -1,18 +1,9 @@
 """The DPO training step the trainer runs: TRL's sigmoid DPO loss and metrics, without TRL's per-step overhead.
 
-Owns one step's arithmetic and the loop's order of batches. A batch is the B chosen and B rejected
-sequences (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation) laid end to end in one
-padding-free row (`packing`: each sequence attends only to itself); the policy's summed completion
-log-probs come from the decoder's hidden states with the LM head applied only where a completion
-token is predicted (prompts never reach the vocabulary projection), the reference's from
-`reference_logps` (no reference model). The step never waits for the device (metrics stay there
-until `read_metrics`; batches go through pinned memory). Loss and logged
-metrics are TRL's for `loss_type="sigmoid"`: loss = −log σ(β·((π_c − ref_c) − (π_r − ref_r))), rewards
-β·(π − ref), accuracy = reward_c > reward_r. The optimizer and schedule are the Trainer's defaults:
-AdamW (β 0.9/0.999, ε 1e-8, no weight decay; fused on CUDA), linear decay to 0 without warm-up,
-gradient norm clipped at 1. Batches: a seeded permutation of the training pairs per epoch, so the batch
-of any step is a function of (seed, step) and a resumed run sees exactly the batches it had not.
-`tests/test_engine.py` checks all of it against TRL's DPOTrainer on the same batches.
+Owns one step's arithmetic (policy log-probs of a padding-free row, reference log-probs from the pairs, TRL's
+loss, rewards and accuracy), the optimizer and schedule (the Trainer's defaults) and the order of batches (a
+function of seed and step, so a resumed run sees exactly the batches it had not). `tests/test_engine.py`
+checks it against TRL's DPOTrainer on the same batches.
 """
 
 import math

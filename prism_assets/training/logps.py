@@ -1,15 +1,9 @@
 """Sequence log-probabilities of responses given a chat prompt: the one definition the trainer uses.
 
-Owns how a pair (prompt messages, chosen, rejected) becomes token ids, exactly as TRL's DPOTrainer
-tokenizes conversational pairs — the chat template of the prompt with the generation prompt, of prompt
-+ assistant message for each response, the completion starting where the prompt and both full
-sequences stop agreeing — and its truncation (`keep_end`, which the trainer asks TRL for: a sequence
-longer than `max_length` keeps its last `max_length` tokens, i.e. the whole response and the most recent
-context). On the same ids, the summed log-probability of the completion tokens under a causal LM, in
-padding-free rows (`packing`), the LM head's logits made a chunk of positions at a time in the forward and
-the backward pass (`TokenLogps`): what the reference precompute, the held-out evaluation and TRL compute.
-The reference precompute stores the ids beside its log-probs (`token_columns`); a run reads them back
-(`sequences_of`) instead of tokenizing its pairs again — after checking a sample against its own tokenizer.
+Owns how a pair becomes token ids (exactly as TRL's DPOTrainer tokenizes conversational pairs, with
+`keep_end` truncation), the token ids stored beside the reference log-probs and checked when read back
+(`sequences_of`), and the summed completion log-probs under a causal LM in padding-free rows, the LM head
+applied a chunk of positions at a time in forward and backward (`TokenLogps`).
 """
 
 from contextlib import nullcontext

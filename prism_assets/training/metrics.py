@@ -1,17 +1,8 @@
 """The one definition of a DPO run's summary metrics, computed from its learning curve.
 
-A curve has one row per logged step: `step`, the logging window's training `loss`, `margin`
-(rewards/margins) and `pref_acc` (rewards/accuracies) as TRL logs them, and the held-out
-`heldout_acc` / `heldout_margin` (implicit-reward accuracy and mean margin on the run's fixed held-out
-pairs, evaluated at that step; with `eval_steps`, only at the rows `heldout_evaluated` marks, NaN on the
-others). The held-out summaries are over the evaluated rows, the others over every logged row:
-- final_*: the last row;
-- mean_*_tail: the mean over the last 20% of rows (at least one row);
-- mid_*: the mean over rows with step in [10%, 40%] of max_steps, where differences may show before
-  curves converge (the nearest row when no row falls inside);
-- steps_to_60pct: the first logged step with pref_acc ≥ 0.6 (None when never reached);
-- heldout_acc_se / heldout_margin_se: the held-out set's sampling standard errors at the last row
-  (binomial for accuracy, s/√n for the margin), when the curve has them.
+A curve has one row per logged step (training loss, margin and pref_acc as TRL logs them; held-out accuracy
+and margin where `heldout_evaluated`). Owns the summaries: final_*, mean_*_tail (last 20% of rows), mid_*
+(steps in 10–40% of the run), steps_to_60pct, and the held-out sampling errors.
 """
 
 import math

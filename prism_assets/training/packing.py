@@ -1,26 +1,9 @@
 """Padding-free batches: sequences laid end to end in one row, each attending only to itself.
 
-Owns the layout every forward pass of the project uses (the training step, the reference precompute,
-the held-out evaluation): `pack(sequences)` concatenates (prompt_ids, completion_ids) sequences into a
-single row with positions restarting at 0 for each sequence, and records, on the host, where each
-sequence starts and which positions predict a completion token. No padding token is ever computed:
-PRISM's pairs vary from tens to a thousand tokens, and a padded batch of 16 of them is about half padding.
-
-The attention is `packed_attention`, registered with transformers' AttentionInterface as
-`PACKED_ATTENTION` and switched on only while a packed row is computed (`attention_of`: the forward
-pass, and a training step's backward, where gradient checkpointing recomputes the forward).
-It is exact causal attention within each sequence, through one of two kernels chosen once per device,
-dtype and head shape (`kernel_for`):
-- "flash varlen" — PyTorch's variable-length FlashAttention (`torch.nn.attention.varlen.varlen_attn`,
-  CUDA, bf16/fp16): one kernel for the whole row, cost Σ Tᵢ² instead of (Σ Tᵢ)².
-- "sdpa per sequence" — `scaled_dot_product_attention` on each sequence's slice (any device, any
-  dtype). Used on CPU, in fp32, and wherever the flash kernel is missing or fails its self-check
-  against this one (the check runs once per device, dtype and head shape — the model's own heads and
-  head dimension, so a shape the kernel lacks falls back rather than failing mid-training — and its
-  outcome is reported).
-The transformers kwargs are the ones its own flash-attention path takes (`cu_seq_lens_q/k`,
-`max_length_q/k`), plus the boundaries on the host so that the per-sequence kernel never waits on
-the device. Models with sliding-window layers are refused (their window is not implemented here).
+Owns `pack` (one row, positions restarting per sequence, completion positions recorded on the host) and
+`packed_attention`, the transformers attention used while a packed row is computed: PyTorch's varlen
+FlashAttention on CUDA, or SDPA per sequence, chosen once per device, dtype and head shape after a
+self-check (`kernel_for`). README, "Training step", explains why and what was measured.
 """
 
 import functools

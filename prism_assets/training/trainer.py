@@ -1,24 +1,9 @@
 """The job-side DPO trainer: `python -m prism_assets.training.trainer --config config.json`.
 
-Owns one DPO run: it reads a JSON run config (base model, pairs file, optional user filter, seed,
-hyperparameters, output directory), splits the pairs into a fixed held-out set (chosen by a hash of
-pair_id among the run's pairs, so every seed of a group sees the same held-out pairs) and training pairs,
-trains with the project's DPO step (`engine`: TRL's loss and metrics, checked against TRL's DPOTrainer;
-fp32 master weights, bf16 autocast on CUDA, fp32 on CPU; reference log-probs from the pairs file, computed
-here from the base model only when the file carries none), evaluates held-out implicit-reward accuracy and
-margin at every logging step (or every `eval_steps`, and at the last; `heldout_evaluated` marks the rows,
-the held-out columns are NaN on the others), and writes `run.json`, `curve.parquet` and `metrics.json`
-(last, each atomically) into the output directory. It reports progress, metrics and a data version
-through dagster-pipes when a launcher started it, and imports nothing else of Dagster.
-
-Preemption and time limits lose no work: the trainer checkpoints every `checkpoint_steps` or
-`checkpoint_minutes` (not at the last logged step: the run is about to finish) and on
-SIGUSR1 (SLURM's warning before the time limit: save, exit REQUEUE_EXIT_CODE so the job requeues
-itself) or SIGTERM (preemption, `scontrol requeue`, scancel: save, exit) — at the next logging step. A
-checkpoint holds model, optimizer and schedule states, the settings that decide the run's course and the
-curve so far; a restarted run resumes from the latest readable one written under its own settings (the
-batch of a step is a function of seed and step, so it sees exactly the batches it had not) and ends with
-the curve and metrics of an uninterrupted run.
+Owns one run: its held-out split, the training loop over `engine`'s step, held-out evaluation, checkpoints
+(periodic, and on SLURM's USR1 or SIGTERM: save, exit so the job is requeued) and resuming from the newest
+readable one written under the same settings, and its outputs (`run.json`, `curve.parquet`, `metrics.json`,
+each written atomically). Reports through dagster-pipes; imports nothing else of Dagster.
 """
 
 import argparse
