@@ -57,7 +57,7 @@ def test_editing_the_pair_building_code_marks_everything_downstream_unsynced(mai
     for name in ("prism_assets", "resources"):
         shutil.copytree(REPO / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "workspace.yaml", code / "workspace.yaml")
-    pairs = code / "prism_assets" / "prism" / "pairs.py"
+    pairs = code / "prism_assets" / "dataset" / "pairs.py"
     source = pairs.read_text()
     pairs.write_text(source + "\n# a comment and a docstring change nothing\n")
     with serve(code, {**env, "PYTHONPATH": str(code)}) as url:
