@@ -28,7 +28,6 @@ NOT_FINISHED_STATUSES = [
 dpo_job = dg.define_asset_job(
     "dpo_runs",
     selection=[DPO_ASSET],
-    partitions_def=partitions.dpo_partitions,
     description="group_dpo_run partitions (cell × seed), one run each.",
 )
 report_job = dg.define_asset_job(

@@ -39,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
     # Runs side by side share the cores: one run's torch threads must not oversubscribe them.
     os.environ.setdefault("DPO_THREADS_PER_RUN", str(max(1, (os.cpu_count() or 1) // args.parallel)))
     from prism_assets import partitions
-    from prism_assets.definitions import ASSETS, CHECKS, DPO_SETTINGS, RESOURCES, UNPARTITIONED
+
+    try:
+        from prism_assets.definitions import ASSETS, CHECKS, DPO_SETTINGS, RESOURCES, UNPARTITIONED
+    except ValueError as error:  # a setting in the environment: one line naming it, not a traceback
+        print(f"prism_assets: {error}", file=sys.stderr)
+        return 2
     from resources.launcher import LocalLauncher
 
     instance = dg.DagsterInstance.get()

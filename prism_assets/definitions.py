@@ -25,7 +25,8 @@ STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
 def settings_from_env(
     prefix: str, settings: type[dg.ConfigurableResource], ignore: tuple[str, ...] = (), lists: dict | None = None
 ) -> dict:
-    """<prefix><FIELD>=value for each field of `settings`, converted to the field's type.
+    """<prefix><FIELD>=value for each field of `settings`, converted to the field's type and checked against its
+    constraints (a value out of range is an error naming the variable, the value and the rule).
 
     `lists` maps a list-valued field to how its one string is split. A variable with the prefix that names no
     field is an error (a typo must not be silently ignored), except those in `ignore`.
@@ -40,32 +41,39 @@ def settings_from_env(
                 f"{key}: {settings.__name__} has no setting {name!r}; "
                 f"settings: {', '.join(sorted(settings.model_fields))}"
             )
-        annotation = settings.model_fields[name].annotation
+        field = settings.model_fields[name]
+        annotation = field.annotation
         assert annotation is not None  # pydantic gives every field an annotation
         if not raw.strip() and type(None) in typing.get_args(annotation):  # DPO_EVAL_STEPS= : back to None
             values[name] = None
             continue
         value = (lists or {}).get(name, lambda text: text)(raw)
         try:
-            values[name] = TypeAdapter(annotation).validate_python(value)
+            # The field's own constraints (ranges, finiteness) travel with it: Annotated[type, FieldInfo].
+            checked: typing.Any = typing.Annotated[annotation, field]
+            values[name] = TypeAdapter(checked).validate_python(value)
         except ValidationError as error:
             raise ValueError(f"{key}={raw!r}: {error.errors()[0]['msg']}") from None
     return values
 
 
 @typing.overload
-def int_from_env(name: str, default: int) -> int: ...
+def int_from_env(name: str, default: int, minimum: int = ...) -> int: ...
 @typing.overload
-def int_from_env(name: str, default: None) -> int | None: ...
-def int_from_env(name: str, default: int | None) -> int | None:
-    """An integer variable (unset or empty: `default`); any other text is an error naming the variable."""
+def int_from_env(name: str, default: None, minimum: int = ...) -> int | None: ...
+def int_from_env(name: str, default: int | None, minimum: int = 0) -> int | None:
+    """An integer variable (unset or empty: `default`); other text, or a value below `minimum`, is an error naming
+    the variable."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
 
 
 def _slurm_launcher() -> SlurmLauncher:
@@ -86,7 +94,7 @@ def _slurm_launcher() -> SlurmLauncher:
 def _launcher():
     kind = os.environ.get("DPO_LAUNCHER", "local")
     if kind == "local":
-        return LocalLauncher(threads_per_run=int_from_env("DPO_THREADS_PER_RUN", None))
+        return LocalLauncher(threads_per_run=int_from_env("DPO_THREADS_PER_RUN", None, minimum=1))
     if kind == "slurm":
         return _slurm_launcher()
     raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local' or 'slurm'")
@@ -138,7 +146,7 @@ CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no
 RESOURCES = {
     "prism_source": data.PrismSource(
         source=os.environ.get("PRISM_SOURCE", data.SYNTHETIC),
-        synthetic_users=int_from_env("PRISM_SYNTHETIC_USERS", 1500),
+        synthetic_users=int_from_env("PRISM_SYNTHETIC_USERS", 1500, minimum=1),
         synthetic_seed=int_from_env("PRISM_SYNTHETIC_SEED", 0),
         synthetic_dir=str(STORAGE / "synthetic_prism"),
     ),
@@ -158,7 +166,9 @@ def _automation_running() -> bool:
 RUNNING = _automation_running()
 SCHEDULES = [
     automation.build_add_seeds_schedule(
-        os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"), int_from_env("PRISM_SEEDS_PER_TICK", 2), RUNNING
+        os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"),
+        int_from_env("PRISM_SEEDS_PER_TICK", 2, minimum=1),
+        RUNNING,
     )
 ]
 SENSORS = [automation.build_new_cells_sensor(RUNNING), automation.build_report_sensor(RUNNING)]

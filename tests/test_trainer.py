@@ -175,32 +175,6 @@ def test_checkpoints_every_checkpoint_minutes_but_not_at_the_last_step(
     assert pd.read_parquet(run / "curve.parquet").equals(pd.read_parquet(out / "curve.parquet"))
 
 
-@pytest.mark.parametrize(
-    ("steps", "message"),
-    [
-        ({"eval_steps": 3}, "eval_steps 3 must be a positive multiple of logging_steps 2"),
-        ({"eval_steps": 0}, "eval_steps 0 must be a positive multiple"),
-        ({"checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
-        ({"checkpoint_minutes": -1}, "checkpoint_minutes -1 must be a finite number of minutes, not negative"),
-        ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes nan must be a finite"),
-        ({"checkpoint_steps": -4}, "checkpoint_steps -4 must not be negative"),
-    ],
-)
-def test_step_intervals_off_the_logging_steps_are_refused(tmp_path, monkeypatch, steps, message):
-    from prism_assets.definitions import dpo_settings_from_env
-
-    (tmp_path / "c.json").write_text(
-        json.dumps({"base_model": "x", "pairs_path": "p", "output_dir": "o", "seed": 0, "logging_steps": 2, **steps})
-    )
-    with pytest.raises(ValueError, match=message):
-        RunConfig.from_json(tmp_path / "c.json")
-    # the same check when the code location loads its settings from the environment
-    for key, value in {"logging_steps": 2, **steps}.items():
-        monkeypatch.setenv(f"DPO_{key.upper()}", str(value))
-    with pytest.raises(ValueError, match=rf"DPO settings \(DPO_RECIPE=tiny and DPO_<FIELD>\): {message}"):
-        dpo_settings_from_env()
-
-
 def test_gradient_checkpointing_trains_the_same_run(first_run, tiny_model_dir, small_pairs_path):
     tmp_path, out = first_run
     checkpointed = _train(tmp_path, "gc", tiny_model_dir, small_pairs_path, gradient_checkpointing=True)

@@ -8,9 +8,8 @@ log-probs depend on. Each field says in its metadata whether it is part of the s
 reference log-probs depend on it. Imports neither torch nor Dagster.
 """
 
-import math
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,15 +17,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 LEARNS, RESUMABLE, REFERENCE = "learns", "resumable", "reference"
 
 
-def setting(default: Any, help: str, *, learns: bool = True, resumable: bool = False, reference: bool = False):
-    """A field of the schema: its default, its help, and what it is part of (see module docstring).
+def setting(
+    default: Any,
+    help: str,
+    *,
+    learns: bool = True,
+    resumable: bool = False,
+    reference: bool = False,
+    **constraints: Any,
+):
+    """A field of the schema: its default, its help, what it is part of (see module docstring) and the
+    constraints its value must meet (pydantic's `gt`, `ge`, `lt`, `allow_inf_nan`, ...).
 
     learns: part of the fingerprint, so a change marks every DPO partition unsynced.
     resumable: a checkpoint written under another value may be resumed (paths, device, cadence).
     reference: the base model's log-probs of a pair depend on it.
     """
     return Field(
-        default, description=help, json_schema_extra={LEARNS: learns, RESUMABLE: resumable, REFERENCE: reference}
+        default,
+        description=help,
+        json_schema_extra={LEARNS: learns, RESUMABLE: resumable, REFERENCE: reference},
+        **constraints,
     )
 
 
@@ -50,29 +61,37 @@ class TrainingSettings(BaseModel):
         "local model directory",
         resumable=True,
         reference=True,
+        min_length=1,
     )
-    max_steps: int = setting(30, "optimizer steps of a run")
-    batch_size: int = setting(8, "pairs per step")
-    beta: float = setting(0.1, "DPO's β: the strength of the KL penalty towards the base model")
-    learning_rate: float = setting(1e-3, "AdamW's peak learning rate (linear decay to 0)")
-    logging_steps: int = setting(5, "a curve row (and a possible checkpoint) every N steps")
+    max_steps: int = setting(30, "optimizer steps of a run", ge=1)
+    batch_size: int = setting(8, "pairs per step", ge=1)
+    beta: float = setting(
+        0.1, "DPO's β: the strength of the KL penalty towards the base model", gt=0, allow_inf_nan=False
+    )
+    learning_rate: float = setting(1e-3, "AdamW's peak learning rate (linear decay to 0)", gt=0, allow_inf_nan=False)
+    logging_steps: int = setting(5, "a curve row (and a possible checkpoint) every N steps", ge=1)
     eval_steps: int | None = setting(
         None,
         "held-out evaluation every N steps, a multiple of logging_steps (none: every logged step); the "
         "last logged step is always evaluated",
+        ge=1,
     )
     max_length: int = setting(
-        256, "tokens of a prompt and response together (TRL's keep_end truncation)", reference=True
+        256, "tokens of a prompt and response together (TRL's keep_end truncation)", reference=True, ge=1
     )
-    heldout_fraction: float = setting(0.1, "share of a run's pairs (by pair_id hash) held out")
-    heldout_max_pairs: int = setting(64, "at most this many held-out pairs")
+    heldout_fraction: float = setting(
+        0.1, "share of a run's pairs (by pair_id hash) held out", gt=0, lt=1, allow_inf_nan=False
+    )
+    heldout_max_pairs: int = setting(64, "at most this many held-out pairs", ge=1)
     balance_groups: bool = setting(False, "both groups of a split train on the smaller group's number of pairs")
     gradient_checkpointing: bool = setting(
         False, "recompute activations in backward (less memory, slower)", resumable=True
     )
     checkpoint_steps: int | None = setting(
         None,
-        "a checkpoint every N steps, a multiple of logging_steps (a SLURM signal always checkpoints)",
+        "a checkpoint every N steps, a multiple of logging_steps (0 or none: no periodic checkpoints; a SLURM "
+        "signal always checkpoints)",
+        ge=0,
         learns=False,
         resumable=True,
     )
@@ -81,8 +100,10 @@ class TrainingSettings(BaseModel):
         "a checkpoint at the first logged step this many minutes after the last one",
         learns=False,
         resumable=True,
+        ge=0,
+        allow_inf_nan=False,
     )
-    device: str = setting("auto", "'auto', 'cpu' or 'cuda'", learns=False, resumable=True)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train", learns=False, resumable=True)
 
     def training_values(self) -> dict[str, Any]:
         """This schema's fields and values (of a subclass too: what reaches the trainer)."""
@@ -107,25 +128,22 @@ RECIPES: dict[str, TrainingSettings] = {
 
 
 def step_problem(settings: TrainingSettings) -> str | None:
-    """What is wrong with the step intervals of `settings`, or None. Checkpoints and held-out evaluations happen
-    on logged steps only, so a resumed run logs and evaluates exactly as an uninterrupted one. A checkpoint
-    interval of 0 or None: no periodic checkpoints."""
+    """What is wrong with the relations between the step intervals of `settings`, or None (each field's own
+    range is the schema's). Checkpoints and held-out evaluations happen on logged steps only, so a resumed run
+    logs and evaluates exactly as an uninterrupted one."""
     logging_steps, checkpoint_steps, eval_steps = (
         settings.logging_steps,
         settings.checkpoint_steps,
         settings.eval_steps,
     )
-    minutes = settings.checkpoint_minutes
-    if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
-        return f"checkpoint_minutes {minutes:g} must be a finite number of minutes, not negative"
-    if logging_steps < 1:
-        return f"logging_steps {logging_steps} must be at least 1"
-    if checkpoint_steps is not None and checkpoint_steps < 0:
-        return f"checkpoint_steps {checkpoint_steps} must not be negative"
+    if settings.max_steps < logging_steps:
+        return (
+            f"max_steps {settings.max_steps} must be at least logging_steps {logging_steps} (nothing would be logged)"
+        )
     if checkpoint_steps and checkpoint_steps % logging_steps:
         return f"checkpoint_steps {checkpoint_steps} must be a multiple of logging_steps {logging_steps}"
-    if eval_steps is not None and (eval_steps < 1 or eval_steps % logging_steps):
-        return f"eval_steps {eval_steps} must be a positive multiple of logging_steps {logging_steps}"
+    if eval_steps is not None and eval_steps % logging_steps:
+        return f"eval_steps {eval_steps} must be a multiple of logging_steps {logging_steps}"
     return None
 
 
