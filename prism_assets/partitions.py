@@ -13,7 +13,8 @@ import dagster as dg
 CELL, SEED = "cell", "seed"
 BASELINE = "baseline"
 GROUPS = ("A", "B")
-SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SEED_KEY = re.compile(r"0|[1-9][0-9]*")  # one spelling per seed: 1, never 01
 
 cell_partitions = dg.DynamicPartitionsDefinition(name=CELL)
 seed_partitions = dg.DynamicPartitionsDefinition(name=SEED)
@@ -21,7 +22,7 @@ dpo_partitions = dg.MultiPartitionsDefinition({CELL: cell_partitions, SEED: seed
 
 
 def validate_split_name(split: str) -> str:
-    if not SPLIT_NAME.match(split) or split == BASELINE:
+    if not SPLIT_NAME.fullmatch(split) or split == BASELINE:
         raise ValueError(f"invalid split name {split!r}: expected [A-Za-z0-9_-]+ and not {BASELINE!r}")
     return split
 
@@ -45,9 +46,9 @@ def parse_cell(cell: str) -> tuple[str | None, str | None]:
 
 def seed_key(seed: int | str) -> str:
     text = str(seed)
-    if not text.isdigit():
-        raise ValueError(f"invalid seed {seed!r}: expected a non-negative integer")
-    return str(int(text))
+    if not SEED_KEY.fullmatch(text):
+        raise ValueError(f"invalid seed {seed!r}: expected a non-negative integer without leading zeros")
+    return text
 
 
 def cells_for_splits(splits: list[str]) -> list[str]:

@@ -43,9 +43,9 @@ HINTS = {
     "FAILED": "the trainer failed: read the job's stderr below",
 }
 # What sbatch option values may contain: no whitespace, quotes, '#', '$' or newlines.
-SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@+/-]+$")
-TIME_LIMIT = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
-MEMORY = re.compile(r"^\d+[KMGT]?$")
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:,=@+/-]+")
+TIME_LIMIT = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
+MEMORY = re.compile(r"\d+[KMGT]?")
 
 
 class SlurmUnreachable(RuntimeError):
@@ -53,7 +53,7 @@ class SlurmUnreachable(RuntimeError):
 
 
 def _validated(name: str, value: str, pattern: re.Pattern = SAFE_VALUE) -> str:
-    if not pattern.match(str(value)):
+    if not pattern.fullmatch(str(value)):
         raise ValueError(f"SLURM setting {name}={value!r} is not allowed (expected {pattern.pattern})")
     return str(value)
 
@@ -285,7 +285,7 @@ class SlurmLauncher(RunLauncher):
         lines += [
             f"export {name}={shlex.quote(value)}"
             for name, value in env.items()
-            if re.match(r"^[A-Z_][A-Z0-9_]*$", name)
+            if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name)
         ]
         # The batch shell receives SLURM's warning signal (B:USR1) and passes it to the trainer, which saves a
         # checkpoint and exits REQUEUE_EXIT_CODE; the job then puts itself back in the queue and resumes.

@@ -102,6 +102,22 @@ def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
     assert "the trainer exited with code 1" in message and "no-such-model" in message
 
 
+def test_a_failed_attempt_leaves_the_last_successful_run_in_place(v3_instance):
+    tmp_path, assets, resources, instance = v3_instance
+    assert _materialize_partition(assets, resources, instance, "S8_region.B", 0).success
+    run_dir = tmp_path / "runs" / "S8_region.B" / "seed0"
+    finished = (run_dir / "metrics.json").read_text()
+    failing, failing_resources = _definitions(
+        tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model")
+    )
+    assert not _materialize_partition(
+        failing, failing_resources, instance, "S8_region.B", 0, raise_on_error=False
+    ).success
+    assert (run_dir / "metrics.json").read_text() == finished  # the successful run's outputs, untouched
+    assert "no-such-model" in (run_dir.with_name("seed0.failed") / "stderr.log").read_text()
+    assert not run_dir.with_name("seed0.previous").exists()
+
+
 def test_settings_other_than_the_code_versions_are_refused(v3_instance):
     tmp_path, assets, resources, instance = v3_instance
     settings = resources["dpo_settings"]

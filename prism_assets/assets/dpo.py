@@ -5,11 +5,13 @@ the assets' code versions), the run directory (`<runs_dir>/<cell>/seed<seed>/`) 
 run back: a missing or corrupt output fails the partition naming the file.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -144,12 +146,28 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     return metrics, curve
 
 
-def fresh_run_dir(path: Path) -> Path:
-    """An empty run directory: a rerun must never read a previous attempt's outputs."""
-    if path.exists():
+@contextlib.contextmanager
+def attempt_dir(path: Path, finished: str, log: Callable[[str], None]) -> Iterator[Path]:
+    """An empty run directory for one attempt (a rerun never reads a previous attempt's outputs). A finished run
+    there (one holding `finished`) is set aside as <name>.previous and put back if the attempt fails, the failed
+    attempt kept as <name>.failed: a failure never deletes the last successful run's outputs."""
+    previous, failed = path.with_name(f"{path.name}.previous"), path.with_name(f"{path.name}.failed")
+    if (path / finished).exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        path.rename(previous)
+    elif path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    return path
+    try:
+        yield path
+    except BaseException:
+        if previous.exists():
+            shutil.rmtree(failed, ignore_errors=True)
+            path.rename(failed)
+            previous.rename(path)
+            log(f"the failed attempt's files are in {failed}; {path} holds the last successful run again")
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, ...] = TRAINING_FIELDS) -> None:
@@ -188,63 +206,71 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
         within_model_pairs: pd.DataFrame,
     ) -> dg.Output:
         check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
-        run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / "reference").resolve())
-        within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(
-            run_dir / "pairs.parquet", index=False
-        )
-        config = ReferenceConfig(
-            **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
-            pairs_path="pairs.parquet",
-            output_path="reference_logps.parquet",
-            device=dpo_settings.device,
-        )
-        config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
-        config_path = run_dir / "reference.json"
-        config_path.write_text(config.model_dump_json(indent=2))
-        launcher.run(
-            context=context,
-            run_dir=str(run_dir),
-            outputs=[config.output_path],
-            command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)],
-        )
-        output = run_dir / config.output_path
-        if not output.exists():
-            raise dg.Failure(
-                f"the reference job left no {output.name} in {run_dir} (see its stderr there: "
-                "stderr.log, or slurm-<job id>.err under SLURM)",
-                allow_retries=False,
-            )
-        frame = pd.read_parquet(output)
-        absent = [
-            c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns
-        ]
-        if absent:
-            raise dg.Failure(
-                f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
-                "run this version of the project?",
-                allow_retries=False,
-            )
-        missing = len(set(within_model_pairs["pair_id"]) - set(frame["pair_id"]))
-        bad = int((~frame[list(REFERENCE_COLUMNS)].apply(pd.to_numeric).map(math.isfinite)).to_numpy().sum())
-        if missing or bad:
-            raise dg.Failure(
-                f"{output}: {missing} pairs without reference log-probs, {bad} non-finite values", allow_retries=False
-            )
-        return dg.Output(
-            frame,
-            data_version=dg.DataVersion(hashlib.sha256(output.read_bytes()).hexdigest()[:24]),
-            metadata={
-                "num_pairs": len(frame),
-                "run_dir": dg.MetadataValue.path(str(run_dir)),
-                "base_model": dpo_settings.base_model,
-                "max_length": dpo_settings.max_length,
-                "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
-                "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
-                "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS)),
-            },
-        )
+        with attempt_dir(
+            (Path(dpo_settings.runs_dir) / "reference").resolve(), "reference_logps.parquet", context.log.warning
+        ) as run_dir:
+            return _reference_logps(context, dpo_settings, launcher, within_model_pairs, run_dir)
 
     return reference_logps
+
+
+def _reference_logps(
+    context: dg.AssetExecutionContext,
+    dpo_settings: DpoSettings,
+    launcher: RunLauncher,
+    within_model_pairs: pd.DataFrame,
+    run_dir: Path,
+) -> dg.Output:
+    within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
+    config = ReferenceConfig(
+        **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
+        pairs_path="pairs.parquet",
+        output_path="reference_logps.parquet",
+        device=dpo_settings.device,
+    )
+    config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
+    config_path = run_dir / "reference.json"
+    config_path.write_text(config.model_dump_json(indent=2))
+    launcher.run(
+        context=context,
+        run_dir=str(run_dir),
+        outputs=[config.output_path],
+        command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)],
+    )
+    output = run_dir / config.output_path
+    if not output.exists():
+        raise dg.Failure(
+            f"the reference job left no {output.name} in {run_dir} (see its stderr there: "
+            "stderr.log, or slurm-<job id>.err under SLURM)",
+            allow_retries=False,
+        )
+    frame = pd.read_parquet(output)
+    absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]
+    if absent:
+        raise dg.Failure(
+            f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
+            "run this version of the project?",
+            allow_retries=False,
+        )
+    missing = len(set(within_model_pairs["pair_id"]) - set(frame["pair_id"]))
+    bad = int((~frame[list(REFERENCE_COLUMNS)].apply(pd.to_numeric).map(math.isfinite)).to_numpy().sum())
+    if missing or bad:
+        raise dg.Failure(
+            f"{output}: {missing} pairs without reference log-probs, {bad} non-finite values", allow_retries=False
+        )
+    return dg.Output(
+        frame,
+        data_version=dg.DataVersion(hashlib.sha256(output.read_bytes()).hexdigest()[:24]),
+        metadata={
+            "num_pairs": len(frame),
+            "run_dir": dg.MetadataValue.path(str(run_dir)),
+            "base_model": dpo_settings.base_model,
+            "max_length": dpo_settings.max_length,
+            "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
+            "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
+            "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS)),
+        },
+    )
 
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -314,45 +340,49 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         except ValueError as error:  # before anything is written or submitted; a retry would not help
             raise dg.Failure(str(error), allow_retries=False) from None
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
-        run_dir = fresh_run_dir((Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve())
-        with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
-        config = run_config(
-            dpo_settings,
-            cell,
-            seed,
-            balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings)
-            if dpo_settings.balance_groups and split is not None
-            else None,
-        )
-        config_path = run_dir / "config.json"
-        config_path.write_text(config.model_dump_json(indent=2))
-        context.log.info(f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}")
-        launcher.run(
-            context=context,
-            run_dir=str(run_dir),
-            outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
-            command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)],
-        )
-        metrics, curve = read_run_outputs(run_dir)
-        value = {
-            "metrics": metrics,
-            "curve": curve,
-            "cell": cell,
-            "split": split,
-            "group": group,
-            "seed": seed,
-            "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
-            "membership_digest": membership_digest(significant_splits, split, group),
-            "settings_fingerprint": settings_fingerprint,
-        }
-        metadata = {
-            **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
-            "run_dir": dg.MetadataValue.path(str(run_dir)),
-            "num_pairs": len(pairs),
-            "base_model": dpo_settings.base_model,
-            "attention_kernel": metrics.get("attention_kernel", ""),
-        }
-        # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
-        return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
+        with attempt_dir(
+            (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve(), METRICS_FILE, context.log.warning
+        ) as run_dir:
+            with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
+            config = run_config(
+                dpo_settings,
+                cell,
+                seed,
+                balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings)
+                if dpo_settings.balance_groups and split is not None
+                else None,
+            )
+            config_path = run_dir / "config.json"
+            config_path.write_text(config.model_dump_json(indent=2))
+            context.log.info(
+                f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}"
+            )
+            launcher.run(
+                context=context,
+                run_dir=str(run_dir),
+                outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
+                command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)],
+            )
+            metrics, curve = read_run_outputs(run_dir)
+            value = {
+                "metrics": metrics,
+                "curve": curve,
+                "cell": cell,
+                "split": split,
+                "group": group,
+                "seed": seed,
+                "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
+                "membership_digest": membership_digest(significant_splits, split, group),
+                "settings_fingerprint": settings_fingerprint,
+            }
+            metadata = {
+                **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+                "run_dir": dg.MetadataValue.path(str(run_dir)),
+                "num_pairs": len(pairs),
+                "base_model": dpo_settings.base_model,
+                "attention_kernel": metrics.get("attention_kernel", ""),
+            }
+            # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
+            return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
 
     return group_dpo_run

@@ -14,7 +14,7 @@ import pandas as pd
 
 from prism_assets.dataset import schema
 
-SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 GROUPS = ("A", "B")
 NULL_REGION_A = ("UK", "Europe")
 NULL_REGION_B = ("US", "Northern America", "Latin America and the Caribbean")
@@ -43,7 +43,7 @@ class SplitMembership:
 
 def safe_split_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    if not SPLIT_NAME.match(name):
+    if not SPLIT_NAME.fullmatch(name):
         raise ValueError(f"cannot make a partition-safe split name from {text!r}")
     return name
 
