@@ -78,7 +78,7 @@ def main():
             )
 
         if not args.no_baseline:
-            kept, X, _, _ = ordered_logit.design_matrix(result.pairs, tables.survey, ordered_logit.CovariateSpec())
+            kept, X, _, _, _ = ordered_logit.design_matrix(result.pairs, tables.survey, ordered_logit.CovariateSpec())
             y = ordered_logit.gap_outcome(kept["score_gap"], ordered_logit.quartile_boundaries(kept["score_gap"]))
             X = X / X.abs().max().clip(lower=1)
             groups = pd.factorize(kept["user_id"])[0]

@@ -10,6 +10,18 @@ from pathlib import Path
 
 from prism_assets.dataset import schema
 
+# The original experiment's eight splits (its v3), in its order.
+V3_SPLITS = [
+    "S1_age",
+    "S2_education",
+    "S3_personalisation",
+    "S4_safety",
+    "S5_factuality",
+    "S6_helpfulness",
+    "S7_diversity",
+    "S8_region",
+]
+
 
 def survey_row(user_id: str, **overrides) -> dict:
     row: dict = {

@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pytest
+from builders import V3_SPLITS
 
 from prism_assets import definitions
 from prism_assets.assets import data, stats
@@ -67,16 +68,7 @@ def test_v3_preset_through_dagster_config(synthetic_run):
             run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
         )
     splits = result.output_for_node("significant_splits")["splits"]
-    assert list(splits["split"]) == [
-        "S1_age",
-        "S2_education",
-        "S3_personalisation",
-        "S4_safety",
-        "S5_factuality",
-        "S6_helpfulness",
-        "S7_diversity",
-        "S8_region",
-    ]
+    assert list(splits["split"]) == V3_SPLITS
     assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
 
 

@@ -79,7 +79,7 @@ def test_rare_levels_are_excluded_and_counted(full_fit):
 def test_unknown_covariate_is_named(full_synthetic_dir):
     tables = load_prism_directory(full_synthetic_dir)
     pairs = within_model_pairs(tables.utterances, tables.conversations).pairs
-    with pytest.raises(KeyError, match="stated_prefs_astrology"):
+    with pytest.raises(ValueError, match=r"covariates not in the survey table: \[.stated_prefs_astrology.\]"):
         cluster_robust_ordered_logit(pairs, tables.survey, CovariateSpec(continuous=("stated_prefs_astrology",)))
 
 

@@ -37,6 +37,7 @@ def test_pairs_drop_ties_cross_model_and_non_two_response_turns(tmp_path):
         "interaction_not_two_responses": 2,
         "cross_model_interaction": 1,
         "score_tie": 1,
+        "identical_responses": 0,
         "conversation_not_found": 0,
         "history_without_turn": 0,
         "history_without_chosen_response": 0,

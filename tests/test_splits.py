@@ -2,17 +2,14 @@
 
 import pandas as pd
 import pytest
-from builders import survey_row
+from builders import V3_SPLITS, survey_row
 
-from prism_assets.dataset.loading import tables_from_rows
+from prism_assets.dataset.loading import survey_table
 from prism_assets.statistics.splits import safe_split_name, splits_from_fit, v3_splits
 
 
 def _survey(rows):
-    paths = {t: f"{t}.jsonl" for t in ("survey", "conversations", "utterances")}
-    for i, row in enumerate(rows):
-        row["_line"] = i + 1
-    return tables_from_rows(rows, [], [], "test", paths).survey
+    return survey_table(rows)
 
 
 @pytest.fixture
@@ -65,16 +62,7 @@ def _groups(membership):
 def test_v3_preset_reproduces_the_eight_splits_and_their_membership(survey):
     everyone = set(survey["user_id"])
     splits = {m.split.name: m for m in v3_splits(pd.DataFrame(columns=["term", "beta", "p"]), survey, everyone)}
-    assert list(splits) == [
-        "S1_age",
-        "S2_education",
-        "S3_personalisation",
-        "S4_safety",
-        "S5_factuality",
-        "S6_helpfulness",
-        "S7_diversity",
-        "S8_region",
-    ]
+    assert list(splits) == V3_SPLITS
     assert [splits[n].split.predicted for n in splits] == ["A>B", "A>B", "A>B", "A<B", "A<B", "A<B", "A>B", "A≈B"]
     assert _groups(splits["S1_age"]) == {"young": "A", "mid": "A", "old": "B", "older": "B"}
     assert _groups(splits["S2_education"]) == {"young": "A", "mid": "B", "old": "A", "shy": "B"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from prism_assets import versions
 from prism_assets.dataset import loading, schema, synthetic
@@ -22,8 +23,8 @@ class PrismSource(dg.ConfigurableResource):
     """Where raw_prism reads PRISM: "synthetic" (default), "hf" (the Hub), or a directory of jsonl files."""
 
     source: str = SYNTHETIC
-    synthetic_seed: int = 0
-    synthetic_users: int = 1500
+    synthetic_seed: int = Field(0, ge=0)
+    synthetic_users: int = Field(1500, ge=1)
     synthetic_dir: str = "storage/synthetic_prism"
     hub_dataset_id: str = schema.HUB_DATASET_ID
     hub_revision: str | None = None
@@ -107,11 +108,16 @@ def within_model_pairs(context: dg.AssetExecutionContext, config: PairsConfig, r
     result = pairs_lib.within_model_pairs(raw_prism["utterances"], raw_prism["conversations"])
     pairs, dropped = result.pairs, dict(result.dropped)
     if config.drop_empty_responses:
-        empty = (pairs["chosen"] == "") | (pairs["rejected"] == "")
+        empty = pairs["chosen"].map(pairs_lib.is_empty) | pairs["rejected"].map(pairs_lib.is_empty)
         dropped["empty_response"] = int(empty.sum())
         pairs = pairs[~empty].reset_index(drop=True)
     if pairs.empty:
-        raise ValueError(f"no within-model pairs in {raw_prism['source']}; dropped: {dropped}")
+        reasons = ", ".join(f"{reason} {count}" for reason, count in dropped.items() if count) or "none"
+        raise dg.Failure(
+            f"no within-model pairs in {raw_prism['source']}: {len(raw_prism['utterances'])} utterances, every "
+            f"later-turn interaction dropped ({reasons})",
+            allow_retries=False,
+        )
     gap = pairs["score_gap"]
     summary = pd.DataFrame(
         {

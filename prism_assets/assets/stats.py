@@ -38,6 +38,8 @@ def ordered_logit_fit(
     fit = ordered_logit.cluster_robust_ordered_logit(within_model_pairs, raw_prism["survey"], spec)
     if not fit.converged:
         context.log.warning("the ordered logit did not converge; read its coefficients with care")
+    for covariate, reason in fit.excluded.items():
+        context.log.warning(f"{covariate} left out of the fit: {reason}")
     table = fit.coefficients[["term", "beta", "se", "z", "p", "ci_low", "ci_high"]]
     context.add_output_metadata(
         {
@@ -58,6 +60,7 @@ def ordered_logit_fit(
             "num_users": fit.num_users,
             "converged": fit.converged,
             "dropped": dg.MetadataValue.json(fit.dropped),
+            "excluded_from_fit": dg.MetadataValue.json(fit.excluded),
             "significant_terms_at_0.05": int((fit.coefficients["p"] < 0.05).sum()),
             "source": raw_prism["source"],
         }
@@ -71,6 +74,7 @@ def ordered_logit_fit(
         "num_users": fit.num_users,
         "converged": fit.converged,
         "dropped": fit.dropped,
+        "excluded": fit.excluded,
     }
 
 

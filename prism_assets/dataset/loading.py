@@ -1,26 +1,39 @@
 """Reading PRISM's three JSON-lines tables into typed DataFrames, from a directory or the Hub.
 
-Owns the one parsing path every source goes through: a malformed line or a row without a required
-field raises `PrismFormatError` naming the file, line and field; rows the experiment cannot use
-(utterances or conversations of users absent from the survey, scores outside 1–100) are dropped and
-counted by reason in `PrismTables.dropped`. The Hub source downloads the same jsonl files with
-`huggingface_hub` (honouring its cache and `HF_HUB_OFFLINE`) and never falls back to another source.
+Owns the one parsing path every source goes through: a line that is no UTF-8 JSON object, or a row that
+does not validate against its typed model (`schema.ROW_MODELS`), raises `PrismFormatError` naming the file,
+line, field and value; rows the experiment cannot use (users absent from the survey, responses that are not
+text, scores that are no integer in 1–100) are dropped and counted by reason in `PrismTables.dropped`; an
+input left with no usable rows is an error naming the file and the drops. The Hub source downloads the
+same jsonl files with `huggingface_hub` (honouring its cache and `HF_HUB_OFFLINE`) and never falls back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from pydantic import ValidationError
 
 from prism_assets.dataset import schema
 
 
 class PrismFormatError(ValueError):
     """A PRISM file that cannot be read as the codebook describes it."""
+
+
+# Utterances the experiment cannot use, dropped and counted by reason (README, "Pairs"); anything else wrong
+# with a row is a PrismFormatError.
+UTTERANCE_DROPS = (
+    "utterances_user_not_in_survey",
+    "utterances_response_not_text",
+    "utterances_score_not_a_number",
+    "utterances_score_outside_1_100",
+)
 
 
 @dataclass
@@ -32,24 +45,54 @@ class PrismTables:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of one jsonl file; each row gets `_line` (1-based) for later error messages."""
+def _location(loc: tuple) -> str:
+    """A pydantic error location as the field's path: conversation_history[3].turn."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def row_problem(error: ValidationError, row: dict) -> str:
+    """What is wrong with a row, naming the field, the value and what was expected (the first problem, and how
+    many more there are)."""
+    first, *others = error.errors()
+    where = _location(first["loc"])
+    if first["type"] == "missing":
+        problem = f"missing required field {where!r}"
+    else:
+        value = repr(first["input"])
+        problem = f"{where}: {first['msg'].removeprefix('Value error, ')} (got {value[:80]})"
+    if where.startswith("conversation_history") and isinstance(row.get("conversation_id"), str):
+        problem = f"conversation {row['conversation_id']!r}: {problem}"
+    return problem + (f"; and {len(others)} more in this row" if others else "")
+
+
+def read_jsonl(path: Path, model: type[schema.Row]) -> list[dict]:
+    """Rows of one jsonl file, each validated against `model`; each row gets `_line` (1-based) for later errors."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise PrismFormatError(
+                    f"{path}:{line_number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise PrismFormatError(
-                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})"
+                    f"{path}:{line_number}: malformed JSON: {error.msg} (column {error.colno})"
                 ) from None
             if not isinstance(row, dict):
                 raise PrismFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            for name in required:
-                if name not in row:
-                    raise PrismFormatError(f"{path}:{line_number}: missing required field {name!r}")
+            try:
+                model.model_validate(row)
+            except ValidationError as error:
+                raise PrismFormatError(f"{path}:{line_number}: {row_problem(error, row)}") from None
             row["_line"] = line_number
             rows.append(row)
     return rows
@@ -65,30 +108,78 @@ def _check_unique(rows: list[dict], key: str, path: Path) -> None:
         seen[row[key]] = row["_line"]
 
 
+def _check_interactions(rows: list[dict], path: Path) -> None:
+    """An interaction is one user message: its responses share conversation and turn, each its own within_turn_id."""
+    first: dict[str, dict] = {}
+    slots: dict[tuple, int] = {}
+    for row in rows:
+        seen = first.setdefault(row["interaction_id"], row)
+        if (seen["conversation_id"], seen["turn"]) != (row["conversation_id"], row["turn"]):
+            raise PrismFormatError(
+                f"{path}:{row['_line']}: duplicate interaction_id {row['interaction_id']!r}: line {seen['_line']} "
+                f"has it in conversation {seen['conversation_id']!r} turn {seen['turn']}, this line in "
+                f"conversation {row['conversation_id']!r} turn {row['turn']}"
+            )
+        if row.get("within_turn_id") is not None:
+            slot = (row["interaction_id"], row["within_turn_id"])
+            if slot in slots:
+                raise PrismFormatError(
+                    f"{path}:{row['_line']}: duplicate within_turn_id {row['within_turn_id']} in interaction "
+                    f"{row['interaction_id']!r} (first on line {slots[slot]})"
+                )
+            slots[slot] = row["_line"]
+
+
 def _as_json_text(value):
     return value if isinstance(value, str) or value is None else json.dumps(value, sort_keys=True)
 
 
-def _valid_score(value) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and float(value).is_integer()
-        and schema.MIN_SCORE <= value <= schema.MAX_SCORE
-    )
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _valid_turn(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _one_type_per_column(frame: pd.DataFrame) -> pd.DataFrame:
+    """A column whose values are of more than one type (a field outside the codebook, say) becomes JSON text: a
+    parquet column has one type."""
+    for column in [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c])]:
+        kinds = {type(v) for v in frame[column] if not _missing(v)}
+        if len(kinds) > 1:
+            frame[column] = frame[column].map(_as_json_text)
+    return frame
+
+
+def _score_problem(value) -> str | None:
+    """The drop reason of a score the experiment cannot use, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "utterances_score_not_a_number"
+    if not float(value).is_integer() or not schema.MIN_SCORE <= value <= schema.MAX_SCORE:
+        return "utterances_score_outside_1_100"
+    return None
+
+
+def _nothing_left(path: Path, what: str, total: int, dropped: Counter) -> PrismFormatError:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(dropped.items())) or "none"
+    return PrismFormatError(f"{path}: no usable {what} ({total} rows read; dropped: {reasons})")
+
+
+def survey_table(rows: list[dict]) -> pd.DataFrame:
+    """The survey as a table: nested dicts flattened the authors' way, other nested values as JSON text."""
+    frame = pd.DataFrame([{k: _as_json_text(v) for k, v in schema.flatten_survey_row(row).items()} for row in rows])
+    for pref in schema.STATED_PREFS:
+        frame[f"stated_prefs_{pref}"] = frame[f"stated_prefs_{pref}"].astype(float)
+    return _one_type_per_column(frame.drop(columns="_line", errors="ignore"))
 
 
 def tables_from_rows(
     survey: list[dict], conversations: list[dict], utterances: list[dict], source: str, paths: dict[str, Path]
 ) -> PrismTables:
-    """Validate, drop-and-count, and type the three tables' rows."""
+    """Check keys across rows, drop-and-count what the experiment cannot use, and type the three tables."""
     _check_unique(survey, "user_id", paths["survey"])
     _check_unique(conversations, "conversation_id", paths["conversations"])
     _check_unique(utterances, "utterance_id", paths["utterances"])
+    _check_interactions(utterances, paths["utterances"])
+    if not survey:
+        raise PrismFormatError(f"{paths['survey']}: no survey rows")
     dropped: Counter[str] = Counter()
     known_users = {row["user_id"] for row in survey}
 
@@ -96,43 +187,33 @@ def tables_from_rows(
     for row in conversations:
         if row["user_id"] not in known_users:
             dropped["conversations_user_not_in_survey"] += 1
-            continue
-        if not isinstance(row["conversation_history"], list):
-            raise PrismFormatError(
-                f"{paths['conversations']}:{row['_line']}: conversation_history must be a list, "
-                f"got {type(row['conversation_history']).__name__}"
-            )
-        kept_conversations.append({k: _as_json_text(v) for k, v in row.items()})
+        else:
+            kept_conversations.append({k: _as_json_text(v) for k, v in row.items()})
+    if not kept_conversations:
+        raise _nothing_left(paths["conversations"], "conversations", len(conversations), dropped)
 
     kept_utterances = []
     for row in utterances:
-        if not _valid_turn(row["turn"]):
-            raise PrismFormatError(
-                f"{paths['utterances']}:{row['_line']}: turn must be an integer ≥ 0 (0-based), got {row['turn']!r}"
-            )
         if row["user_id"] not in known_users:
-            dropped["utterances_user_not_in_survey"] += 1
-        elif not _valid_score(row["score"]):
-            dropped["utterances_score_outside_1_100"] += 1
+            reason: str | None = "utterances_user_not_in_survey"
+        elif not isinstance(row["model_response"], str):
+            reason = "utterances_response_not_text"
         else:
-            kept_utterances.append(row)
+            reason = _score_problem(row["score"])
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept_utterances.append({k: _as_json_text(v) if k != "score" else v for k, v in row.items()})
+    if not kept_utterances:
+        raise _nothing_left(paths["utterances"], "utterances", len(utterances), dropped)
 
-    survey_frame = pd.DataFrame(
-        [{k: _as_json_text(v) for k, v in schema.flatten_survey_row(row).items()} for row in survey]
-    )
-    for pref in schema.STATED_PREFS:
-        column = f"stated_prefs_{pref}"
-        if column in survey_frame:
-            survey_frame[column] = pd.to_numeric(survey_frame[column], errors="coerce")
     utterance_frame = pd.DataFrame(kept_utterances)
-    if len(utterance_frame):
-        utterance_frame["score"] = utterance_frame["score"].astype("int64")
-        utterance_frame["turn"] = utterance_frame["turn"].astype("int64")
-        utterance_frame["model_response"] = utterance_frame["model_response"].astype(str)
+    utterance_frame["score"] = utterance_frame["score"].astype("int64")
+    utterance_frame["turn"] = utterance_frame["turn"].astype("int64")
     return PrismTables(
-        survey=survey_frame.drop(columns="_line"),
-        conversations=pd.DataFrame(kept_conversations).drop(columns="_line", errors="ignore"),
-        utterances=utterance_frame.drop(columns="_line", errors="ignore"),
+        survey=survey_table(survey),
+        conversations=_one_type_per_column(pd.DataFrame(kept_conversations).drop(columns="_line")),
+        utterances=_one_type_per_column(utterance_frame.drop(columns="_line")),
         source=source,
         dropped=dict(sorted(dropped.items())),
     )
@@ -145,7 +226,7 @@ def load_prism_directory(directory: str | Path, source: str | None = None) -> Pr
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"PRISM directory {directory} lacks {', '.join(missing)}")
-    rows = {table: read_jsonl(paths[table], schema.REQUIRED_FIELDS[table]) for table in schema.TABLES}
+    rows = {table: read_jsonl(paths[table], schema.ROW_MODELS[table]) for table in schema.TABLES}
     return tables_from_rows(
         rows["survey"],
         rows["conversations"],

@@ -4,7 +4,8 @@ Owns the rule the experiment rests on. A pair is a turn ≥ 1 interaction with e
 responses from the same model and score_gap ≥ 1; the higher-scored response is `chosen`. Its prompt is
 the conversation up to that turn as chat messages: every earlier user message followed by the response
 the participant chose there, then this turn's user message. Every interaction that does not become a
-pair is counted under one reason; PRISM's "EMPTY STRING" becomes an empty response and is counted.
+pair is counted under one reason (two identical texts are no preference); PRISM's "EMPTY STRING" becomes an
+empty response, and empty responses ("", whitespace) are counted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ DROP_REASONS = (
     "interaction_not_two_responses",
     "cross_model_interaction",
     "score_tie",
+    "identical_responses",
     "conversation_not_found",
     "history_without_turn",
     "history_without_chosen_response",
@@ -53,6 +55,11 @@ class PairsResult:
 
 def _response_text(text: str) -> str:
     return "" if text == schema.EMPTY_RESPONSE else text
+
+
+def is_empty(text: str) -> bool:
+    """PRISM's "EMPTY STRING", an empty string, or only whitespace."""
+    return not _response_text(text).strip()
 
 
 def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
@@ -112,6 +119,9 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
         if first[6] == second[6]:
             dropped["score_tie"] += 1
             continue
+        if _response_text(first[5]) == _response_text(second[5]):  # nothing to prefer between them
+            dropped["identical_responses"] += 1
+            continue
         conversation_id, turn = first[2], int(first[3])
         if conversation_id not in histories:
             dropped["conversation_not_found"] += 1
@@ -130,7 +140,7 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
             dropped["history_without_chosen_response"] += 1
             continue
         chosen, rejected = (first, second) if first[6] > second[6] else (second, first)
-        empty += (chosen[5] == schema.EMPTY_RESPONSE) + (rejected[5] == schema.EMPTY_RESPONSE)
+        empty += is_empty(chosen[5]) + is_empty(rejected[5])
         rows.append(
             (
                 interaction_id,

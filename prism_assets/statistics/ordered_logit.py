@@ -41,6 +41,7 @@ class OrderedLogitResult:
     num_users: int
     converged: bool
     dropped: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # covariate or term → why it is not in the fit
     outcome_counts: dict[int, int] = field(default_factory=dict)
 
 
@@ -102,20 +103,35 @@ def gap_outcome(score_gap: pd.Series, boundaries: list[float]) -> np.ndarray:
 
 
 def design_matrix(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec):
-    """(rows kept, X, reference levels, dropped counts) for the pairs joined to their users' covariates."""
+    """(rows kept, X, reference levels, dropped counts, excluded covariates) for the pairs joined to their users'
+    covariates. A covariate that cannot be fitted (constant, or a single usable level) is excluded, with its
+    reason; pairs with a missing or non-finite value of a fitted continuous covariate are dropped and counted."""
     columns = [*spec.categorical, *spec.continuous]
     missing = [c for c in columns if c not in survey.columns]
     if missing:
-        raise KeyError(f"covariates not in the survey table: {missing}; available: {sorted(survey.columns)}")
+        raise ValueError(f"covariates not in the survey table: {missing}; available: {sorted(survey.columns)}")
     users = survey.set_index("user_id")[columns]
     joined = pairs[["user_id", "score_gap"]].join(users, on="user_id")
     keep = np.ones(len(joined), dtype=bool)
     dropped: dict[str, int] = {}
+    excluded: dict[str, str] = {}
+    continuous = []
     for column in spec.continuous:
-        joined[column] = pd.to_numeric(joined[column], errors="coerce")
-        bad = keep & joined[column].isna().to_numpy()
-        dropped[f"pairs_missing_{column}"] = int(bad.sum())
-        keep &= ~bad
+        values = pd.to_numeric(joined[column], errors="coerce").astype(float)
+        finite = np.isfinite(values.to_numpy())
+        distinct = values[finite].unique()
+        if len(distinct) < 2:
+            excluded[column] = (
+                f"constant ({distinct[0]:g} for every user with pairs)" if len(distinct) else "no values"
+            )
+            continue
+        continuous.append(column)
+        joined[column] = values
+        missing, nonfinite = values.isna().to_numpy(), ~finite & values.notna().to_numpy()
+        dropped[f"pairs_missing_{column}"] = int((keep & missing).sum())
+        if nonfinite.any():
+            dropped[f"pairs_nonfinite_{column}"] = int((keep & nonfinite).sum())
+        keep &= finite
     references: dict[str, str] = {}
     # A level's users are counted among the users whose pairs are still in the fit (its clustered SE rests on
     # them, not on survey respondents without pairs); dropping one covariate's rare levels can make another's
@@ -134,19 +150,39 @@ def design_matrix(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec
                 changed = True
     dropped.update({f"pairs_rare_or_missing_{column}": n for column, n in rare_or_missing.items()})
     kept = joined[keep].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"no pair is left to fit: all {len(joined)} were dropped ({dropped}); excluded: {excluded}")
     blocks = []
     for column in spec.categorical:
         counts = kept.drop_duplicates("user_id")[column].value_counts()
         if len(counts) < 2:
-            raise ValueError(f"covariate {column!r} has fewer than two usable levels ({list(counts.index)})")
+            excluded[column] = f"one usable level ({', '.join(map(str, counts.index)) or 'none'})"
+            continue
         reference = str(counts.index[0])
         references[column] = reference
         for level in sorted(counts.index[1:], key=str):
             blocks.append(pd.Series((kept[column] == level).astype(float), name=term_name(column, str(level))))
-    for column in spec.continuous:
+    for column in continuous:
         blocks.append(kept[column].astype(float).rename(column))
+    if not blocks:
+        raise ValueError(f"no covariate can be fitted: {excluded}")
     X = pd.concat(blocks, axis=1)
-    return kept, X, references, dropped
+    return kept, X, references, dropped, excluded
+
+
+def separating_terms(X: pd.DataFrame, y: np.ndarray) -> dict[str, str]:
+    """Dummy terms whose pairs all fall in the lowest or all in the highest outcome (their β has no finite
+    maximum-likelihood estimate), and columns left constant, each with its reason."""
+    reasons = {}
+    for term in X.columns:
+        values = X[term].to_numpy()
+        if np.unique(values).size < 2:
+            reasons[term] = "constant among the pairs left in the fit"
+        elif "[" in term:
+            outcomes = np.unique(y[values == 1])
+            if outcomes.size == 1 and outcomes[0] in (y.min(), y.max()):
+                reasons[term] = f"separates the outcome: all its {int(values.sum())} pairs have Y = {outcomes[0]}"
+    return reasons
 
 
 def cluster_robust_ordered_logit(
@@ -155,14 +191,26 @@ def cluster_robust_ordered_logit(
     spec = spec or CovariateSpec()
     if len(pairs) == 0:
         raise ValueError("no pairs to fit: within_model_pairs is empty")
-    kept, X, references, dropped = design_matrix(pairs, survey, spec)
+    kept, X, references, dropped, excluded = design_matrix(pairs, survey, spec)
     boundaries = quartile_boundaries(kept["score_gap"])
     y = gap_outcome(kept["score_gap"], boundaries)
     if len(np.unique(y)) < 2:
         raise ValueError(f"the binned score gap has a single level (boundaries {boundaries})")
+    # A separating level's pairs leave the fit with it (counted); that can leave another column constant.
+    while reasons := separating_terms(X, y):
+        excluded.update(reasons)
+        rows = np.zeros(len(X), dtype=bool)
+        for term in reasons:
+            if "[" in term:
+                rows |= X[term].to_numpy() == 1
+        dropped["pairs_of_separating_levels"] = dropped.get("pairs_of_separating_levels", 0) + int(rows.sum())
+        kept, X, y = kept[~rows].reset_index(drop=True), X[~rows].drop(columns=list(reasons)), y[~rows]
+        X = X.reset_index(drop=True)
+    if X.empty or len(np.unique(y)) < 2:
+        raise ValueError(f"nothing left to fit after excluding {excluded}")
     # Continuous covariates are fitted per 100 points (better conditioned) and reported per point.
     scale = pd.Series(1.0, index=X.columns)
-    scale[list(spec.continuous)] = 100.0
+    scale[[c for c in spec.continuous if c in X.columns]] = 100.0
     model = LogitOrderedModel(y, X / scale)
     groups = pd.factorize(kept["user_id"])[0]
     fit = model.fit(method="bfgs", cov_type="cluster", cov_kwds={"groups": groups}, disp=False, maxiter=2000)
@@ -195,5 +243,6 @@ def cluster_robust_ordered_logit(
         num_users=int(kept["user_id"].nunique()),
         converged=bool(fit.mle_retvals.get("converged", False)),
         dropped=dropped,
+        excluded=excluded,
         outcome_counts={int(level): int((y == level).sum()) for level in np.unique(y)},
     )
