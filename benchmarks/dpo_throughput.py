@@ -176,7 +176,7 @@ def measure(
         batch_size=8,
         beta=0.1,
         learning_rate=5e-6,
-        logging_steps=25,
+        logging_steps=min(25, steps + warm),  # the original recipe logs every 25 steps
         max_length=1024,
     )
     if variant in (PROJECT, TRL_REFS):
@@ -229,7 +229,7 @@ def measure(
                 learning_rate=5e-6,
                 beta=0.1,
                 max_steps=steps + warm,
-                logging_steps=25,
+                logging_steps=min(25, steps + warm),  # the original recipe logs every 25 steps
                 save_strategy="no",
                 report_to="none",
                 seed=0,

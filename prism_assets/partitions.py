@@ -14,7 +14,8 @@ CELL, SEED = "cell", "seed"
 BASELINE = "baseline"
 GROUPS = ("A", "B")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-SEED_KEY = re.compile(r"0|[1-9][0-9]*")  # one spelling per seed: 1, never 01
+SEED_KEY = re.compile(r"0|[1-9][0-9]{0,9}")  # one spelling per seed: 1, never 01
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
 
 cell_partitions = dg.DynamicPartitionsDefinition(name=CELL)
 seed_partitions = dg.DynamicPartitionsDefinition(name=SEED)
@@ -46,8 +47,8 @@ def parse_cell(cell: str) -> tuple[str | None, str | None]:
 
 def seed_key(seed: int | str) -> str:
     text = str(seed)
-    if not SEED_KEY.fullmatch(text):
-        raise ValueError(f"invalid seed {seed!r}: expected a non-negative integer without leading zeros")
+    if not SEED_KEY.fullmatch(text) or int(text) > MAX_SEED:
+        raise ValueError(f"invalid seed {seed!r}: expected an integer from 0 to {MAX_SEED} without leading zeros")
     return text
 
 

@@ -3,8 +3,10 @@
 Owns `source_version(*modules)`: a hash of the modules' syntax trees without docstrings (comments, layout
 and documentation do not count), over the given modules and every logic module (`dataset`, `statistics`,
 `training`) they import, found in their source; and `with_upstream_code_versions`, which folds upstream
-assets' code versions into each asset's.
+assets' code versions into each asset's. Imports no Dagster at run time.
 """
+
+from __future__ import annotations
 
 import ast
 import hashlib
@@ -12,8 +14,10 @@ import importlib.util
 import inspect
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import dagster as dg
+if TYPE_CHECKING:  # the trainer checks its own code version with this module and imports no Dagster
+    import dagster as dg
 
 # Shown on every asset in the UI; a team or e-mail owns the results and answers for the runs.
 OWNERS = ["team:alignment-research"]

@@ -378,7 +378,10 @@ class SlurmLauncher(RunLauncher):
             final = self.watch(context, job_id, run_dir, remote)
         except BaseException as error:
             context.log.warning(f"cancelling SLURM job {job_id}")
-            self.commands.run(["scancel", job_id], check=False)
+            try:
+                self.commands.run(["scancel", job_id], check=False)
+            except Exception as cancel_error:  # SLURM unreachable: keep the error that got us here
+                context.log.error(f"could not cancel SLURM job {job_id} ({cancel_error}): run `scancel {job_id}`")
             if isinstance(error, Exception):
                 raise
             raise dg.Failure(f"the run was terminated: SLURM job {job_id} cancelled", allow_retries=False) from error

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from builders import conversation, survey_row, write_prism
@@ -252,3 +253,64 @@ def test_a_categorical_covariate_left_with_one_level_is_left_out(full_synthetic_
     pairs, survey = _fit_data(full_synthetic_dir)
     fit = cluster_robust_ordered_logit(pairs, survey.assign(gender="Female"), CovariateSpec())
     assert fit.excluded == {"gender": "one usable level (Female)"}
+
+
+def test_a_reference_level_left_without_pairs_gets_another_reference():
+    """B's level b1 holds exactly the users of A's reference level a0 and separates the outcome: once its pairs
+    leave the fit, A's other levels cover every pair and one of them becomes A's reference."""
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(300)]
+    a = ["a0"] * 120 + ["a1"] * 90 + ["a2"] * 90
+    survey = pd.DataFrame(
+        {"user_id": users, "A": a, "B": ["b1" if x == "a0" else "b0" for x in a], "x": rng.uniform(0, 100, 300)}
+    )
+    pairs = pd.DataFrame({"user_id": np.repeat(users, 10), "score_gap": rng.integers(1, 60, 3000)})
+    pairs.loc[pairs["user_id"].isin(users[:120]), "score_gap"] = 99
+    fit = cluster_robust_ordered_logit(pairs, survey, CovariateSpec(("A", "B"), ("x",), min_level_users=1))
+    assert fit.excluded["B[b1]"].startswith("separates the outcome: all its 1200 pairs")
+    assert fit.reference_levels["A"] in ("a1", "a2") and fit.num_pairs == 1800
+    assert set(fit.coefficients["term"]) == {"x", "A[a1]", "A[a2]"} - {f"A[{fit.reference_levels['A']}]"}
+    assert np.isfinite(fit.coefficients["beta"]).all() and fit.converged
+
+
+def test_a_history_that_skips_a_turn_gives_no_prompts_after_the_gap(tmp_path):
+    turns = [[("m1", 60, "a")], [("m1", 70, "x"), ("m1", 30, "y")], [("m1", 80, "p"), ("m1", 20, "q")]]
+    conv, utts = conversation("u1", "c1", turns)
+    conv["conversation_history"] = [item for item in conv["conversation_history"] if item["turn"] != 1]
+    tables = load_prism_directory(_prism(tmp_path, conversations=[conv], utterances=utts))
+    result = pairs_lib.within_model_pairs(tables.utterances, tables.conversations)
+    # turn 1 is missing from the history; turn 2's prompt would lack that exchange
+    assert result.pairs.empty
+    assert result.dropped["history_without_turn"] == 1 and result.dropped["history_with_gap"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"user_id": "u1", "user_id": "u2"}', "malformed JSON: key 'user_id' appears twice in one object"),
+        ('{"score": ' + "9" * 5000 + "}", "malformed JSON: Exceeds the limit"),
+    ],
+)
+def test_json_that_python_would_misread_is_an_error(tmp_path, text, message):
+    directory = _prism(tmp_path)
+    (directory / "utterances.jsonl").write_text(text + "\n")
+    with pytest.raises(PrismFormatError, match=rf"utterances\.jsonl:1: {message}"):
+        load_prism_directory(directory)
+
+
+@pytest.mark.parametrize(("field", "value"), [("score", 10**400), ("turn", 2**70)])
+def test_huge_integers_are_a_drop_or_an_error_not_an_overflow(tmp_path, field, value):
+    utterances = _utterances(**{field: value})
+    if field == "score":
+        assert load_prism_directory(_prism(tmp_path, utterances=utterances)).dropped == {
+            "utterances_score_outside_1_100": 1
+        }
+    else:
+        with pytest.raises(PrismFormatError, match=r"utterances\.jsonl:3: turn: Input should be less than 2147483648"):
+            load_prism_directory(_prism(tmp_path, utterances=utterances))
+
+
+def test_utterances_without_the_optional_within_turn_id_still_pair(tmp_path):
+    utterances = [{k: v for k, v in row.items() if k != "within_turn_id"} for row in _utterances()]
+    tables = load_prism_directory(_prism(tmp_path, utterances=utterances))
+    assert len(pairs_lib.within_model_pairs(tables.utterances, tables.conversations).pairs) == 1

@@ -1,6 +1,7 @@
 """group_dpo_run partitions and correspondence_table through a real Dagster instance and the local launcher."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -88,6 +89,7 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     assert (ran["reference_logps"], ran["token_ids"]) == ("precomputed", "stored")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
+    assert config["code_version"] == dpo.JOB_CODE_VERSIONS[dpo.TRAINER_MODULE]  # the trainer checked it
 
 
 def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
@@ -113,9 +115,59 @@ def test_a_failed_attempt_leaves_the_last_successful_run_in_place(v3_instance):
     assert not _materialize_partition(
         failing, failing_resources, instance, "S8_region.B", 0, raise_on_error=False
     ).success
-    assert (run_dir / "metrics.json").read_text() == finished  # the successful run's outputs, untouched
-    assert "no-such-model" in (run_dir.with_name("seed0.failed") / "stderr.log").read_text()
-    assert not run_dir.with_name("seed0.previous").exists()
+    previous = run_dir.with_name("seed0.previous")
+    assert (previous / "metrics.json").read_text() == finished  # the successful run's outputs, untouched
+    assert "no-such-model" in (run_dir / "stderr.log").read_text()  # the failed attempt, where the failure says
+    # another failure keeps them; a success replaces them
+    assert not _materialize_partition(
+        failing, failing_resources, instance, "S8_region.B", 0, raise_on_error=False
+    ).success
+    assert (previous / "metrics.json").read_text() == finished
+    assert _materialize_partition(assets, resources, instance, "S8_region.B", 0).success
+    assert not previous.exists() and (run_dir / "metrics.json").exists()
+
+
+def test_a_second_launch_of_a_running_partition_is_refused_and_clobbers_nothing(v3_instance):
+    """A launch of S8_region.A in another process (its own Dagster instance, the same run directories) while
+    this one launches it again: the second fails at once naming the first; the first finishes undisturbed."""
+    import subprocess
+    import sys
+    import time
+
+    tmp_path, assets, resources, instance = v3_instance
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import dagster as dg
+from prism_assets import partitions
+from test_dpo_assets import _definitions, _materialize_partition
+assets, resources = _definitions(Path({str(tmp_path)!r}), max_steps=200, logging_steps=50)
+with dg.instance_for_test() as instance:
+    instance.add_dynamic_partitions(partitions.CELL, ["S6_helpfulness.A"])
+    instance.add_dynamic_partitions(partitions.SEED, ["0"])
+    sys.exit(0 if _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0).success else 1)
+""",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = tmp_path / "runs" / "S6_helpfulness.A" / "seed0.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text()) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    holder = lock.read_text()
+    second = _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0, raise_on_error=False)
+    [failure] = [e for e in second.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"seed0 is in use by {holder}: one run of a partition at a time" in failure.step_failure_data.error.message
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    config = json.loads((tmp_path / "runs" / "S6_helpfulness.A" / "seed0" / "run.json").read_text())
+    assert config["max_steps"] == 200  # the first launch's run, whole
+    assert lock.read_text() == ""  # released
 
 
 def test_settings_other_than_the_code_versions_are_refused(v3_instance):

@@ -41,6 +41,7 @@ def test_pairs_drop_ties_cross_model_and_non_two_response_turns(tmp_path):
         "conversation_not_found": 0,
         "history_without_turn": 0,
         "history_without_chosen_response": 0,
+        "history_with_gap": 0,
     }
     pairs = result.pairs.set_index("turn")
     assert list(pairs.index) == [1, 4]

@@ -27,6 +27,7 @@ def test_unsafe_or_malformed_cells_are_rejected(bad):
 
 def test_seed_keys_are_non_negative_integers():
     assert partitions.seed_key(3) == "3" and partitions.seed_key("0") == "0" and partitions.seed_key("10") == "10"
-    for bad in ("-1", "x", "1.5", "0;ls", "01", "007", "²", "1\n", " 1"):
+    assert partitions.seed_key(2**32 - 1) == "4294967295"
+    for bad in ("-1", "x", "1.5", "0;ls", "01", "007", "²", "1\n", " 1", "4294967296"):
         with pytest.raises(ValueError, match="invalid seed"):
             partitions.seed_key(bad)

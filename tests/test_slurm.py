@@ -8,6 +8,7 @@ and unsafe names refused before anything is submitted.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,28 @@ def test_a_failing_job_names_state_exit_code_and_stderr(cluster_instance, tmp_pa
     message = _failure(result)
     assert re.search(r"SLURM job \d+ ended FAILED \(exit code 1:0", message)
     assert "missing-model" in message and "Hint: the trainer failed" in message
+
+
+def test_a_cluster_environment_with_other_trainer_code_fails_naming_both_versions(cluster_instance, tmp_path):
+    """The job's interpreter runs an edited copy of the project (a stale venv on the cluster): the trainer refuses
+    to train, naming its version and the one the asset recorded."""
+    from prism_assets.assets.dpo import JOB_CODE_VERSIONS, TRAINER_MODULE
+
+    stale = tmp_path / "stale"
+    shutil.copytree(REPO / "prism_assets", stale / "prism_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    engine = stale / "prism_assets" / "training" / "engine.py"
+    engine.write_text(engine.read_text() + "\nSTALE = True\n")
+    python = stale / "python"  # the cluster's interpreter, with the stale copy first on its path
+    python.write_text(f'#!/bin/sh\ncd {stale} && exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    result, run_dir = _run(cluster_instance, "S3_personalisation.A", _launcher(), python=str(python))
+    assert not result.success
+    message = _failure(result)
+    expected = JOB_CODE_VERSIONS[TRAINER_MODULE]
+    assert re.search(
+        rf"stale code: {TRAINER_MODULE} here is version \w{{12}}, the asset .* recorded {expected}", message
+    )
+    assert not (run_dir / "curve.parquet").exists()
 
 
 def test_a_job_cancelled_outside_dagster_fails_the_partition(cluster_instance):

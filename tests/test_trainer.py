@@ -211,3 +211,29 @@ def test_on_cuda_the_trainer_trains_the_cpu_run_in_bf16_and_resumes(first_run, t
     _train(tmp_path, "cuda", tiny_model_dir, small_pairs_path, **settings)
     assert json.loads((run / "run.json").read_text())["resumed_at_step"] == 2
     pd.testing.assert_frame_equal(pd.read_parquet(run / "curve.parquet"), curve, rtol=1e-2, atol=1e-3)
+
+
+def test_the_trainer_refuses_code_other_than_the_asset_recorded(tmp_path, tiny_model_dir, small_pairs_path):
+    from prism_assets import versions
+
+    config = {
+        "base_model": str(tiny_model_dir),
+        "pairs_path": str(small_pairs_path),
+        "output_dir": str(tmp_path),
+        "seed": 0,
+        "code_version": "000000000000",
+    }
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "c.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = versions.source_version("prism_assets.training.trainer")
+    assert done.returncode == 1
+    assert (
+        f"stale code: prism_assets.training.trainer here is version {found}, the asset that launched this job "
+        "recorded 000000000000" in done.stderr
+    )
+    assert not (tmp_path / "run.json").exists()

@@ -6,18 +6,22 @@ run back: a missing or corrupt output fails the partition naming the file.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
@@ -38,6 +42,7 @@ from prism_assets.training.settings import (
     RunConfig,
     TrainingSettings,
     fields_where,
+    validation_problems,
 )
 from resources.launcher import RunLauncher
 
@@ -47,6 +52,9 @@ CODE_VERSION = versions.source_version(
     sys.modules[__name__], "prism_assets.training.trainer", "prism_assets.training.tiny_model"
 )
 REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.reference", "prism_assets.training.tiny_model")
+# The code each job runs where it runs (the cluster's environment): the job refuses to run other code.
+TRAINER_MODULE, REFERENCE_MODULE = "prism_assets.training.trainer", "prism_assets.training.reference"
+JOB_CODE_VERSIONS = {module: versions.source_version(module) for module in (TRAINER_MODULE, REFERENCE_MODULE)}
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
@@ -147,27 +155,57 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 
 
 @contextlib.contextmanager
-def attempt_dir(path: Path, finished: str, log: Callable[[str], None]) -> Iterator[Path]:
-    """An empty run directory for one attempt (a rerun never reads a previous attempt's outputs). A finished run
-    there (one holding `finished`) is set aside as <name>.previous and put back if the attempt fails, the failed
-    attempt kept as <name>.failed: a failure never deletes the last successful run's outputs."""
-    previous, failed = path.with_name(f"{path.name}.previous"), path.with_name(f"{path.name}.failed")
-    if (path / finished).exists():
+def exclusive(path: Path, owner: str) -> Iterator[None]:
+    """Hold <path>.lock while a run uses `path`: a second launch of the same partition fails at once, naming the
+    first, instead of deleting its live directory. The operating system releases the lock with the process that
+    holds it, so a crashed or restarted orchestrator leaves none behind."""
+    lock = path.with_name(f"{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    with open(lock, "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise dg.Failure(
+                f"{path} is in use by {holder}: one run of a partition at a time; wait for that run to end or "
+                "terminate it, then launch this partition again",
+                allow_retries=False,
+            ) from None
+        handle.truncate(0)
+        handle.write(
+            f"{owner} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+        )
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def attempt_dir(path: Path, finished: str, owner: str, log: Callable[[str], None]) -> Iterator[Path]:
+    """An empty run directory for one attempt, held `exclusive`ly (a rerun never reads a previous attempt's
+    outputs). The last successful run's directory (one holding `finished`) is kept as <name>.previous until an
+    attempt succeeds: a failed, killed or interrupted attempt never deletes it. A failed attempt stays in place,
+    where its job may still write and where the failure message points."""
+    with exclusive(path, owner):
+        previous = path.with_name(f"{path.name}.previous")
+        if previous.exists():  # set aside by an attempt that did not succeed: `path` holds no recorded run
+            shutil.rmtree(path, ignore_errors=True)
+        elif (path / finished).exists():
+            path.rename(previous)
+        elif path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        try:
+            yield path
+        except BaseException:
+            if previous.exists():
+                log(f"the last successful run's files are in {previous} until an attempt succeeds")
+            raise
         shutil.rmtree(previous, ignore_errors=True)
-        path.rename(previous)
-    elif path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    try:
-        yield path
-    except BaseException:
-        if previous.exists():
-            shutil.rmtree(failed, ignore_errors=True)
-            path.rename(failed)
-            previous.rename(path)
-            log(f"the failed attempt's files are in {failed}; {path} holds the last successful run again")
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, ...] = TRAINING_FIELDS) -> None:
@@ -207,7 +245,10 @@ def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
     ) -> dg.Output:
         check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
         with attempt_dir(
-            (Path(dpo_settings.runs_dir) / "reference").resolve(), "reference_logps.parquet", context.log.warning
+            (Path(dpo_settings.runs_dir) / "reference").resolve(),
+            "reference_logps.parquet",
+            f"Dagster run {context.run.run_id}",
+            context.log.warning,
         ) as run_dir:
             return _reference_logps(context, dpo_settings, launcher, within_model_pairs, run_dir)
 
@@ -227,6 +268,7 @@ def _reference_logps(
         pairs_path="pairs.parquet",
         output_path="reference_logps.parquet",
         device=dpo_settings.device,
+        code_version=JOB_CODE_VERSIONS[REFERENCE_MODULE],
     )
     config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
     config_path = run_dir / "reference.json"
@@ -235,7 +277,7 @@ def _reference_logps(
         context=context,
         run_dir=str(run_dir),
         outputs=[config.output_path],
-        command=[dpo_settings.python, "-m", "prism_assets.training.reference", "--config", str(config_path)],
+        command=[dpo_settings.python, "-m", REFERENCE_MODULE, "--config", str(config_path)],
     )
     output = run_dir / config.output_path
     if not output.exists():
@@ -300,14 +342,18 @@ def run_config(settings: DpoSettings, cell: str, seed: int, max_train_pairs: int
     """The trainer's config of one partition: every field of the schema as the settings have it (the base model
     resolved to a path), the run's pairs file and seed."""
     split, group = partitions.parse_cell(cell)
-    return RunConfig(
-        **{**settings.training_values(), "base_model": settings.resolved_base_model()},
-        pairs_path="pairs.parquet",
-        output_dir=".",
-        seed=seed,
-        max_train_pairs=max_train_pairs,
-        label={"cell": cell, "split": split, "group": group, "seed": seed},
-    )
+    try:
+        return RunConfig(
+            **{**settings.training_values(), "base_model": settings.resolved_base_model()},
+            pairs_path="pairs.parquet",
+            output_dir=".",
+            seed=seed,
+            max_train_pairs=max_train_pairs,
+            label={"cell": cell, "split": split, "group": group, "seed": seed},
+            code_version=JOB_CODE_VERSIONS[TRAINER_MODULE],
+        )
+    except ValidationError as error:  # settings overridden in run config: a retry would repeat it
+        raise dg.Failure(f"dpo_settings: {validation_problems(error)}", allow_retries=False) from None
 
 
 def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
@@ -341,7 +387,10 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
             raise dg.Failure(str(error), allow_retries=False) from None
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
         with attempt_dir(
-            (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve(), METRICS_FILE, context.log.warning
+            (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve(),
+            METRICS_FILE,
+            f"Dagster run {context.run.run_id}",
+            context.log.warning,
         ) as run_dir:
             with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
             config = run_config(
@@ -361,7 +410,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
                 context=context,
                 run_dir=str(run_dir),
                 outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
-                command=[dpo_settings.python, "-m", "prism_assets.training.trainer", "--config", str(config_path)],
+                command=[dpo_settings.python, "-m", TRAINER_MODULE, "--config", str(config_path)],
             )
             metrics, curve = read_run_outputs(run_dir)
             value = {

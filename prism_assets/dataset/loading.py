@@ -82,11 +82,13 @@ def read_jsonl(path: Path, model: type[schema.Row]) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_object_without_duplicate_keys)
             except json.JSONDecodeError as error:
                 raise PrismFormatError(
                     f"{path}:{line_number}: malformed JSON: {error.msg} (column {error.colno})"
                 ) from None
+            except ValueError as error:  # a duplicated key, an integer too long to convert
+                raise PrismFormatError(f"{path}:{line_number}: malformed JSON: {error}") from None
             if not isinstance(row, dict):
                 raise PrismFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             try:
@@ -96,6 +98,16 @@ def read_jsonl(path: Path, model: type[schema.Row]) -> list[dict]:
             row["_line"] = line_number
             rows.append(row)
     return rows
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refusing a key given twice (json would keep the last one silently)."""
+    row: dict = {}
+    for key, value in pairs:
+        if key in row:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        row[key] = value
+    return row
 
 
 def _check_unique(rows: list[dict], key: str, path: Path) -> None:
@@ -150,9 +162,11 @@ def _one_type_per_column(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _score_problem(value) -> str | None:
     """The drop reason of a score the experiment cannot use, or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return "utterances_score_not_a_number"
-    if not float(value).is_integer() or not schema.MIN_SCORE <= value <= schema.MAX_SCORE:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "utterances_score_not_a_number"
+    if not schema.MIN_SCORE <= value <= schema.MAX_SCORE or not float(value).is_integer():
         return "utterances_score_outside_1_100"
     return None
 
@@ -208,6 +222,9 @@ def tables_from_rows(
         raise _nothing_left(paths["utterances"], "utterances", len(utterances), dropped)
 
     utterance_frame = pd.DataFrame(kept_utterances)
+    for name in schema.FIELDS["utterances"]:  # optional fields absent from every row: still a column
+        if name not in utterance_frame:
+            utterance_frame[name] = None
     utterance_frame["score"] = utterance_frame["score"].astype("int64")
     utterance_frame["turn"] = utterance_frame["turn"].astype("int64")
     return PrismTables(

@@ -26,6 +26,7 @@ DROP_REASONS = (
     "conversation_not_found",
     "history_without_turn",
     "history_without_chosen_response",
+    "history_with_gap",
 )
 PAIR_COLUMNS = (
     "pair_id",
@@ -62,9 +63,9 @@ def is_empty(text: str) -> bool:
     return not _response_text(text).strip()
 
 
-def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
-    """turn → chat messages up to and including that turn's user message (None: an earlier turn has no chosen
-    response)."""
+def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | str]:
+    """turn → chat messages up to and including that turn's user message, or the reason there are none: an
+    earlier turn has no chosen response, or the history skips a turn (its prompt would lack that exchange)."""
     users: dict[int, str] = {}
     chosen: dict[int, str] = {}
     for item in history:
@@ -72,18 +73,23 @@ def _prompts_by_turn(history: list[dict]) -> dict[int, list[dict] | None]:
             users[item["turn"]] = item["content"]
         elif item.get("role") == "model" and item.get("if_chosen"):
             chosen[item["turn"]] = _response_text(item["content"])
-    prompts: dict[int, list[dict] | None] = {}
-    messages: list[dict] | None = []
-    for turn in sorted(users):
-        prompts[turn] = None if messages is None else [*messages, {"role": "user", "content": users[turn]}]
-        if messages is not None and turn in chosen:
-            messages = [
-                *messages,
-                {"role": "user", "content": users[turn]},
-                {"role": "assistant", "content": chosen[turn]},
-            ]
-        else:
-            messages = None
+    prompts: dict[int, list[dict] | str] = {}
+    messages: list[dict] | str = []
+    for expected, turn in enumerate(sorted(users)):
+        if turn != expected and isinstance(messages, list):
+            messages = "history_with_gap"
+        prompts[turn] = (
+            messages if isinstance(messages, str) else [*messages, {"role": "user", "content": users[turn]}]
+        )
+        if isinstance(messages, list):
+            if turn in chosen:
+                messages = [
+                    *messages,
+                    {"role": "user", "content": users[turn]},
+                    {"role": "assistant", "content": chosen[turn]},
+                ]
+            else:
+                messages = "history_without_chosen_response"
     return prompts
 
 
@@ -136,8 +142,8 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
             dropped["history_without_turn"] += 1
             continue
         prompt = prompts[turn]
-        if prompt is None:
-            dropped["history_without_chosen_response"] += 1
+        if isinstance(prompt, str):
+            dropped[prompt] += 1
             continue
         chosen, rejected = (first, second) if first[6] > second[6] else (second, first)
         empty += is_empty(chosen[5]) + is_empty(rejected[5])

@@ -26,7 +26,7 @@ MIN_SCORE, MAX_SCORE = 1, 100
 # fields outside the codebook are kept, as text. `score` and `model_response` are checked by the loader instead:
 # a value the experiment cannot use there is a counted drop (loading.UTTERANCE_DROPS), not an error.
 Id = Annotated[str, StringConstraints(min_length=1)]
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, lt=2**31)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Preference = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 

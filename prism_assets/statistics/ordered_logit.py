@@ -170,7 +170,10 @@ def design_matrix(pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec
     return kept, X, references, dropped, excluded
 
 
-def separating_terms(X: pd.DataFrame, y: np.ndarray) -> dict[str, str]:
+SEPARATES = "separates the outcome"
+
+
+def unfittable_terms(X: pd.DataFrame, y: np.ndarray) -> dict[str, str]:
     """Dummy terms whose pairs all fall in the lowest or all in the highest outcome (their β has no finite
     maximum-likelihood estimate), and columns left constant, each with its reason."""
     reasons = {}
@@ -181,8 +184,21 @@ def separating_terms(X: pd.DataFrame, y: np.ndarray) -> dict[str, str]:
         elif "[" in term:
             outcomes = np.unique(y[values == 1])
             if outcomes.size == 1 and outcomes[0] in (y.min(), y.max()):
-                reasons[term] = f"separates the outcome: all its {int(values.sum())} pairs have Y = {outcomes[0]}"
+                reasons[term] = f"{SEPARATES}: all its {int(values.sum())} pairs have Y = {outcomes[0]}"
     return reasons
+
+
+def rebase_empty_references(X: pd.DataFrame, references: dict[str, str]) -> list[str]:
+    """Dummies to drop because their variable's reference level has no pairs left (the dummies would sum to one,
+    a constant beside the thresholds): its most frequent remaining level becomes the reference."""
+    dropped = []
+    for variable in references:
+        dummies = [c for c in X.columns if c.startswith(f"{variable}[")]
+        if dummies and (X[dummies].sum(axis=1) >= 1).all():
+            new = str(X[dummies].sum().idxmax())
+            references[variable] = new[len(variable) + 1 : -1]
+            dropped.append(new)
+    return dropped
 
 
 def cluster_robust_ordered_logit(
@@ -197,15 +213,24 @@ def cluster_robust_ordered_logit(
     if len(np.unique(y)) < 2:
         raise ValueError(f"the binned score gap has a single level (boundaries {boundaries})")
     # A separating level's pairs leave the fit with it (counted); that can leave another column constant.
-    while reasons := separating_terms(X, y):
+    # A separating level leaves the fit with its pairs (counted); a column left constant leaves alone; a
+    # variable whose reference level lost its pairs gets another reference. Each round removes a column.
+    while True:
+        reasons = unfittable_terms(X, y)
+        if not reasons:
+            rebased = rebase_empty_references(X, references)
+            if not rebased:
+                break
+            X = X.drop(columns=rebased)
+            continue
         excluded.update(reasons)
         rows = np.zeros(len(X), dtype=bool)
-        for term in reasons:
-            if "[" in term:
+        for term, reason in reasons.items():
+            if reason.startswith(SEPARATES):
                 rows |= X[term].to_numpy() == 1
         dropped["pairs_of_separating_levels"] = dropped.get("pairs_of_separating_levels", 0) + int(rows.sum())
-        kept, X, y = kept[~rows].reset_index(drop=True), X[~rows].drop(columns=list(reasons)), y[~rows]
-        X = X.reset_index(drop=True)
+        kept, y = kept[~rows].reset_index(drop=True), y[~rows]
+        X = X[~rows].drop(columns=list(reasons)).reset_index(drop=True)
     if X.empty or len(np.unique(y)) < 2:
         raise ValueError(f"nothing left to fit after excluding {excluded}")
     # Continuous covariates are fitted per 100 points (better conditioned) and reported per point.

@@ -20,7 +20,12 @@ import torch
 
 from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
-from prism_assets.training.run_files import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, pair_text_digests
+from prism_assets.training.run_files import (
+    REFERENCE_COLUMNS,
+    TEXT_DIGEST_COLUMN,
+    check_code_version,
+    pair_text_digests,
+)
 from prism_assets.training.settings import ReferenceConfig
 
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ReferenceConfig.from_json(parser.parse_args(argv).config)
     reporter = Reporter()
     try:
+        check_code_version("prism_assets.training.reference", cfg.code_version)
         run(cfg, reporter)
     except BaseException as error:
         reporter.close(error)

@@ -10,6 +10,8 @@ import json
 
 import pandas as pd
 
+from prism_assets import versions
+
 RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metrics.json"
 # The base model's summed log-probs of each pair's responses (reference_logps), carried in the pairs file.
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -42,3 +44,18 @@ def split_heldout(pairs: pd.DataFrame, fraction: float, max_pairs: int) -> tuple
     heldout = ordered[in_heldout].head(max_pairs)
     train = ordered.drop(index=heldout.index)
     return train.drop(columns="_hash").reset_index(drop=True), heldout.drop(columns="_hash").reset_index(drop=True)
+
+
+class StaleCodeError(RuntimeError):
+    """The job's environment runs other code than the asset that launched it recorded."""
+
+
+def check_code_version(module: str, expected: str | None) -> None:
+    """Refuse to run when `module` and the modules it imports here are not the code the asset recorded: a
+    stale environment on the cluster would otherwise train with other code under this code's version."""
+    found = versions.source_version(module)
+    if expected is not None and found != expected:
+        raise StaleCodeError(
+            f"stale code: {module} here is version {found}, the asset that launched this job recorded {expected}; "
+            "install this project's current version where the job runs (DPO_PYTHON, PRISM_SLURM_SETUP_LINES)"
+        )

@@ -186,11 +186,17 @@ class RunConfig(JobConfig, TrainingSettings):
 
     pairs_path: str = setting(..., "the run's pairs (parquet); relative to the config file", resumable=True)
     output_dir: str = setting(..., "where the run writes its outputs", resumable=True)
-    seed: int = setting(..., "the run's seed: its batches, sampling and initialisation")
+    seed: int = setting(..., "the run's seed: its batches, sampling and initialisation", ge=0, le=2**32 - 1)
     user_ids: list[str] | None = setting(None, "train on these users' pairs only (none: every pair in the file)")
     max_train_pairs: int | None = setting(None, "train on at most this many pairs (balance_groups)")
     keep_checkpoints: bool = setting(False, "keep the checkpoints after a finished run", learns=False, resumable=True)
     label: dict = setting({}, "cell / split / group / seed, for humans", learns=False, resumable=True)
+    code_version: str | None = setting(
+        None,
+        "the trainer code's version the asset recorded (`versions.source_version`): other code refuses to run",
+        learns=False,
+        resumable=True,
+    )
 
     @model_validator(mode="after")
     def _step_intervals(self) -> Self:
@@ -222,4 +228,5 @@ class ReferenceConfig(JobConfig):
     pairs_path: str
     output_path: str
     device: str = TrainingSettings.model_fields["device"].default
+    code_version: str | None = Field(None, description="the reference job code's version the asset recorded")
     batch_size: int = Field(32, description="sequences a forward pass (one padding-free row)")

@@ -33,7 +33,14 @@ from prism_assets.training import engine, packing  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
-from prism_assets.training.run_files import CURVE_FILE, METRICS_FILE, REFERENCE_COLUMNS, RUN_CONFIG_FILE, split_heldout  # noqa: E402
+from prism_assets.training.run_files import (  # noqa: E402
+    CURVE_FILE,
+    METRICS_FILE,
+    REFERENCE_COLUMNS,
+    RUN_CONFIG_FILE,
+    check_code_version,
+    split_heldout,
+)
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
 TRL_LOG_COLUMNS = {
@@ -381,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     reporter = Reporter()
     try:
+        check_code_version("prism_assets.training.trainer", cfg.code_version)
         metrics = train(cfg, reporter, stop)
     except BaseException as error:
         reporter.close(error)
