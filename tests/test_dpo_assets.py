@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from prism_assets import partitions, versions
@@ -168,6 +169,42 @@ with dg.instance_for_test() as instance:
     config = json.loads((tmp_path / "runs" / "S6_helpfulness.A" / "seed0" / "run.json").read_text())
     assert config["max_steps"] == 200  # the first launch's run, whole
     assert lock.read_text() == ""  # released
+
+
+def test_a_relaunch_resumes_from_the_checkpoints_of_an_interrupted_attempt(v3_instance, tmp_path):
+    """The trainer is stopped (SIGTERM: it checkpoints and exits) after its first checkpoint; launching the
+    partition again resumes from that checkpoint and ends with the curve of an uninterrupted run."""
+    import shutil
+    import subprocess
+    import threading
+    import time
+
+    from builders import run_job
+
+    runs, _, _, instance = v3_instance
+    assets, resources = _definitions(runs, max_steps=80, logging_steps=2, checkpoint_steps=8)
+    run_dir = runs / "runs" / "S7_diversity.B" / "seed0"
+
+    def interrupt():
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "trainer").glob("checkpoint-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        subprocess.run(["pkill", "-TERM", "-f", "--", f"--config {run_dir / 'config.json'}"])
+
+    stopper = threading.Thread(target=interrupt)
+    stopper.start()
+    assert not _materialize_partition(assets, resources, instance, "S7_diversity.B", 0, raise_on_error=False).success
+    stopper.join()
+    assert _materialize_partition(assets, resources, instance, "S7_diversity.B", 0).success
+    resumed_at = json.loads((run_dir / "run.json").read_text())["resumed_at_step"]
+    assert resumed_at is not None and 8 <= resumed_at < 80
+    # the same run, uninterrupted, by hand
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run_dir / "pairs.parquet", alone)
+    config = json.loads((run_dir / "config.json").read_text())
+    run_job(alone, "config", **{**config, "pairs_path": str(alone / "pairs.parquet"), "output_dir": str(alone)})
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "curve.parquet"), pd.read_parquet(alone / "curve.parquet"))
 
 
 def test_settings_other_than_the_code_versions_are_refused(v3_instance):

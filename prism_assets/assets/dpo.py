@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 from prism_assets import partitions, versions
 from prism_assets.training import tiny_model
 from prism_assets.training.run_files import (
+    CHECKPOINTS_DIR,
     CURVE_FILE,
     METRICS_FILE,
     REFERENCE_COLUMNS,
@@ -185,20 +186,24 @@ def exclusive(path: Path, owner: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def attempt_dir(path: Path, finished: str, owner: str, log: Callable[[str], None]) -> Iterator[Path]:
-    """An empty run directory for one attempt, held `exclusive`ly (a rerun never reads a previous attempt's
-    outputs). The last successful run's directory (one holding `finished`) is kept as <name>.previous until an
-    attempt succeeds: a failed, killed or interrupted attempt never deletes it. A failed attempt stays in place,
-    where its job may still write and where the failure message points."""
+def attempt_dir(
+    path: Path, finished: str, owner: str, log: Callable[[str], None], keep: tuple[str, ...] = ()
+) -> Iterator[Path]:
+    """A run directory for one attempt, held `exclusive`ly, with nothing of an earlier attempt but the names in
+    `keep` of one that did not finish (its checkpoints, and the config they were written under): a rerun never
+    reads another attempt's outputs, and a retry can resume. The last successful run's directory (one holding
+    `finished`) is kept as <name>.previous until an attempt succeeds: a failed, killed or interrupted attempt
+    never deletes it. A failed attempt stays in place, where its job may still write and its failure points."""
     with exclusive(path, owner):
         previous = path.with_name(f"{path.name}.previous")
-        if previous.exists():  # set aside by an attempt that did not succeed: `path` holds no recorded run
-            shutil.rmtree(path, ignore_errors=True)
-        elif (path / finished).exists():
+        if (path / finished).exists() and not previous.exists():
             path.rename(previous)
-        elif path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        elif path.exists():  # an attempt that did not succeed (with .previous: `path` holds no recorded run)
+            unfinished = not (path / finished).exists()
+            for entry in path.iterdir():
+                if not (unfinished and entry.name in keep):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
         try:
             yield path
         except BaseException:
@@ -206,6 +211,23 @@ def attempt_dir(path: Path, finished: str, owner: str, log: Callable[[str], None
                 log(f"the last successful run's files are in {previous} until an attempt succeeds")
             raise
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def keep_checkpoints_of_the_same_run(run_dir: Path, config: RunConfig, log: Callable[[str], None]) -> None:
+    """An earlier attempt's checkpoints stay for the trainer to resume from when they were written for the same
+    run (every setting that decides its course equal); any others are removed."""
+    checkpoints, earlier = run_dir / CHECKPOINTS_DIR, run_dir / "config.json"
+    if not checkpoints.exists():
+        return
+    try:
+        same = RunConfig.model_validate_json(earlier.read_text()).trajectory() == config.trajectory()
+    except (OSError, ValueError):  # no config, or one this code cannot read
+        same = False
+    if same:
+        log(f"an earlier attempt's checkpoints are in {checkpoints}: the trainer resumes from the newest")
+    else:
+        shutil.rmtree(checkpoints)
+        log(f"removed an earlier attempt's checkpoints, written for other settings, from {run_dir}")
 
 
 def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, ...] = TRAINING_FIELDS) -> None:
@@ -391,6 +413,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
             METRICS_FILE,
             f"Dagster run {context.run.run_id}",
             context.log.warning,
+            keep=(CHECKPOINTS_DIR, "config.json"),
         ) as run_dir:
             with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
             config = run_config(
@@ -402,6 +425,7 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
                 else None,
             )
             config_path = run_dir / "config.json"
+            keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)
             config_path.write_text(config.model_dump_json(indent=2))
             context.log.info(
                 f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}"

@@ -13,6 +13,7 @@ import pandas as pd
 from prism_assets import versions
 
 RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE = "run.json", "curve.parquet", "metrics.json"
+CHECKPOINTS_DIR = "trainer"  # checkpoint-<step>/ while a run trains
 # The base model's summed log-probs of each pair's responses (reference_logps), carried in the pairs file.
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # The token ids those log-probs are of (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation), also

@@ -34,6 +34,7 @@ from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_files import (  # noqa: E402
+    CHECKPOINTS_DIR,
     CURVE_FILE,
     METRICS_FILE,
     REFERENCE_COLUMNS,
@@ -273,7 +274,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, cfg.max_steps, use_cuda)
 
-    checkpoints = out / "trainer"
+    checkpoints = out / CHECKPOINTS_DIR
     unreadable: list[str] = []
     resumed = load_checkpoint(checkpoints, cfg, device, reporter, unreadable)
     rows: list[dict] = []
