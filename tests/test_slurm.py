@@ -180,7 +180,7 @@ def test_a_cluster_environment_with_other_trainer_code_fails_naming_both_version
     python = stale / "python"  # the cluster's interpreter, with the stale copy first on its path
     python.write_text(f'#!/bin/sh\ncd {stale} && exec {sys.executable} "$@"\n')
     python.chmod(0o755)
-    result, run_dir = _run(cluster_instance, "S3_personalisation.A", _launcher(), python=str(python))
+    result, run_dir = _run(cluster_instance, "S3_personalisation.B", _launcher(), python=str(python))
     assert not result.success
     message = _failure(result)
     expected = JOB_CODE_VERSIONS[TRAINER_MODULE]
