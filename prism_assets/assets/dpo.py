@@ -201,8 +201,12 @@ def attempt_dir(
         elif path.exists():  # an attempt that did not succeed (with .previous: `path` holds no recorded run)
             unfinished = not (path / finished).exists()
             for entry in path.iterdir():
-                if not (unfinished and entry.name in keep):
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if unfinished and entry.name in keep:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         path.mkdir(parents=True, exist_ok=True)
         try:
             yield path
@@ -286,13 +290,15 @@ def _reference_logps(
 ) -> dg.Output:
     within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
     config = ReferenceConfig(
-        **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
+        **{
+            **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
+            "base_model": dpo_settings.resolved_base_model(),
+        },
         pairs_path="pairs.parquet",
         output_path="reference_logps.parquet",
         device=dpo_settings.device,
         code_version=JOB_CODE_VERSIONS[REFERENCE_MODULE],
     )
-    config = config.model_copy(update={"base_model": dpo_settings.resolved_base_model()})
     config_path = run_dir / "reference.json"
     config_path.write_text(config.model_dump_json(indent=2))
     launcher.run(

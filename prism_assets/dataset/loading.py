@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,6 @@ from prism_assets.dataset import schema
 
 class PrismFormatError(ValueError):
     """A PRISM file that cannot be read as the codebook describes it."""
-
-
-# Utterances the experiment cannot use, dropped and counted by reason (README, "Pairs"); anything else wrong
-# with a row is a PrismFormatError.
-UTTERANCE_DROPS = (
-    "utterances_user_not_in_survey",
-    "utterances_response_not_text",
-    "utterances_score_not_a_number",
-    "utterances_score_outside_1_100",
-)
 
 
 @dataclass
@@ -110,20 +101,25 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return row
 
 
-def _check_unique(rows: list[dict], key: str, path: Path) -> None:
+def _repeat(rows: list[dict], key: Callable[[dict], object]) -> tuple[dict, int] | None:
+    """The first row whose key an earlier row has, with that earlier row's line; None when every key is unique."""
     seen: dict[object, int] = {}
     for row in rows:
-        if row[key] in seen:
-            raise PrismFormatError(
-                f"{path}:{row['_line']}: duplicate {key} {row[key]!r} (first on line {seen[row[key]]})"
-            )
-        seen[row[key]] = row["_line"]
+        if key(row) in seen:
+            return row, seen[key(row)]
+        seen[key(row)] = row["_line"]
+    return None
+
+
+def _check_unique(rows: list[dict], key: str, path: Path) -> None:
+    if repeat := _repeat(rows, lambda row: row[key]):
+        row, first = repeat
+        raise PrismFormatError(f"{path}:{row['_line']}: duplicate {key} {row[key]!r} (first on line {first})")
 
 
 def _check_interactions(rows: list[dict], path: Path) -> None:
     """An interaction is one user message: its responses share conversation and turn, each its own within_turn_id."""
     first: dict[str, dict] = {}
-    slots: dict[tuple, int] = {}
     for row in rows:
         seen = first.setdefault(row["interaction_id"], row)
         if (seen["conversation_id"], seen["turn"]) != (row["conversation_id"], row["turn"]):
@@ -132,14 +128,13 @@ def _check_interactions(rows: list[dict], path: Path) -> None:
                 f"has it in conversation {seen['conversation_id']!r} turn {seen['turn']}, this line in "
                 f"conversation {row['conversation_id']!r} turn {row['turn']}"
             )
-        if row.get("within_turn_id") is not None:
-            slot = (row["interaction_id"], row["within_turn_id"])
-            if slot in slots:
-                raise PrismFormatError(
-                    f"{path}:{row['_line']}: duplicate within_turn_id {row['within_turn_id']} in interaction "
-                    f"{row['interaction_id']!r} (first on line {slots[slot]})"
-                )
-            slots[slot] = row["_line"]
+    numbered = [row for row in rows if row.get("within_turn_id") is not None]
+    if repeat := _repeat(numbered, lambda row: (row["interaction_id"], row["within_turn_id"])):
+        row, line = repeat
+        raise PrismFormatError(
+            f"{path}:{row['_line']}: duplicate within_turn_id {row['within_turn_id']} in interaction "
+            f"{row['interaction_id']!r} (first on line {line})"
+        )
 
 
 def _as_json_text(value):

@@ -24,7 +24,7 @@ MIN_SCORE, MAX_SCORE = 1, 100
 # One declaration of each row's fields, their types and constraints (strict: "yes" is no boolean, "1" no
 # integer). A row that does not validate is an error naming file, line, field, value and what was expected;
 # fields outside the codebook are kept, as text. `score` and `model_response` are checked by the loader instead:
-# a value the experiment cannot use there is a counted drop (loading.UTTERANCE_DROPS), not an error.
+# a value the experiment cannot use there is a counted drop (`loading.tables_from_rows`), not an error.
 Id = Annotated[str, StringConstraints(min_length=1)]
 Count = Annotated[int, Field(ge=0, lt=2**31)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
