@@ -7,7 +7,9 @@ import sys
 
 import pytest
 from conftest import REPO
+from pydantic import ValidationError
 
+from prism_assets.assets import report, stats
 from prism_assets.definitions import dpo_settings_from_env, int_from_env
 from prism_assets.training.settings import RunConfig
 
@@ -82,3 +84,16 @@ def test_the_main_job_stops_on_a_bad_setting_with_one_line_and_no_traceback(tmp_
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "prism_assets: DPO_BETA='-0.1': Input should be greater than 0"
+
+
+@pytest.mark.parametrize(
+    ("config", "values", "message"),
+    [
+        (stats.SplitsConfig, {"alpha": 2.0}, "alpha\n  Input should be less than 1"),
+        (stats.OrderedLogitConfig, {"min_level_users": 0}, "min_level_users\n  Input should be greater than or equal"),
+        (report.ReportConfig, {"curve_metric": "accuracy"}, "curve_metric\n  Input should be 'heldout_acc', "),
+    ],
+)
+def test_per_asset_run_config_out_of_range_names_the_field_and_rule(config, values, message):
+    with pytest.raises(ValidationError, match=message):
+        config(**values)

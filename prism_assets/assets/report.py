@@ -8,6 +8,7 @@ seeds) embedded in the materialization and written under the DPO settings' `repo
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pandas as pd
@@ -19,7 +20,9 @@ from prism_assets.statistics import correspondence
 
 
 class ReportConfig(dg.Config):
-    curve_metric: str = "heldout_acc"  # any curve column: heldout_acc, heldout_margin, pref_acc, margin, loss
+    curve_metric: Literal[
+        "heldout_acc", "heldout_margin", "pref_acc", "margin", "loss", "reward_chosen", "reward_rejected"
+    ] = "heldout_acc"  # the curve column the learning-curve plots draw
 
 
 def runs_table(runs: dict) -> pd.DataFrame:

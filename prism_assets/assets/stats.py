@@ -9,6 +9,7 @@ import sys
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from prism_assets import partitions, plots, versions
 from prism_assets.assets.data import markdown_table
@@ -19,7 +20,7 @@ from prism_assets.statistics import splits as splits_lib
 class OrderedLogitConfig(dg.Config):
     categorical: list[str] = list(ordered_logit.DEFAULT_CATEGORICAL)
     continuous: list[str] = list(ordered_logit.DEFAULT_CONTINUOUS)
-    min_level_users: int = 10
+    min_level_users: int = Field(10, ge=1)
 
 
 @dg.asset(
@@ -79,7 +80,7 @@ def ordered_logit_fit(
 
 
 class SplitsConfig(dg.Config):
-    alpha: float = 0.05
+    alpha: float = Field(0.05, gt=0, lt=1)
     preset: str = "auto"  # "auto": one split per significant covariate; "v3": the original experiment's eight
 
 
