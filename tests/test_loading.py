@@ -74,6 +74,12 @@ def test_survey_dicts_are_flattened_the_authors_way(tmp_path):
     assert tables.survey.loc[0, "location_special_region"] == "UK"
     assert tables.survey.loc[0, "religion_simplified"] == "No Affiliation"
     assert tables.survey["stated_prefs_safety"].dtype.kind in "if"
+    # utterance scalars keep their types: a boolean is no "true" text, a number no "0"
+    assert {c: tables.utterances[c].dtype.kind for c in ("if_chosen", "within_turn_id", "score")} == {
+        "if_chosen": "b",
+        "within_turn_id": "i",
+        "score": "i",
+    }
     assert json.loads(tables.survey.loc[0, "lm_usecases"])["companionship"] is False
 
 

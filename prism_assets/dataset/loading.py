@@ -93,11 +93,13 @@ def read_jsonl(path: Path, model: type[schema.Row]) -> list[dict]:
 
 def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object, refusing a key given twice (json would keep the last one silently)."""
-    row: dict = {}
-    for key, value in pairs:
-        if key in row:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        row[key] = value
+    row = dict(pairs)
+    if len(row) < len(pairs):  # rare: find the key given twice
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice in one object")
+            seen.add(key)
     return row
 
 
@@ -212,7 +214,7 @@ def tables_from_rows(
         if reason:
             dropped[reason] += 1
         else:
-            kept_utterances.append({k: _as_json_text(v) if k != "score" else v for k, v in row.items()})
+            kept_utterances.append(row)  # typed as validated; a field of mixed types becomes text below
     if not kept_utterances:
         raise _nothing_left(paths["utterances"], "utterances", len(utterances), dropped)
 
