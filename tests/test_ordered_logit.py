@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import statsmodels.api as sm
 from scipy import stats
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
@@ -123,3 +124,67 @@ def test_a_non_text_covariate_splits_its_users_by_the_fitted_levels():
     assert split.split.name == "S1_level" and split.split.group_a == "3"
     groups = dict(zip(split.users["user_id"], split.users["group"]))
     assert groups == {user: "A" if level == 3 else "B" for user, level in zip(users["user_id"], levels)}
+
+
+def test_one_fixed_boundary_fits_the_binary_logit_of_the_gap_above_it():
+    levels = np.repeat(["a", "b", "c"], 100).astype(object)
+    users, pairs = _users_and_pairs(levels, {"b": 0.6, "c": -0.4}, seed=2)
+    fit = cluster_robust_ordered_logit(
+        pairs, users, CovariateSpec(("level",), ("x",), min_level_users=10), boundaries=[14]
+    )
+    assert fit.boundaries == [14.0] and len(fit.thresholds) == 1
+    assert fit.outcome_counts == {1: int((pairs["score_gap"] <= 14).sum()), 2: int((pairs["score_gap"] > 14).sum())}
+    assert fit.num_pairs == len(pairs)
+    # The same model fitted as a plain logit of I(gap > 14): P(Y = 2) = expit(Xβ − θ), so Logit's coefficients are β
+    # and its constant is −θ. Both clustered covariances carry statsmodels' G/(G−1)·(N−1)/(N−K) correction with the
+    # same K (β's and one threshold vs β's and a constant), so the SEs match too, up to the optimiser's tolerance
+    # and OrderedModel's numerical Hessian.
+    joined = pairs.join(users.set_index("user_id"), on="user_id")
+    reference = fit.reference_levels["level"]
+    X = pd.DataFrame({f"level[{lvl}]": (joined["level"] == lvl).astype(float) for lvl in ("a", "b", "c")})
+    X = X.drop(columns=f"level[{reference}]").assign(x=joined["x"])
+    logit = sm.Logit((joined["score_gap"] > 14).astype(float), sm.add_constant(X)).fit(
+        cov_type="cluster", cov_kwds={"groups": pd.factorize(joined["user_id"])[0]}, disp=False
+    )
+    coefficients = fit.coefficients.set_index("term").loc[list(X.columns)]
+    np.testing.assert_allclose(coefficients["beta"], logit.params[X.columns], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(coefficients["se"], logit.bse[X.columns], rtol=1e-3)
+    np.testing.assert_allclose(fit.thresholds[0], -logit.params["const"], rtol=1e-3)
+    assert (coefficients["p"] < 0.05).any()  # a planted effect is there to be matched, not just noise
+
+
+@pytest.mark.parametrize(
+    ("boundaries", "problem"),
+    [
+        ("deciles", "must be 'quartiles' or a list of numbers"),
+        ([], "empty list"),
+        ([14, "29"], "must be numbers"),
+        ([14, float("nan")], "must be finite"),
+        ([14, 14], "strictly increasing"),
+        ([29, 14], "strictly increasing"),
+    ],
+)
+def test_invalid_boundaries_are_named(boundaries, problem):
+    users, pairs = _users_and_pairs(np.repeat(["a", "b"], 20).astype(object), {})
+    with pytest.raises(ValueError, match=problem):
+        cluster_robust_ordered_logit(pairs, users, CovariateSpec(("level",), ("x",)), boundaries=boundaries)
+
+
+def test_a_boundary_leaving_a_bin_without_pairs_is_an_error():
+    users, pairs = _users_and_pairs(np.repeat(["a", "b"], 50).astype(object), {"b": 0.5})
+    top = int(pairs["score_gap"].max())
+    with pytest.raises(ValueError, match=rf"boundaries \[14.0, {top}.0\] leave Y = \[3\] without pairs"):
+        cluster_robust_ordered_logit(pairs, users, CovariateSpec(("level",), ("x",)), boundaries=[14, top])
+    with pytest.raises(ValueError, match=r"leave Y = \[1\] without pairs"):
+        cluster_robust_ordered_logit(pairs, users, CovariateSpec(("level",), ("x",)), boundaries=[0])
+
+
+def test_quartiles_stay_the_default_and_are_the_boundaries_reported():
+    users, pairs = _users_and_pairs(np.repeat(["a", "b"], 60).astype(object), {"b": 0.5})
+    spec = CovariateSpec(("level",), ("x",))
+    default = cluster_robust_ordered_logit(pairs, users, spec)
+    named = cluster_robust_ordered_logit(pairs, users, spec, boundaries="quartiles")
+    fixed = cluster_robust_ordered_logit(pairs, users, spec, boundaries=quartile_boundaries(pairs["score_gap"]))
+    assert default.boundaries == named.boundaries == fixed.boundaries == quartile_boundaries(pairs["score_gap"])
+    pd.testing.assert_frame_equal(default.coefficients, named.coefficients)
+    pd.testing.assert_frame_equal(default.coefficients, fixed.coefficients)

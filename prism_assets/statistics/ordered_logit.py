@@ -1,8 +1,9 @@
 """Ordered logit of the binned score gap on user covariates, with user-clustered standard errors.
 
-Owns the statistical model: Y ∈ {1, 2, 3, 4} bins score_gap at its quartiles (Y = 1 + #{boundaries
-below the gap}, boundaries computed from the data), user covariates are joined on user_id, and
-statsmodels' `OrderedModel(distr="logit")` fits logit P(Y ≤ j) = θ_j − Xβ with standard errors
+Owns the statistical model: Y bins score_gap at boundaries (Y = 1 + #{boundaries below the gap}): by
+default its quartiles, computed from the data (Y ∈ 1..4), or fixed ones given by the caller (one boundary,
+e.g. [14], makes Y ∈ {1, 2} and the model a binary logit of I(gap > 14)). User covariates are joined on
+user_id, and statsmodels' `OrderedModel(distr="logit")` fits logit P(Y ≤ j) = θ_j − Xβ with standard errors
 clustered by user (many pairs per user). Categorical covariates become dummies against their most
 frequent level; levels held by fewer than `min_level_users` of the users with pairs in the fit are excluded
 and their pairs counted.
@@ -10,7 +11,9 @@ and their pairs counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -22,6 +25,7 @@ from prism_assets.dataset import schema
 
 DEFAULT_CATEGORICAL = ("age", "education", "gender", "lm_familiarity", "location_special_region")
 DEFAULT_CONTINUOUS = tuple(f"stated_prefs_{name}" for name in schema.STATED_PREFS)
+QUARTILES = "quartiles"
 
 
 @dataclass
@@ -34,8 +38,8 @@ class CovariateSpec:
 @dataclass
 class OrderedLogitResult:
     coefficients: pd.DataFrame  # term, variable, level, kind, beta, se, z, p, ci_low, ci_high
-    thresholds: list[float]  # cut points θ_1 < θ_2 < θ_3 on the latent scale
-    boundaries: list[float]  # score_gap quartile boundaries defining Y
+    thresholds: list[float]  # cut points θ_1 < … < θ_K on the latent scale, one per boundary
+    boundaries: list[float]  # score_gap boundaries defining Y (the data's quartiles, or the fixed ones given)
     reference_levels: dict[str, str]
     num_pairs: int
     num_users: int
@@ -94,6 +98,31 @@ def term_name(variable: str, level: str | None = None) -> str:
 
 def quartile_boundaries(score_gap: pd.Series) -> list[float]:
     return [float(b) for b in np.quantile(score_gap.to_numpy(), [0.25, 0.5, 0.75])]
+
+
+def fixed_boundaries(boundaries: str | Sequence[float]) -> list[float] | None:
+    """The given boundaries as floats, or None for "quartiles" (computed from the data at fit time); a
+    ValueError names what is wrong with anything else."""
+    if isinstance(boundaries, str):
+        if boundaries != QUARTILES:
+            raise ValueError(f"boundaries must be {QUARTILES!r} or a list of numbers, not {boundaries!r}")
+        return None
+    values = list(boundaries)
+    if not values:
+        raise ValueError("boundaries is an empty list: give at least one number (one boundary → a binary outcome)")
+    not_numbers = [b for b in values if isinstance(b, bool) or not isinstance(b, Real)]
+    if not_numbers:
+        raise ValueError(f"boundaries must be numbers; not numbers: {not_numbers}")
+    floats = [float(b) for b in values]
+    if not np.isfinite(floats).all():
+        raise ValueError(f"boundaries must be finite: {floats}")
+    if any(low >= high for low, high in zip(floats, floats[1:])):
+        raise ValueError(f"boundaries must be strictly increasing: {floats}")
+    return floats
+
+
+def empty_bins(y: np.ndarray, boundaries: list[float]) -> list[int]:
+    return [level for level in range(1, len(boundaries) + 2) if not (y == level).any()]
 
 
 def gap_outcome(score_gap: pd.Series, boundaries: list[float]) -> np.ndarray:
@@ -202,16 +231,30 @@ def rebase_empty_references(X: pd.DataFrame, references: dict[str, str]) -> list
 
 
 def cluster_robust_ordered_logit(
-    pairs: pd.DataFrame, survey: pd.DataFrame, spec: CovariateSpec | None = None, alpha_ci: float = 0.05
+    pairs: pd.DataFrame,
+    survey: pd.DataFrame,
+    spec: CovariateSpec | None = None,
+    boundaries: str | Sequence[float] = QUARTILES,
+    alpha_ci: float = 0.05,
 ) -> OrderedLogitResult:
+    """The fit of Y (score_gap binned at `boundaries`: "quartiles" or fixed numbers, strictly increasing) on the
+    spec's covariates; fixed boundaries must leave every bin with pairs, since statsmodels would silently merge an
+    empty one into its neighbour and the thresholds would no longer match the boundaries."""
     spec = spec or CovariateSpec()
+    fixed = fixed_boundaries(boundaries)
     if len(pairs) == 0:
         raise ValueError("no pairs to fit: within_model_pairs is empty")
     kept, X, references, dropped, excluded = design_matrix(pairs, survey, spec)
-    boundaries = quartile_boundaries(kept["score_gap"])
-    y = gap_outcome(kept["score_gap"], boundaries)
+    used = quartile_boundaries(kept["score_gap"]) if fixed is None else fixed
+    y = gap_outcome(kept["score_gap"], used)
+    if fixed is not None and empty_bins(y, used):
+        gaps = kept["score_gap"]
+        raise ValueError(
+            f"boundaries {used} leave Y = {empty_bins(y, used)} without pairs "
+            f"(score_gap of the pairs in the fit spans {gaps.min():g}..{gaps.max():g})"
+        )
     if len(np.unique(y)) < 2:
-        raise ValueError(f"the binned score gap has a single level (boundaries {boundaries})")
+        raise ValueError(f"the binned score gap has a single level (boundaries {used})")
     # A separating level's pairs leave the fit with it (counted); that can leave another column constant.
     # A separating level leaves the fit with its pairs (counted); a column left constant leaves alone; a
     # variable whose reference level lost its pairs gets another reference. Each round removes a column.
@@ -233,6 +276,8 @@ def cluster_robust_ordered_logit(
         X = X[~rows].drop(columns=list(reasons)).reset_index(drop=True)
     if X.empty or len(np.unique(y)) < 2:
         raise ValueError(f"nothing left to fit after excluding {excluded}")
+    if fixed is not None and empty_bins(y, used):
+        raise ValueError(f"boundaries {used} leave Y = {empty_bins(y, used)} without pairs after excluding {excluded}")
     # Continuous covariates are fitted per 100 points (better conditioned) and reported per point.
     scale = pd.Series(1.0, index=X.columns)
     scale[[c for c in spec.continuous if c in X.columns]] = 100.0
@@ -262,7 +307,7 @@ def cluster_robust_ordered_logit(
     return OrderedLogitResult(
         coefficients=coefficients,
         thresholds=[float(t) for t in thresholds],
-        boundaries=boundaries,
+        boundaries=used,
         reference_levels=references,
         num_pairs=len(kept),
         num_users=int(kept["user_id"].nunique()),
