@@ -17,8 +17,11 @@ from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 from prism_assets.assets import data, stats
 from prism_assets.dataset import loading, pairs, synthetic
+from prism_assets.experiments import ExperimentSpec, resolve
 from prism_assets.statistics import ordered_logit, splits
 from resources.io_managers import ParquetIOManager
+
+AUTO = resolve("auto", ExperimentSpec(preset="auto"), {}, "tiny", "benchmark")
 
 
 def timed(label, fn, timings):
@@ -70,7 +73,7 @@ def main():
             timed(
                 "all four assets through Dagster",
                 lambda: dg.materialize(
-                    [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits],
+                    [data.raw_prism, data.within_model_pairs, *stats.build_statistics(AUTO)],
                     instance=instance,
                     resources=resources,
                 ),

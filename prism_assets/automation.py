@@ -1,12 +1,14 @@
 """Automation: more seeds on a schedule, runs for new split cells, and the report once runs are done.
 
-Owns the jobs the automation launches (`dpo_runs`, `correspondence_report`) and three instigators, stopped
-unless turned on: `add_seeds` (schedule: the next seeds, and every DPO partition neither materialized nor in
-flight; the seeds a tick added are recorded under its time, so a tick evaluated again adds none),
-`new_cells` (sensor: partitions of newly registered cells) and `report_when_runs_done` (sensor: one table
-per batch of finished runs). README, "Automation".
+Owns the jobs the automation launches (`<experiment>_dpo_runs`, `correspondence_report`) and the instigators, stopped
+unless turned on: `<experiment>_add_seeds` (a schedule per experiment, since a schedule launches one job: the next
+seeds, shared by every experiment, and every partition of the experiment neither materialized nor in flight; the
+seeds of a tick are recorded under its time, so the experiments' schedules of one tick, or a tick evaluated again,
+add them once), `new_cells` (sensor: partitions of every experiment's newly registered cells) and
+`report_when_runs_done` (sensor: one table per batch of finished runs). README, "Automation".
 """
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,7 +18,7 @@ import dagster as dg
 
 from prism_assets import partitions
 
-DPO_ASSET, TABLE_ASSET = dg.AssetKey("group_dpo_run"), dg.AssetKey("correspondence_table")
+TABLE_ASSET = dg.AssetKey("correspondence_table")
 NOT_FINISHED_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -25,11 +27,22 @@ NOT_FINISHED_STATUSES = [
     dg.DagsterRunStatus.SUSPENDED,
     dg.DagsterRunStatus.CANCELING,
 ]
-dpo_job = dg.define_asset_job(
-    "dpo_runs",
-    selection=[DPO_ASSET],
-    description="group_dpo_run partitions (cell × seed), one run each.",
-)
+
+
+def dpo_asset(experiment: str) -> dg.AssetKey:
+    return dg.AssetKey([experiment, "group_dpo_run"])
+
+
+@functools.cache  # one definition per name: the schedules, the sensor and Definitions share it
+def dpo_job(experiment: str):
+    return dg.define_asset_job(
+        f"{experiment}_dpo_runs",
+        selection=[dpo_asset(experiment)],
+        description=f"{experiment}'s group_dpo_run partitions (cell × seed), one run each.",
+        tags={"experiment": experiment},
+    )
+
+
 report_job = dg.define_asset_job(
     "correspondence_report",
     selection=[TABLE_ASSET],
@@ -39,33 +52,46 @@ SEED_TICK_KEY = "prism_assets/add_seeds/{tick}"
 
 
 def partition_key(cell: str, seed: str) -> str:
-    return str(dg.MultiPartitionKey({partitions.CELL: cell, partitions.SEED: seed}))
+    return str(partitions.partition_key(cell, seed))
 
 
-def in_flight(instance: dg.DagsterInstance, asset: dg.AssetKey) -> list[dg.DagsterRun]:
-    """Runs that are queued or running and materialize `asset`."""
+def in_flight(instance: dg.DagsterInstance, assets: Sequence[dg.AssetKey]) -> list[dg.DagsterRun]:
+    """Runs that are queued or running and materialize one of `assets`."""
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=NOT_FINISHED_STATUSES))
-    return [run for run in runs if asset in (run.asset_selection or set())]
+    return [run for run in runs if set(assets) & set(run.asset_selection or set())]
 
 
 def missing_partitions(
-    instance: dg.DagsterInstance, cells: Sequence[str], seeds: Sequence[str]
+    instance: dg.DagsterInstance, experiment: str, cells: Sequence[str], seeds: Sequence[str]
 ) -> list[tuple[str, str]]:
-    """(cell, seed) pairs of group_dpo_run neither materialized nor in a queued or running run."""
-    done = instance.get_materialized_partitions(DPO_ASSET)
-    busy = {run.tags.get("dagster/partition") for run in in_flight(instance, DPO_ASSET)}
+    """(cell, seed) pairs of the experiment's group_dpo_run neither materialized nor in a queued or running run."""
+    asset = dpo_asset(experiment)
+    done = instance.get_materialized_partitions(asset)
+    busy = {run.tags.get("dagster/partition") for run in in_flight(instance, [asset])}
     return [(cell, seed) for cell in cells for seed in seeds if partition_key(cell, seed) not in done | busy]
 
 
-def newest_materialization(instance: dg.DagsterInstance, asset: dg.AssetKey):
-    """The newest materialization record of `asset` (any partition), or None."""
-    records = instance.fetch_materializations(asset, limit=1, ascending=False).records
-    return records[0] if records else None
+def newest_materialization(instance: dg.DagsterInstance, assets: Sequence[dg.AssetKey]):
+    """The newest materialization record of any of `assets` (any partition), or None."""
+    records = [
+        record
+        for asset in assets
+        for record in instance.fetch_materializations(asset, limit=1, ascending=False).records
+    ]
+    return max(records, key=lambda record: record.storage_id, default=None)
 
 
-def run_requests(pairs: list[tuple[str, str]], suffix: str = "", **tags: str) -> list[dg.RunRequest]:
+def run_requests(
+    experiment: str, pairs: list[tuple[str, str]], suffix: str = "", job: bool = False, **tags: str
+) -> list[dg.RunRequest]:
+    """One request per partition; `job`: name the experiment's job (an instigator that launches several)."""
     return [
-        dg.RunRequest(partition_key=partition_key(cell, seed), run_key=f"{cell}|{seed}{suffix}", tags=tags)
+        dg.RunRequest(
+            partition_key=partition_key(cell, seed),
+            run_key=f"{experiment}|{cell}|{seed}{suffix}",
+            job_name=f"{experiment}_dpo_runs" if job else None,
+            tags={"experiment": experiment, **tags},
+        )
         for cell, seed in pairs
     ]
 
@@ -79,17 +105,19 @@ def _default_status(running: bool):
     return dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
 
 
-def build_add_seeds_schedule(cron: str, seeds_per_tick: int, running: bool = False) -> dg.ScheduleDefinition:
+def build_add_seeds_schedule(
+    experiment: str, cron: str, seeds_per_tick: int, running: bool = False
+) -> dg.ScheduleDefinition:
     if seeds_per_tick < 1:
         raise ValueError(f"seeds per tick must be ≥ 1, got {seeds_per_tick}")
 
     @dg.schedule(
-        name="add_seeds",
+        name=f"{experiment}_add_seeds",
         cron_schedule=cron,
-        job=dpo_job,
+        job=dpo_job(experiment),
         default_status=_default_status(running),
-        description=f"Adds the next {seeds_per_tick} seeds and requests every missing DPO partition "
-        "(all cells × all seeds, failed ones included); idempotent per tick.",
+        description=f"Adds the next {seeds_per_tick} seeds (once per tick, for every experiment) and requests every "
+        f"missing DPO partition of {experiment} (all cells × all seeds, failed ones included); idempotent per tick.",
     )
     def add_seeds(context: dg.ScheduleEvaluationContext):
         instance = context.instance
@@ -104,47 +132,57 @@ def build_add_seeds_schedule(cron: str, seeds_per_tick: int, running: bool = Fal
             seeds = [*seeds, *added]
         else:
             added = json.loads(recorded)
-        cells = instance.get_dynamic_partitions(partitions.CELL)
+        cells = instance.get_dynamic_partitions(partitions.cells_name(experiment))
         if not cells:
-            return dg.SkipReason(f"seeds {added} added, but no cells yet: materialize significant_splits first")
-        missing = missing_partitions(instance, cells, seeds)
+            return dg.SkipReason(
+                f"seeds {added} added, but {experiment} has no cells yet: materialize its significant_splits first"
+            )
+        missing = missing_partitions(instance, experiment, cells, seeds)
         if not missing:
-            return dg.SkipReason(f"seeds {added}: every partition is materialized or in flight")
+            return dg.SkipReason(f"seeds {added}: every partition of {experiment} is materialized or in flight")
         context.log.info(f"seeds added this tick: {added}; requesting {len(missing)} missing partitions")
-        return run_requests(missing, requested_by="add_seeds")
+        return run_requests(experiment, missing, requested_by="add_seeds")
 
     return add_seeds
 
 
-def build_new_cells_sensor(running: bool = False, interval_s: int = 60) -> dg.SensorDefinition:
+def build_new_cells_sensor(experiments: Sequence[str], running: bool = False, interval_s: int = 60):
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
     @dg.sensor(
         name="new_cells",
-        job=dpo_job,
+        jobs=[dpo_job(experiment) for experiment in experiments],
         default_status=status,
         minimum_interval_seconds=interval_s,
-        description="Requests the missing DPO partitions (every seed) of split cells not seen before.",
+        description="Requests the missing DPO partitions (every seed) of every experiment's split cells not seen "
+        "before.",
     )
     def new_cells(context: dg.SensorEvaluationContext):
-        state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {"cells": [], "generation": 0}
+        state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {"cells": {}, "generation": 0}
         instance = context.instance
-        cells = instance.get_dynamic_partitions(partitions.CELL)
-        new = [cell for cell in cells if cell not in set(state["cells"])]
-        if not new:
+        seeds = instance.get_dynamic_partitions(partitions.SEED)
+        cells = {e: instance.get_dynamic_partitions(partitions.cells_name(e)) for e in experiments}
+        new = {e: [c for c in cells[e] if c not in set(state["cells"].get(e, []))] for e in experiments}
+        if not any(new.values()):
             context.update_cursor(json.dumps({**state, "cells": cells}))
-            return dg.SkipReason(f"no new cells among {len(cells)}")
+            return dg.SkipReason(f"no new cells among {sum(map(len, cells.values()))}")
         generation = state["generation"] + 1
         context.update_cursor(json.dumps({"cells": cells, "generation": generation}))
-        missing = missing_partitions(instance, new, instance.get_dynamic_partitions(partitions.SEED))
-        if not missing:
+        requests = [
+            request
+            for e in experiments
+            for request in run_requests(
+                e, missing_partitions(instance, e, new[e], seeds), f"#{generation}", job=True, requested_by="new_cells"
+            )
+        ]
+        if not requests:
             return dg.SkipReason(f"new cells {new}: every partition is materialized or in flight (or no seeds yet)")
-        return run_requests(missing, suffix=f"#{generation}", requested_by="new_cells")
+        return requests
 
     return new_cells
 
 
-def build_report_sensor(running: bool = False, interval_s: int = 60) -> dg.SensorDefinition:
+def build_report_sensor(dpo_assets: Sequence[dg.AssetKey], running: bool = False, interval_s: int = 60):
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
     @dg.sensor(
@@ -156,13 +194,13 @@ def build_report_sensor(running: bool = False, interval_s: int = 60) -> dg.Senso
     )
     def report_when_runs_done(context: dg.SensorEvaluationContext):
         instance = context.instance
-        latest = newest_materialization(instance, DPO_ASSET)
+        latest = newest_materialization(instance, dpo_assets)
         if latest is None:
             return dg.SkipReason("no group_dpo_run partition has materialized yet")
-        table = newest_materialization(instance, TABLE_ASSET)
+        table = newest_materialization(instance, [TABLE_ASSET])
         if table is not None and table.storage_id > latest.storage_id:
             return dg.SkipReason("correspondence_table is newer than every DPO run")
-        busy = in_flight(instance, DPO_ASSET)
+        busy = in_flight(instance, dpo_assets)
         if busy:
             return dg.SkipReason(f"{len(busy)} DPO runs queued or running")
         return dg.RunRequest(run_key=f"after-{latest.storage_id}", tags={"requested_by": "report_when_runs_done"})

@@ -1,20 +1,21 @@
 """The Dagster code location: every asset, check, resource and instigator, wired from the environment.
 
-The only module that reads environment variables (README, "Configuration"): PRISM_* for the data, storage
-and automation, DPO_RECIPE and DPO_<FIELD> for the settings schema, DPO_LAUNCHER and PRISM_SLURM_<FIELD>
-for the launcher.
+The only module that reads environment variables (README, "Configuration"): PRISM_* for the data, storage,
+experiments and automation, DPO_RECIPE and DPO_<FIELD> for the settings schema (over every experiment's),
+DPO_LAUNCHER and PRISM_SLURM_<FIELD> for the launcher.
 """
 
 import os
+import sys
 import typing
 from pathlib import Path
 
 import dagster as dg
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from prism_assets import automation, versions
-from prism_assets.assets import data, dpo, report, stats
-from prism_assets.training.settings import RECIPES, step_problem
+from prism_assets import automation, experiments
+from prism_assets.assets import asset_graph, data, dpo
+from prism_assets.training.settings import RECIPES, TrainingSettings
 from resources.io_managers import ParquetIOManager
 from resources.launcher import LocalLauncher
 from resources.slurm import SlurmLauncher
@@ -23,7 +24,7 @@ STORAGE = Path(os.environ.get("PRISM_STORAGE", "storage")).resolve()
 
 
 def settings_from_env(
-    prefix: str, settings: type[dg.ConfigurableResource], ignore: tuple[str, ...] = (), lists: dict | None = None
+    prefix: str, settings: type[BaseModel], ignore: tuple[str, ...] = (), lists: dict | None = None
 ) -> dict:
     """<prefix><FIELD>=value for each field of `settings`, converted to the field's type and checked against its
     constraints (a value out of range is an error naming the variable, the value and the rule).
@@ -100,47 +101,30 @@ def _launcher():
     raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local' or 'slurm'")
 
 
-def _recipe() -> dict:
+def _recipe() -> str:
     name = os.environ.get("DPO_RECIPE", "tiny")
     if name not in RECIPES:
         raise ValueError(f"DPO_RECIPE={name!r}: expected one of {sorted(RECIPES)}")
-    return RECIPES[name].training_values()
+    return name
 
 
-def dpo_settings_from_env() -> dpo.DpoSettings:
-    """The recipe's values, then any DPO_<FIELD> (DPO_LEARNING_RATE=1e-4, DPO_BASE_MODEL=…, DPO_PYTHON=…) on top; their
-    step intervals checked here, before anything runs."""
-    settings = dpo.DpoSettings(
-        **{
-            "models_dir": str(STORAGE / "models"),
-            "runs_dir": str(STORAGE / "runs"),
-            "reports_dir": str(STORAGE / "reports"),
-            **_recipe(),
-            **settings_from_env("DPO_", dpo.DpoSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN")),
-        }
+def experiments_from_env() -> list[experiments.Experiment]:
+    """The experiments of PRISM_EXPERIMENTS_FILE (default: the repository's experiments.toml) that PRISM_EXPERIMENTS
+    names (comma-separated; unset: those the file enables), each with DPO_<FIELD> over its settings."""
+    path = Path(os.environ.get("PRISM_EXPERIMENTS_FILE") or experiments.DEFAULT_FILE)
+    raw = os.environ.get("PRISM_EXPERIMENTS", "").strip()
+    selected = [name.strip() for name in raw.split(",") if name.strip()] if raw else None
+    environment = settings_from_env(
+        "DPO_", TrainingSettings, ignore=("DPO_RECIPE", "DPO_LAUNCHER", "DPO_THREADS_PER_RUN", "DPO_PYTHON")
     )
-    problem = step_problem(settings)
-    if problem:
-        raise ValueError(
-            f"DPO settings (DPO_RECIPE={os.environ.get('DPO_RECIPE', 'tiny')} and DPO_<FIELD>): {problem}"
-        )
-    return settings
+    return experiments.load_experiments(path, selected, environment, _recipe())
 
 
-DPO_SETTINGS = dpo_settings_from_env()
-
-*UNPARTITIONED, group_dpo_run, correspondence_table = versions.with_upstream_code_versions(
-    [
-        data.raw_prism,
-        data.within_model_pairs,
-        stats.ordered_logit_fit,
-        stats.significant_splits,
-        dpo.build_reference_logps(DPO_SETTINGS.fingerprint(dpo.REFERENCE_FIELDS)),
-        dpo.build_group_dpo_run(DPO_SETTINGS.fingerprint()),
-        report.correspondence_table,
-    ]
-)
-ASSETS = [*UNPARTITIONED, group_dpo_run, correspondence_table]
+EXPERIMENTS = experiments_from_env()
+ASSETS = asset_graph(EXPERIMENTS)
+DPO_KEYS = [dg.AssetKey([e.name, "group_dpo_run"]) for e in EXPERIMENTS]
+TABLE_KEY = dg.AssetKey("correspondence_table")
+UNPARTITIONED = [asset for asset in ASSETS if asset.key not in {*DPO_KEYS, TABLE_KEY}]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 RESOURCES = {
@@ -151,7 +135,12 @@ RESOURCES = {
         synthetic_dir=str(STORAGE / "synthetic_prism"),
     ),
     "io_manager": ParquetIOManager(base_dir=str(STORAGE / "assets")),
-    "dpo_settings": DPO_SETTINGS,
+    "dpo_storage": dpo.DpoStorage(
+        models_dir=str(STORAGE / "models"),
+        runs_dir=str(STORAGE / "runs"),
+        reports_dir=str(STORAGE / "reports"),
+        python=os.environ.get("DPO_PYTHON") or sys.executable,
+    ),
     "launcher": _launcher(),
 }
 
@@ -164,20 +153,26 @@ def _automation_running() -> bool:
 
 
 RUNNING = _automation_running()
+DPO_JOBS = [automation.dpo_job(e.name) for e in EXPERIMENTS]
 SCHEDULES = [
     automation.build_add_seeds_schedule(
+        e.name,
         os.environ.get("PRISM_SEED_SCHEDULE_CRON", "0 2 * * 0"),
         int_from_env("PRISM_SEEDS_PER_TICK", 2, minimum=1),
         RUNNING,
     )
+    for e in EXPERIMENTS
 ]
-SENSORS = [automation.build_new_cells_sensor(RUNNING), automation.build_report_sensor(RUNNING)]
+SENSORS = [
+    automation.build_new_cells_sensor([e.name for e in EXPERIMENTS], RUNNING),
+    automation.build_report_sensor(DPO_KEYS, RUNNING),
+]
 
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
     resources=RESOURCES,
-    jobs=[automation.dpo_job, automation.report_job],
+    jobs=[*DPO_JOBS, automation.report_job],
     schedules=SCHEDULES,
     sensors=SENSORS,
 )

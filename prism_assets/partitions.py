@@ -1,9 +1,10 @@
 """Partition definitions of the DPO runs and the one parser of their keys.
 
-`group_dpo_run` is partitioned by two dynamic dimensions: `cell` (`baseline`, or `<split>.<group>`
-such as `S1_age.A`) and `seed` (`0`, `1`, …). Dagster accepts any string as a dynamic key, so every
-key is validated here before it is registered or used: splits match `[A-Za-z0-9_-]+`, groups are A or
-B, seeds are non-negative integers. Imports nothing from the project.
+Each experiment's `<experiment>/group_dpo_run` is partitioned by two dynamic dimensions: `cell` (`baseline`, or
+`<split>.<group>` such as `S1_age.A`; the experiment's own set, `<experiment>_cell`) and `seed` (`0`, `1`, …; one set
+shared by every experiment). Dagster accepts any string as a dynamic key, so every key is validated here before it is
+registered or used: splits match `[A-Za-z0-9_-]+`, groups are A or B, seeds are non-negative integers. Imports nothing
+from the project.
 """
 
 import re
@@ -17,9 +18,21 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 SEED_KEY = re.compile(r"0|[1-9][0-9]{0,9}")  # one spelling per seed: 1, never 01
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
 
-cell_partitions = dg.DynamicPartitionsDefinition(name=CELL)
 seed_partitions = dg.DynamicPartitionsDefinition(name=SEED)
-dpo_partitions = dg.MultiPartitionsDefinition({CELL: cell_partitions, SEED: seed_partitions})
+
+
+def cells_name(experiment: str) -> str:
+    """The name of an experiment's dynamic `cell` partitions."""
+    return f"{experiment}_{CELL}"
+
+
+def dpo_partitions(experiment: str) -> dg.MultiPartitionsDefinition:
+    cells = dg.DynamicPartitionsDefinition(name=cells_name(experiment))
+    return dg.MultiPartitionsDefinition({CELL: cells, SEED: seed_partitions})
+
+
+def partition_key(cell: str, seed: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({CELL: cell, SEED: seed})
 
 
 def validate_split_name(split: str) -> str:

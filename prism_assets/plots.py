@@ -101,3 +101,31 @@ def learning_curve_plot(curves: pd.DataFrame, splits: pd.DataFrame, metric: str)
         ax.axis("off")
     axes[0][0].set_ylabel(metric)
     return png_bytes(figure)
+
+
+def comparison_plot(comparison: pd.DataFrame, metric: str) -> bytes:
+    """Each shared split's mean A − B with its 95% CI in both experiments, one row per (pair of experiments, split)."""
+    table = comparison.iloc[::-1].reset_index(drop=True)
+    figure, ax = plt.subplots(figsize=(8, 0.35 * len(table) + 1.4))
+    y = np.arange(len(table))
+    for side, offset, color in (("1", 0.15, "tab:blue"), ("2", -0.15, "tab:orange")):
+        mean, low, high = (table[f"{c}_{side}"].astype(float) for c in ("mean_d", "ci_low", "ci_high"))
+        ax.errorbar(
+            mean,
+            y + offset,
+            xerr=[(mean - low).fillna(0), (high - mean).fillna(0)],
+            fmt="o",
+            color=color,
+            markersize=4,
+            capsize=2,
+            label=f"experiment {side}",
+        )
+    ax.axvline(0, color="black", linewidth=0.8)
+    labels = [
+        f"{r.experiment_1}:{r.split_1} / {r.experiment_2}:{r.split_2}" + ("" if r.direction == "stable" else "  FLIP")
+        for r in table.itertuples()
+    ]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel(f"mean A − B of {metric} over seeds (95% CI)")
+    ax.legend(fontsize=7, loc="lower right")
+    return png_bytes(figure)

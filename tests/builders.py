@@ -156,3 +156,69 @@ def run_job(directory: Path, name: str, module: str = "prism_assets.training.tra
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+def experiment(name: str = "v3", preset: str = "v3", spec: dict | None = None, **dpo):
+    """An experiment as the file would give it (`spec`: its other fields), with DPO settings `dpo` over the tiny
+    recipe."""
+    from prism_assets.experiments import ExperimentSpec, resolve
+
+    return resolve(name, ExperimentSpec(preset=preset, **(spec or {})), dpo, "tiny", "test")
+
+
+def dagster_definitions(tmp_path: Path, experiments: list, users: int = 300, python: str | None = None):
+    """(assets, resources) of these experiments on a synthetic PRISM of `users` users, storage under tmp_path."""
+    from prism_assets.assets import asset_graph, data, dpo
+    from resources.io_managers import ParquetIOManager
+    from resources.launcher import LocalLauncher
+
+    resources = {
+        "prism_source": data.PrismSource(
+            synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")
+        ),
+        "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
+        "dpo_storage": dpo.DpoStorage(
+            models_dir=str(tmp_path / "models"),
+            runs_dir=str(tmp_path / "runs"),
+            reports_dir=str(tmp_path / "reports"),
+            python=python or sys.executable,
+        ),
+        "launcher": LocalLauncher(threads_per_run=1),
+    }
+    return asset_graph(experiments), resources
+
+
+def upstream_of_runs(assets: list) -> list:
+    """Every asset but the DPO runs and the table: the data, statistics and references."""
+    return [a for a in assets if a.key.path[-1] not in ("group_dpo_run", "correspondence_table")]
+
+
+def materialize_partition(assets, resources, instance, experiment: str, cell: str, seed, **kwargs):
+    import dagster as dg
+
+    from prism_assets import partitions
+
+    return dg.materialize(
+        assets,
+        selection=[dg.AssetKey([experiment, "group_dpo_run"])],
+        partition_key=partitions.partition_key(cell, str(seed)),
+        instance=instance,
+        resources=resources,
+        **kwargs,
+    )
+
+
+def run_dir_of(result) -> Path:
+    """The run directory a group_dpo_run materialization names."""
+    [event] = result.get_asset_materialization_events()
+    return Path(event.materialization.metadata["run_dir"].value)
+
+
+def run_dirs(runs: Path, cell: str, seed: int = 0, experiment: str | None = None) -> list[Path]:
+    """The run directories under `runs` whose config labels them as this cell and seed (of this experiment)."""
+    found = []
+    for config in sorted(runs.glob(f"*/seed{seed}/config.json")):
+        label = json.loads(config.read_text())["label"]
+        if label["cell"] == cell and experiment in (None, label["experiment"]):
+            found.append(config.parent)
+    return found

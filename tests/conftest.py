@@ -44,9 +44,21 @@ def small_pairs_path(small_synthetic_dir, tmp_path_factory) -> Path:
     return path
 
 
+def shipped_asset_keys() -> list[str]:
+    """The asset keys of the shipped experiments (v3, v2) on the tiny model, as the UI names them."""
+    from builders import experiment
+
+    from prism_assets.assets import dpo
+
+    reference = dpo.reference_key(experiment().settings).to_user_string()
+    per_experiment = [f"{e}/{name}" for name in ("ordered_logit_fit", "significant_splits") for e in ("v3", "v2")]
+    runs = ["v3/group_dpo_run", "v2/group_dpo_run"]
+    return ["raw_prism", "within_model_pairs", reference, *per_experiment, *runs, "correspondence_table"]
+
+
 @pytest.fixture(scope="session")
 def main_job(tmp_path_factory):
-    """The README's main job (`python -m prism_assets run`), small: 300 synthetic users, v3 splits, one seed.
+    """The README's main job (`python -m prism_assets run`), small: 300 synthetic users, v3 and v2, one seed.
 
     Yields (environment the job ran with, its stdout); DAGSTER_HOME and PRISM_STORAGE in that environment
     hold the instance and the outputs, for tests that read them back (through the webserver, a browser …).
@@ -67,7 +79,7 @@ def main_job(tmp_path_factory):
         "PRISM_SYNTHETIC_SEED": "3",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "prism_assets", "run", "--seeds", "1", "--preset", "v3"],
+        [sys.executable, "-m", "prism_assets", "run", "--seeds", "1"],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,

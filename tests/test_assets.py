@@ -2,13 +2,14 @@
 
 import dagster as dg
 import pytest
-from builders import V3_SPLITS
+from builders import V3_SPLITS, experiment
 
 from prism_assets import definitions
 from prism_assets.assets import data, stats
 from resources.io_managers import ParquetIOManager, read_bundle
 
-ASSETS = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+DATA = [data.raw_prism, data.within_model_pairs]
+ASSETS = [*DATA, *stats.build_statistics(experiment("auto", "auto"))]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 
@@ -22,7 +23,9 @@ def _resources(tmp_path, source):
 
 
 def _metadata(result, asset):
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    [event] = [
+        e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey.from_user_string(asset)
+    ]
     return event.materialization.metadata
 
 
@@ -50,26 +53,38 @@ def test_pipeline_materializes_with_counts_and_passing_checks(synthetic_run):
     assert raw_meta["synthetic"].value is True and "SYNTHETIC" in raw_meta["synthetic_note"].value
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 3 and all(c.passed for c in checks)
-    fit_meta = _metadata(result, "ordered_logit_fit")
-    assert "| term" in fit_meta["coefficients"].value and len(fit_meta["quartile_boundaries"].value) == 3
-    stored = read_bundle(tmp_path / "assets" / "significant_splits")
+    fit_meta = _metadata(result, "auto/ordered_logit_fit")
+    assert "| term" in fit_meta["coefficients"].value and len(fit_meta["boundaries"].value) == 3
+    stored = read_bundle(tmp_path / "assets" / "auto" / "significant_splits")
     assert stored["splits"]["split"].iloc[-1].endswith("_region")
     assert stored["splits"]["null_control"].iloc[-1]
     assert set(stored["membership"]["group"]) == {"A", "B"}
 
 
-def test_v3_preset_through_dagster_config(synthetic_run):
+def test_the_presets_of_the_research_through_their_experiments(synthetic_run):
     _, tmp_path = synthetic_run
+    v2 = experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1})
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [*ASSETS],
+            [*DATA, *stats.build_statistics(experiment("v3", "v3")), *stats.build_statistics(v2)],
             instance=instance,
             resources=_resources(tmp_path, "synthetic"),
-            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
         )
-    splits = result.output_for_node("significant_splits")["splits"]
+        assert instance.get_dynamic_partitions("v2_cell")[-1] == "S6_region.B"
+    splits = result.output_for_node("v3__significant_splits")["splits"]
     assert list(splits["split"]) == V3_SPLITS
     assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
+    v2_splits = result.output_for_node("v2__significant_splits")["splits"]
+    assert list(v2_splits["split"]) == [
+        "S1_age",
+        "S2_personalisation",
+        "S3_safety",
+        "S4_familiarity",
+        "S5_behavioral",
+        "S6_region",
+    ]
+    assert _metadata(result, "v2/ordered_logit_fit")["boundaries"].value == [14.0]
+    assert set(_metadata(result, "v2/ordered_logit_fit")["outcome_counts"].value) == {"1", "2"}  # a binary logit
 
 
 def test_directory_source_and_a_clear_error_for_a_bad_source(small_synthetic_dir, tmp_path):

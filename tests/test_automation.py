@@ -25,7 +25,7 @@ def _repository(*instigators):
     return dg.Definitions(
         assets=ASSETS,
         resources=RESOURCES,
-        jobs=[automation.dpo_job, automation.report_job],
+        jobs=[automation.dpo_job("v3"), automation.dpo_job("v2"), automation.report_job],
         schedules=schedules,
         sensors=sensors,
     ).get_repository_def()
@@ -36,31 +36,36 @@ def _materialized(instance, *keys):
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key[0], partition=key[1]))
 
 
-def _queue(instance, repository, request):
+def _queue(instance, repository, request, experiment="v3"):
     """What the daemon does with a run request: a run, not yet started, for that partition."""
     return instance.create_run_for_job(
-        job_def=repository.get_job("dpo_runs"),
+        job_def=repository.get_job(f"{experiment}_dpo_runs"),
         run_config={},
         tags=request.tags,
         status=dg.DagsterRunStatus.NOT_STARTED,
-        asset_selection=frozenset({automation.DPO_ASSET}),
+        asset_selection=frozenset({automation.dpo_asset(experiment)}),
     )
+
+
+V3_RUNS, V2_RUNS = ["v3", "group_dpo_run"], ["v2", "group_dpo_run"]
 
 
 @pytest.fixture
 def instance():
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(partitions.CELL, ["baseline", "S1_age.A", "S1_age.B"])
+        instance.add_dynamic_partitions(partitions.cells_name("v3"), ["baseline", "S1_age.A", "S1_age.B"])
+        instance.add_dynamic_partitions(partitions.cells_name("v2"), ["baseline", "S4_familiarity.A"])
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield instance
 
 
 def test_a_tick_adds_the_next_seeds_and_requests_each_missing_partition_once(instance):
-    schedule = automation.build_add_seeds_schedule("0 2 * * 0", seeds_per_tick=2)
-    repository = _repository(schedule)
-    _materialized(instance, ("group_dpo_run", "baseline|0"))
+    schedule = automation.build_add_seeds_schedule("v3", "0 2 * * 0", seeds_per_tick=2)
+    v2_schedule = automation.build_add_seeds_schedule("v2", "0 2 * * 0", seeds_per_tick=2)
+    repository = _repository(schedule, v2_schedule)
+    _materialized(instance, (V3_RUNS, "baseline|0"))
 
-    def tick(when):
+    def tick(when, schedule=schedule):
         return schedule.evaluate_tick(
             dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repository)
         )
@@ -69,8 +74,15 @@ def test_a_tick_adds_the_next_seeds_and_requests_each_missing_partition_once(ins
     assert instance.get_dynamic_partitions(partitions.SEED) == ["0", "1", "2"]
     requested = {r.partition_key for r in first.run_requests}
     assert len(requested) == 8 and "baseline|0" not in requested and "S1_age.A|0" in requested  # seed 0's holes too
-    assert all(r.run_key == r.partition_key for r in first.run_requests)
-    assert all(r.tags["dagster/schedule_name"] == "add_seeds" for r in first.run_requests)
+    assert all(r.run_key == f"v3|{r.partition_key}" for r in first.run_requests)
+    assert all(r.tags["dagster/schedule_name"] == "v3_add_seeds" for r in first.run_requests)
+    # v2's schedule at the same tick: the seeds of the tick, not two more; v2's own partitions
+    v2_tick = tick(TICK, v2_schedule)
+    assert instance.get_dynamic_partitions(partitions.SEED) == ["0", "1", "2"]
+    assert {r.partition_key for r in v2_tick.run_requests} == {
+        f"{cell}|{seed}" for cell in ("baseline", "S4_familiarity.A") for seed in ("0", "1", "2")
+    }
+    assert all(r.tags["experiment"] == "v2" for r in v2_tick.run_requests)
 
     for request in first.run_requests[:5]:  # the daemon launched five before it died
         _queue(instance, repository, request)
@@ -90,16 +102,17 @@ def test_a_tick_adds_the_next_seeds_and_requests_each_missing_partition_once(ins
 
 
 def test_the_schedule_is_off_by_default_and_validates_its_seed_count():
-    assert automation.build_add_seeds_schedule("0 2 * * 0", 2).default_status == dg.DefaultScheduleStatus.STOPPED
+    schedule = automation.build_add_seeds_schedule("v3", "0 2 * * 0", 2)
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     with pytest.raises(ValueError, match="seeds per tick"):
-        automation.build_add_seeds_schedule("0 2 * * 0", 0)
+        automation.build_add_seeds_schedule("v3", "0 2 * * 0", 0)
 
 
 def test_new_cells_sensor_requests_only_cells_it_has_not_seen(instance):
-    sensor = automation.build_new_cells_sensor()
+    sensor = automation.build_new_cells_sensor(["v3", "v2"])
     repository = _repository(sensor)
     instance.add_dynamic_partitions(partitions.SEED, ["1"])
-    _materialized(instance, ("group_dpo_run", "S1_age.B|1"))
+    _materialized(instance, (V3_RUNS, "S1_age.B|1"), (V2_RUNS, "baseline|0"))
 
     def evaluate(cursor):
         context = dg.build_sensor_context(
@@ -108,16 +121,19 @@ def test_new_cells_sensor_requests_only_cells_it_has_not_seen(instance):
         return sensor.evaluate_tick(context)
 
     first = evaluate(None)  # turned on: every cell is new to it, materialized partitions are skipped
-    assert {r.partition_key for r in first.run_requests} == {
-        "baseline|0",
-        "baseline|1",
-        "S1_age.A|0",
-        "S1_age.A|1",
-        "S1_age.B|0",
+    assert {(r.job_name, r.partition_key) for r in first.run_requests} == {
+        ("v3_dpo_runs", "baseline|0"),
+        ("v3_dpo_runs", "baseline|1"),
+        ("v3_dpo_runs", "S1_age.A|0"),
+        ("v3_dpo_runs", "S1_age.A|1"),
+        ("v3_dpo_runs", "S1_age.B|0"),
+        ("v2_dpo_runs", "baseline|1"),
+        ("v2_dpo_runs", "S4_familiarity.A|0"),
+        ("v2_dpo_runs", "S4_familiarity.A|1"),
     }
     assert evaluate(first.cursor).run_requests == []
 
-    instance.add_dynamic_partitions(partitions.CELL, ["S2_gender.A", "S2_gender.B"])  # a new split
+    instance.add_dynamic_partitions(partitions.cells_name("v3"), ["S2_gender.A", "S2_gender.B"])  # a new split
     second = evaluate(first.cursor)
     assert {r.partition_key for r in second.run_requests} == {
         "S2_gender.A|0",
@@ -125,18 +141,18 @@ def test_new_cells_sensor_requests_only_cells_it_has_not_seen(instance):
         "S2_gender.B|0",
         "S2_gender.B|1",
     }
-    assert {r.run_key for r in second.run_requests} >= {"S2_gender.A|0#2"}
+    assert {r.run_key for r in second.run_requests} >= {"v3|S2_gender.A|0#2"}
 
-    instance.delete_dynamic_partition(partitions.CELL, "S2_gender.B")  # pruned by significant_splits …
+    instance.delete_dynamic_partition(partitions.cells_name("v3"), "S2_gender.B")  # pruned by significant_splits …
     third = evaluate(second.cursor)
-    instance.add_dynamic_partitions(partitions.CELL, ["S2_gender.B"])  # … and back: requested again, new run keys
+    instance.add_dynamic_partitions(partitions.cells_name("v3"), ["S2_gender.B"])  # … and back: requested again
     fourth = evaluate(third.cursor)
-    assert {r.run_key for r in fourth.run_requests} == {"S2_gender.B|0#3", "S2_gender.B|1#3"}
+    assert {r.run_key for r in fourth.run_requests} == {"v3|S2_gender.B|0#3", "v3|S2_gender.B|1#3"}
 
 
 def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance):
-    sensor = automation.build_report_sensor()
-    repository = _repository(sensor, automation.build_add_seeds_schedule("0 2 * * 0", 1))
+    sensor = automation.build_report_sensor([automation.dpo_asset("v3"), automation.dpo_asset("v2")])
+    repository = _repository(sensor, automation.build_add_seeds_schedule("v3", "0 2 * * 0", 1))
 
     def evaluate():
         return sensor.evaluate_tick(
@@ -144,9 +160,9 @@ def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance)
         )
 
     assert "no group_dpo_run" in evaluate().skip_message
-    _materialized(instance, ("group_dpo_run", "baseline|0"))
-    request = dg.RunRequest(partition_key="S1_age.A|0", tags={"dagster/partition": "S1_age.A|0"})
-    run = _queue(instance, repository, request)
+    _materialized(instance, (V3_RUNS, "baseline|0"))
+    request = dg.RunRequest(partition_key="S4_familiarity.A|0", tags={"dagster/partition": "S4_familiarity.A|0"})
+    run = _queue(instance, repository, request, "v2")  # any experiment's runs hold the table back
     assert "1 DPO runs queued or running" in evaluate().skip_message
     instance.report_run_canceled(run)
     [table_request] = evaluate().run_requests
@@ -154,6 +170,8 @@ def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance)
     assert evaluate().run_requests[0].run_key == table_request.run_key  # same batch, same key: launched once
     _materialized(instance, ("correspondence_table", None))
     assert "newer" in evaluate().skip_message
+    _materialized(instance, (V2_RUNS, "baseline|0"))
+    assert evaluate().run_requests  # a newer run of another experiment: a new table
 
 
 @pytest.mark.slow
@@ -189,7 +207,11 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
     os.environ["DAGSTER_HOME"], previous = str(home), os.environ.get("DAGSTER_HOME")
     try:
         instance = dg.DagsterInstance.get()
-        cells = instance.get_dynamic_partitions(partitions.CELL)
+        expected = sorted(
+            (f"{name}_dpo_runs", f"{cell}|0")
+            for name in ("v3", "v2")
+            for cell in instance.get_dynamic_partitions(partitions.cells_name(name))
+        )
         deadline, runs = time.time() + 240, []
         while time.time() < deadline:
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": "new_cells"}))
@@ -198,7 +220,7 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
             time.sleep(2)
         log = (tmp_path / "daemon.log").read_text()[-3000:]
         assert any(r.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS) for r in runs), log
-        assert sorted(r.tags["dagster/partition"] for r in runs) == sorted(f"{c}|0" for c in cells)  # each once
+        assert sorted((r.job_name, r.tags["dagster/partition"]) for r in runs) == expected  # each once
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)  # the daemon, its code server and the runs it launched
         daemon.wait(timeout=60)

@@ -1,54 +1,39 @@
 """group_dpo_run partitions and correspondence_table through a real Dagster instance and the local launcher."""
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+from builders import (
+    dagster_definitions,
+    experiment,
+    materialize_partition,
+    run_dir_of,
+    run_dirs,
+    upstream_of_runs,
+)
 
-from prism_assets import partitions, versions
-from prism_assets.assets import data, dpo, report, stats
-from resources.io_managers import ParquetIOManager
-from resources.launcher import LocalLauncher
-
-UPSTREAM = [data.raw_prism, data.within_model_pairs, stats.ordered_logit_fit, stats.significant_splits]
+from prism_assets import partitions
+from prism_assets.assets import dpo, report
 
 
-def _definitions(tmp_path, users=300, **settings):
-    dpo_settings = dpo.DpoSettings(
-        models_dir=str(tmp_path / "models"),
-        runs_dir=str(tmp_path / "runs"),
-        reports_dir=str(tmp_path / "reports"),
-        **settings,
-    )
-    assets = [
-        *UPSTREAM,
-        dpo.build_reference_logps(dpo_settings.fingerprint(dpo.REFERENCE_FIELDS)),
-        dpo.build_group_dpo_run(dpo_settings.fingerprint()),
-        report.correspondence_table,
-    ]
-    resources = {
-        "prism_source": data.PrismSource(
-            synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")
-        ),
-        "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
-        "dpo_settings": dpo_settings,
-        "launcher": LocalLauncher(threads_per_run=1),
-    }
-    return assets, resources
+def _definitions(tmp_path, users=300, python=None, **settings):
+    """One experiment, v3 (its preset, these DPO settings)."""
+    return dagster_definitions(tmp_path, [experiment("v3", "v3", **settings)], users=users, python=python)
 
 
 def _materialize_partition(assets, resources, instance, cell, seed, **kwargs):
-    key = dg.MultiPartitionKey({partitions.CELL: cell, partitions.SEED: str(seed)})
-    return dg.materialize(
-        assets,
-        selection=[dg.AssetKey("group_dpo_run")],
-        partition_key=key,
-        instance=instance,
-        resources=resources,
-        **kwargs,
-    )
+    return materialize_partition(assets, resources, instance, "v3", cell, seed, **kwargs)
+
+
+def _failure(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return failure.step_failure_data.error.message
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +41,14 @@ def v3_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dpo")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(
-            assets[:-2],
-            instance=instance,
-            resources=resources,  # all but the DPO runs and the table
-            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
-        )
+        dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, assets, resources, instance
 
 
 def test_significant_splits_registers_the_cells(v3_instance):
     _, _, _, instance = v3_instance
-    cells = instance.get_dynamic_partitions(partitions.CELL)
+    cells = instance.get_dynamic_partitions(partitions.cells_name("v3"))
     assert cells[0] == "baseline" and len(cells) == 17 and "S8_region.B" in cells
 
 
@@ -77,10 +57,11 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     result = _materialize_partition(assets, resources, instance, "S8_region.A", 0)
     [event] = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
-    run_dir = tmp_path / "runs" / "S8_region.A" / "seed0"
+    run_dir = run_dir_of(result)
+    assert run_dir.parent.parent == tmp_path / "runs" and run_dir.name == "seed0"
+    assert run_dir.parent.name == metadata["run_id"].value and metadata["trained"].value is True
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metadata["final_heldout_acc"].value == metrics["final_heldout_acc"]
-    assert metadata["run_dir"].value == str(run_dir)
     assert event.materialization.tags["dagster/data_version"] == metrics["data_version"]
     assert (run_dir / "pipes_messages.jsonl").read_text().count("report_asset_materialization") == 1
     logs = "\n".join(e.message for e in instance.all_logs(result.run_id) if e.message)
@@ -89,53 +70,62 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
     ran = json.loads((run_dir / "run.json").read_text())
     assert (ran["reference_logps"], ran["token_ids"]) == ("precomputed", "stored")
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["label"] == {"cell": "S8_region.A", "split": "S8_region", "group": "A", "seed": 0}
+    assert config["label"] == {
+        "experiment": "v3",
+        "cell": "S8_region.A",
+        "split": "S8_region",
+        "group": "A",
+        "seed": 0,
+    }
     assert config["code_version"] == dpo.JOB_CODE_VERSIONS[dpo.TRAINER_MODULE]  # the trainer checked it
+
+
+def _broken_python(tmp_path: Path, code: int = 3) -> str:
+    """An interpreter wrapper of a broken environment: says so on stderr and exits with `code`."""
+    script = tmp_path / f"broken-python-{code}"
+    script.write_text(f"#!/bin/sh\necho 'broken environment: no torch here' >&2\nexit {code}\n")
+    script.chmod(0o755)
+    return str(script)
 
 
 def test_a_failing_trainer_fails_the_partition_with_its_stderr(v3_instance):
     tmp_path, _, _, instance = v3_instance
-    assets, resources = _definitions(
-        tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model")
-    )
+    assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2, python=_broken_python(tmp_path))
     result = _materialize_partition(assets, resources, instance, "S1_age.B", 0, raise_on_error=False)
     assert not result.success
-    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.step_failure_data.error.message
-    assert "the trainer exited with code 1" in message and "no-such-model" in message
+    message = _failure(result)
+    assert "the trainer exited with code 3" in message and "broken environment: no torch here" in message
 
 
-def test_a_failed_attempt_leaves_the_last_successful_run_in_place(v3_instance):
+def test_a_finished_run_is_adopted_and_unreadable_outputs_are_trained_again(v3_instance):
     tmp_path, assets, resources, instance = v3_instance
-    assert _materialize_partition(assets, resources, instance, "S8_region.B", 0).success
-    run_dir = tmp_path / "runs" / "S8_region.B" / "seed0"
+    first = _materialize_partition(assets, resources, instance, "S8_region.B", 0)
+    run_dir = run_dir_of(first)
     finished = (run_dir / "metrics.json").read_text()
-    failing, failing_resources = _definitions(
-        tmp_path, max_steps=6, logging_steps=2, base_model=str(tmp_path / "no-such-model")
-    )
-    assert not _materialize_partition(
-        failing, failing_resources, instance, "S8_region.B", 0, raise_on_error=False
-    ).success
-    previous = run_dir.with_name("seed0.previous")
-    assert (previous / "metrics.json").read_text() == finished  # the successful run's outputs, untouched
-    assert "no-such-model" in (run_dir / "stderr.log").read_text()  # the failed attempt, where the failure says
-    # another failure keeps them; a success replaces them
-    assert not _materialize_partition(
-        failing, failing_resources, instance, "S8_region.B", 0, raise_on_error=False
-    ).success
-    assert (previous / "metrics.json").read_text() == finished
-    assert _materialize_partition(assets, resources, instance, "S8_region.B", 0).success
-    assert not previous.exists() and (run_dir / "metrics.json").exists()
+    # launched again, even where no trainer could run: the finished run's outputs, not a second training
+    _, broken = _definitions(tmp_path, max_steps=6, logging_steps=2, python=_broken_python(tmp_path))
+    again = _materialize_partition(assets, broken, instance, "S8_region.B", 0)
+    [event] = again.get_asset_materialization_events()
+    assert event.materialization.metadata["trained"].value is False and run_dir_of(again) == run_dir
+    assert (run_dir / "metrics.json").read_text() == finished
+    assert event.materialization.tags["dagster/data_version"] == json.loads(finished)["data_version"]
+    # outputs that cannot be read are not adopted: the run is trained again, and says why
+    (run_dir / "curve.parquet").write_bytes(b"not parquet")
+    retrained = _materialize_partition(assets, resources, instance, "S8_region.B", 0)
+    [event] = retrained.get_asset_materialization_events()
+    assert event.materialization.metadata["trained"].value is True
+    logs = "\n".join(e.message for e in instance.all_logs(retrained.run_id) if e.message)
+    assert "its finished outputs cannot be read" in logs and "curve.parquet cannot be read as parquet" in logs
+    data_version = json.loads((run_dir / "metrics.json").read_text())["data_version"]
+    assert data_version == json.loads(finished)["data_version"]  # deterministic: the same run again
 
 
-def test_a_second_launch_of_a_running_partition_is_refused_and_clobbers_nothing(v3_instance):
-    """A launch of S8_region.A in another process (its own Dagster instance, the same run directories) while
-    this one launches it again: the second fails at once naming the first; the first finishes undisturbed."""
-    import subprocess
-    import sys
-    import time
-
+def test_a_second_launch_of_a_running_partition_waits_for_it_and_clobbers_nothing(v3_instance):
+    """A launch of S6_helpfulness.A in another process (its own Dagster instance, the same run directories) while
+    this one launches it again: the second waits for the first, naming it, and adopts its run; the first finishes
+    undisturbed."""
     tmp_path, assets, resources, instance = v3_instance
+    settings = {"max_steps": 200, "logging_steps": 50}
     first = subprocess.Popen(
         [
             sys.executable,
@@ -146,9 +136,9 @@ from pathlib import Path
 import dagster as dg
 from prism_assets import partitions
 from test_dpo_assets import _definitions, _materialize_partition
-assets, resources = _definitions(Path({str(tmp_path)!r}), max_steps=200, logging_steps=50)
-with dg.instance_for_test() as instance:
-    instance.add_dynamic_partitions(partitions.CELL, ["S6_helpfulness.A"])
+assets, resources = _definitions(Path({str(tmp_path)!r}), **{settings!r})
+with dg.instance_for_test() as instance:  # the inputs are the files the test's instance wrote
+    instance.add_dynamic_partitions(partitions.cells_name("v3"), ["S6_helpfulness.A"])
     instance.add_dynamic_partitions(partitions.SEED, ["0"])
     sys.exit(0 if _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0).success else 1)
 """,
@@ -157,17 +147,22 @@ with dg.instance_for_test() as instance:
         stderr=subprocess.PIPE,
         text=True,
     )
-    lock = tmp_path / "runs" / "S6_helpfulness.A" / "seed0.lock"
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text()) and first.poll() is None and time.monotonic() < deadline:
+    deadline, locks = time.monotonic() + 240, []
+    while first.poll() is None and time.monotonic() < deadline:
+        locks = [lock for lock in (tmp_path / "runs").glob("*/seed0.lock") if lock.read_text()]
+        if locks and run_dirs(tmp_path / "runs", "S6_helpfulness.A"):
+            break
         time.sleep(0.2)
+    [lock] = locks
     holder = lock.read_text()
-    second = _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0, raise_on_error=False)
-    [failure] = [e for e in second.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert f"seed0 is in use by {holder}: one run of a partition at a time" in failure.step_failure_data.error.message
+    assets, resources = _definitions(tmp_path, **settings)
+    second = _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
-    config = json.loads((tmp_path / "runs" / "S6_helpfulness.A" / "seed0" / "run.json").read_text())
-    assert config["max_steps"] == 200  # the first launch's run, whole
+    logs = "\n".join(e.message for e in instance.all_logs(second.run_id) if e.message)
+    assert f"seed0 is in use by {holder}: waiting for it to end" in logs
+    [event] = second.get_asset_materialization_events()
+    assert event.materialization.metadata["trained"].value is False  # the first launch's run, adopted
+    assert json.loads((run_dir_of(second) / "run.json").read_text())["max_steps"] == 200
     assert lock.read_text() == ""  # released
 
 
@@ -175,27 +170,29 @@ def test_a_relaunch_resumes_from_the_checkpoints_of_an_interrupted_attempt(v3_in
     """The trainer is stopped (SIGTERM: it checkpoints and exits) after its first checkpoint; launching the
     partition again resumes from that checkpoint and ends with the curve of an uninterrupted run."""
     import shutil
-    import subprocess
     import threading
-    import time
 
     from builders import run_job
 
     runs, _, _, instance = v3_instance
     assets, resources = _definitions(runs, max_steps=80, logging_steps=2, checkpoint_steps=8)
-    run_dir = runs / "runs" / "S7_diversity.B" / "seed0"
 
     def interrupt():
         deadline = time.monotonic() + 120
-        while not list((run_dir / "trainer").glob("checkpoint-*")) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            found = [
+                d for d in run_dirs(runs / "runs", "S7_diversity.B") if list((d / "trainer").glob("checkpoint-*"))
+            ]
+            if found:
+                subprocess.run(["pkill", "-TERM", "-f", "--", f"--config {found[0] / 'config.json'}"])
+                return
             time.sleep(0.05)
-        subprocess.run(["pkill", "-TERM", "-f", "--", f"--config {run_dir / 'config.json'}"])
 
     stopper = threading.Thread(target=interrupt)
     stopper.start()
     assert not _materialize_partition(assets, resources, instance, "S7_diversity.B", 0, raise_on_error=False).success
     stopper.join()
-    assert _materialize_partition(assets, resources, instance, "S7_diversity.B", 0).success
+    run_dir = run_dir_of(_materialize_partition(assets, resources, instance, "S7_diversity.B", 0))
     resumed_at = json.loads((run_dir / "run.json").read_text())["resumed_at_step"]
     assert resumed_at is not None and 8 <= resumed_at < 80
     # the same run, uninterrupted, by hand
@@ -205,19 +202,6 @@ def test_a_relaunch_resumes_from_the_checkpoints_of_an_interrupted_attempt(v3_in
     config = json.loads((run_dir / "config.json").read_text())
     run_job(alone, "config", **{**config, "pairs_path": str(alone / "pairs.parquet"), "output_dir": str(alone)})
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "curve.parquet"), pd.read_parquet(alone / "curve.parquet"))
-
-
-def test_settings_other_than_the_code_versions_are_refused(v3_instance):
-    tmp_path, assets, resources, instance = v3_instance
-    settings = resources["dpo_settings"]
-    changed = dpo.DpoSettings(
-        **{**{name: getattr(settings, name) for name in dpo.DpoSettings.model_fields}, "learning_rate": 0.5}
-    )
-    overridden = {**resources, "dpo_settings": changed}
-    result = _materialize_partition(assets, overridden, instance, "S1_age.A", 0, raise_on_error=False)
-    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "are not those this code location was loaded with" in failure.step_failure_data.error.message
-    assert not (tmp_path / "runs" / "S1_age.A").exists()  # refused before anything was written or launched
 
 
 def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
@@ -234,26 +218,36 @@ def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
         dpo.read_run_outputs(tmp_path)
 
 
-def test_training_settings_change_the_dpo_code_version_and_nothing_upstream(tmp_path):
-    base = dpo.DpoSettings()
-    assert dpo.DpoSettings(learning_rate=5e-6).fingerprint() != base.fingerprint()
-    assert dpo.DpoSettings(max_steps=2000).fingerprint() != base.fingerprint()
-    assert dpo.DpoSettings(runs_dir="/elsewhere", python="/opt/py").fingerprint() == base.fingerprint()
-
-    def code_versions(settings):
-        assets = versions.with_upstream_code_versions(
-            [
-                *UPSTREAM,
-                dpo.build_reference_logps(settings.fingerprint(dpo.REFERENCE_FIELDS)),
-                dpo.build_group_dpo_run(settings.fingerprint()),
-                report.correspondence_table,
-            ]
-        )
+def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
+    def code_versions(*experiments):
+        assets, _ = dagster_definitions(Path("/nowhere"), list(experiments))
         return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
 
-    before, after = code_versions(base), code_versions(dpo.DpoSettings(beta=0.2))
-    changed = {key for key in before if before[key] != after[key]}
-    assert changed == {"group_dpo_run", "correspondence_table"}  # the table's inputs come from new code
+    v3, v2 = experiment("v3", "v3"), experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1})
+    before = code_versions(v3, v2)
+
+    def changed(*experiments):
+        after = code_versions(*experiments)
+        return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+    # the table covers every experiment: it changes with any of them
+    assert changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1}, beta=0.2)) == {
+        "v2/group_dpo_run",
+        "correspondence_table",
+    }
+    assert changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.05})) == {
+        "v2/ordered_logit_fit",
+        "v2/significant_splits",
+        "v2/group_dpo_run",
+        "correspondence_table",
+    }
+    deeper = changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1}, base_model="tiny:4"))
+    new_reference = {key for key in deeper if key.startswith("reference_logps/")}
+    assert len(new_reference) == 1 and deeper - new_reference == {"v2/group_dpo_run", "correspondence_table"}
+    assert changed(v3) == {"v2/ordered_logit_fit", "v2/significant_splits", "v2/group_dpo_run", "correspondence_table"}
+    # settings of where runs live are not what a run learns
+    assert dpo.fingerprint(experiment(beta=0.2).settings) != dpo.fingerprint(experiment().settings)
+    assert dpo.fingerprint(experiment(device="cpu").settings) == dpo.fingerprint(experiment().settings)
 
 
 @pytest.mark.slow
@@ -262,12 +256,7 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     A>B) must come out MATCH on held-out accuracy over three seeds, and the region null control OK."""
     assets, resources = _definitions(tmp_path, users=1500)
     with dg.instance_for_test() as instance:
-        dg.materialize(
-            assets[:-2],
-            instance=instance,
-            resources=resources,  # all but the DPO runs and the table
-            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
-        )
+        dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0", "1", "2"])
         for cell in ("S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"):
             for seed in range(3):
@@ -282,9 +271,9 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert primary.loc["S8_region", "verdict"] == "null OK", primary.loc["S8_region"].to_dict()
     assert primary.loc["S1_age", "sign_consistency"] == "3/3"
     assert primary.loc["S2_education", "n_seeds"] == 0 and primary.loc["S2_education", "verdict"] == "INCONCLUSIVE"
-    assert (tmp_path / "reports" / "learning_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "reports" / "v3" / "learning_curves.png").stat().st_size > 10_000
     [event] = result.get_asset_materialization_events()
-    assert "| S1_age" in event.materialization.metadata["correspondence"].value
+    assert "| S1_age" in event.materialization.metadata["v3"].value
 
 
 def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps():
@@ -371,15 +360,9 @@ def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
 
 def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     """Each field of the schema, set to a value other than its default, arrives in the config the trainer reads
-    (parsed as the trainer parses it); the resource's other fields say only where runs live and run."""
+    (parsed as the trainer parses it)."""
     from prism_assets.training.settings import RunConfig, TrainingSettings
 
-    assert set(dpo.DpoSettings.model_fields) - set(TrainingSettings.model_fields) == {
-        "models_dir",
-        "runs_dir",
-        "reports_dir",
-        "python",
-    }
     changed = {
         "base_model": str(tmp_path / "model"),
         "max_steps": 40,
@@ -400,9 +383,10 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     assert set(changed) == set(TrainingSettings.model_fields)  # a new setting must be listed here, and is checked
     defaults = TrainingSettings()
     assert all(getattr(defaults, name) != value for name, value in changed.items())
-    settings = dpo.DpoSettings(**changed)
+    settings = experiment(**changed).settings
     path = tmp_path / "config.json"
-    path.write_text(dpo.run_config(settings, "S1_age.A", 3, max_train_pairs=None).model_dump_json())
+    config = dpo.run_config(settings, settings.base_model, "S1_age.A", 3, max_train_pairs=None, experiment="v3")
+    path.write_text(config.model_dump_json())
     config = RunConfig.from_json(path)
     assert {name: getattr(config, name) for name in changed} == changed
-    assert (config.seed, config.label["cell"]) == (3, "S1_age.A")
+    assert (config.seed, config.label["cell"], config.label["experiment"]) == (3, "S1_age.A", "v3")

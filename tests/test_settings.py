@@ -9,8 +9,9 @@ import pytest
 from conftest import REPO
 from pydantic import ValidationError
 
-from prism_assets.assets import report, stats
-from prism_assets.definitions import dpo_settings_from_env, int_from_env
+from prism_assets.assets import report
+from prism_assets.definitions import experiments_from_env, int_from_env
+from prism_assets.experiments import ExperimentSpec
 from prism_assets.training.settings import RunConfig
 
 # (settings, what is wrong, as the environment's reader says it: DPO_<FIELD>='value': rule)
@@ -45,7 +46,7 @@ def _set_env(monkeypatch, settings: dict) -> None:
 def test_a_setting_out_of_range_is_named_with_its_value_and_rule(tmp_path, monkeypatch, settings, message):
     _set_env(monkeypatch, settings)
     with pytest.raises(ValueError, match=f"^{message}$"):
-        dpo_settings_from_env()
+        experiments_from_env()
     # the job's config file: the same rule, naming the file and the field
     (name, value), *_ = settings.items()
     config = {"base_model": "m", "pairs_path": "p", "output_dir": "o", "seed": 0, name: value}
@@ -61,14 +62,14 @@ def test_step_intervals_that_do_not_fit_together_are_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match=rf"c.json: RunConfig: {message}"):
         RunConfig.from_json(tmp_path / "c.json")
     _set_env(monkeypatch, settings)
-    with pytest.raises(ValueError, match=rf"DPO settings \(DPO_RECIPE=tiny and DPO_<FIELD>\): {message}"):
-        dpo_settings_from_env()
+    with pytest.raises(ValueError, match=rf"experiment 'v3' \(recipe tiny, its dpo and DPO_<FIELD>\): {message}"):
+        experiments_from_env()
 
 
 def test_a_blank_base_model_is_refused(monkeypatch):
     monkeypatch.setenv("DPO_BASE_MODEL", "")
     with pytest.raises(ValueError, match="DPO_BASE_MODEL='': String should have at least 1 character"):
-        dpo_settings_from_env()
+        experiments_from_env()
 
 
 def test_counts_from_the_environment_must_be_positive(monkeypatch):
@@ -89,8 +90,8 @@ def test_the_main_job_stops_on_a_bad_setting_with_one_line_and_no_traceback(tmp_
 @pytest.mark.parametrize(
     ("config", "values", "message"),
     [
-        (stats.SplitsConfig, {"alpha": 2.0}, "alpha\n  Input should be less than 1"),
-        (stats.OrderedLogitConfig, {"min_level_users": 0}, "min_level_users\n  Input should be greater than or equal"),
+        (ExperimentSpec, {"alpha": 2.0}, "alpha\n  Input should be less than 1"),
+        (ExperimentSpec, {"min_level_users": 0}, "min_level_users\n  Input should be greater than or equal"),
         (report.ReportConfig, {"curve_metric": "accuracy"}, "curve_metric\n  Input should be 'heldout_acc', "),
     ],
 )

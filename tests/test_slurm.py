@@ -19,7 +19,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
-from test_dpo_assets import _definitions, _materialize_partition
+from builders import run_dirs, upstream_of_runs
+from test_dpo_assets import _broken_python, _definitions, _materialize_partition
 
 from prism_assets import partitions
 from resources.slurm import SlurmLauncher, parse_scontrol, time_limit_seconds
@@ -59,12 +60,7 @@ def cluster_instance(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("slurm")
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)
     with dg.instance_for_test() as instance:
-        dg.materialize(
-            assets[:-2],
-            instance=instance,
-            resources=resources,  # data, statistics, reference_logps
-            run_config={"ops": {"significant_splits": {"config": {"preset": "v3"}}}},
-        )
+        dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
         yield tmp_path, instance
 
@@ -73,9 +69,19 @@ def _run(cluster_instance, cell, launcher, **settings):
     tmp_path, instance = cluster_instance
     assets, resources = _definitions(tmp_path, **{"max_steps": 6, "logging_steps": 2, **settings})
     resources["launcher"] = launcher
-    return _materialize_partition(
-        assets, resources, instance, cell, 0, raise_on_error=False
-    ), tmp_path / "runs" / cell / "seed0"
+    result = _materialize_partition(assets, resources, instance, cell, 0, raise_on_error=False)
+    return result, _run_dir(tmp_path / "runs", cell, timeout=0)
+
+
+def _run_dir(runs: Path, cell: str, timeout: float = 60) -> Path:
+    """The newest run directory of `cell` under `runs` (named by the run's identity), once its config is written."""
+    deadline = time.time() + timeout
+    while True:
+        found = run_dirs(runs, cell)
+        if found or time.time() >= deadline:
+            break
+        time.sleep(0.2)
+    return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else runs / "not-launched"
 
 
 def _failure(result) -> str:
@@ -89,9 +95,12 @@ def _job(job_id: str) -> dict:
     )
 
 
-def _job_id(run_dir: Path, timeout: float = 60) -> str:
-    """The id of the job submitted for run_dir, once it runs (read from its stdout file name)."""
+def _job_id(run_dir: Path | tuple[Path, str], timeout: float = 60) -> str:
+    """The id of the job submitted for run_dir (or for (runs, cell), once its directory exists), once it runs (read
+    from its stdout file name)."""
     deadline = time.time() + timeout
+    if isinstance(run_dir, tuple):
+        run_dir = _run_dir(*run_dir, timeout=timeout)
     while time.time() < deadline:
         outs = list(run_dir.glob("slurm-*.out"))
         if outs:
@@ -161,11 +170,11 @@ def test_runs_per_gpu_needs_shards_that_divide_and_single_gpu_runs(tmp_path):
 
 
 def test_a_failing_job_names_state_exit_code_and_stderr(cluster_instance, tmp_path):
-    result, _ = _run(cluster_instance, "S1_age.A", _launcher(), base_model=str(tmp_path / "missing-model"))
+    result, _ = _run(cluster_instance, "S1_age.A", _launcher(), python=_broken_python(tmp_path, code=1))
     assert not result.success
     message = _failure(result)
     assert re.search(r"SLURM job \d+ ended FAILED \(exit code 1:0", message)
-    assert "missing-model" in message and "Hint: the trainer failed" in message
+    assert "broken environment: no torch here" in message and "Hint: the trainer failed" in message
 
 
 def test_a_cluster_environment_with_other_trainer_code_fails_naming_both_versions(cluster_instance, tmp_path):
@@ -191,8 +200,7 @@ def test_a_cluster_environment_with_other_trainer_code_fails_naming_both_version
 
 
 def test_a_job_cancelled_outside_dagster_fails_the_partition(cluster_instance):
-    run_dir = cluster_instance[0] / "runs" / "S1_age.B" / "seed0"
-    _in_background(lambda: subprocess.run(["scancel", _job_id(run_dir)]))
+    _in_background(lambda: subprocess.run(["scancel", _job_id((cluster_instance[0] / "runs", "S1_age.B"))]))
     result, _ = _run(cluster_instance, "S1_age.B", _launcher(), max_steps=400, logging_steps=50)
     assert not result.success
     assert "ended CANCELLED" in _failure(result) and "cancelled outside this run" in _failure(result)
@@ -209,10 +217,10 @@ def test_an_impossible_request_surfaces_sbatchs_message(cluster_instance):
 def test_unsafe_names_and_values_are_refused_before_submission(cluster_instance, tmp_path):
     _, instance = cluster_instance
     jobs_before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
-    instance.add_dynamic_partitions(partitions.CELL, ["S1_age$(touch pwned).A"])
+    instance.add_dynamic_partitions(partitions.cells_name("v3"), ["S1_age$(touch pwned).A"])
     result, _ = _run(cluster_instance, "S1_age$(touch pwned).A", _launcher())
     assert not result.success and "invalid split name" in _failure(result)
-    instance.delete_dynamic_partition(partitions.CELL, "S1_age$(touch pwned).A")
+    instance.delete_dynamic_partition(partitions.cells_name("v3"), "S1_age$(touch pwned).A")
     for bad in (
         dict(partition="debug;id"),
         dict(account="a b"),
@@ -261,10 +269,10 @@ def _release_requeued(job_id_of, stop: threading.Event):
 def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
     tmp_path, _ = cluster_instance
     cell, settings = "S3_personalisation.A", dict(max_steps=60, logging_steps=4, checkpoint_steps=8)
-    run_dir = tmp_path / "runs" / cell / "seed0"
     stop = threading.Event()
 
     def requeue_mid_run():
+        run_dir = _run_dir(tmp_path / "runs", cell)
         job_id = _job_id(run_dir)
         out = run_dir / f"slurm-{job_id}.out"
         while "step 20/60" not in (out.read_text() if out.exists() else ""):
@@ -273,7 +281,7 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
         _release_requeued(lambda: job_id, stop)
 
     _in_background(requeue_mid_run)
-    result, _ = _run(cluster_instance, cell, _launcher(), **settings)
+    result, run_dir = _run(cluster_instance, cell, _launcher(), **settings)
     stop.set()
     assert result.success, _failure(result)
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
@@ -308,14 +316,14 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
     """--time=1 with SLURM's warning 45 s before the end: each attempt checkpoints and requeues itself."""
     tmp_path, _ = cluster_instance
     cell = "S4_safety.A"
-    run_dir = tmp_path / "runs" / cell / "seed0"
     stop = threading.Event()
     _in_background(
         lambda: _release_requeued(
-            lambda: next((p.stem.split("-")[1] for p in run_dir.glob("slurm-*.out")), None), stop
+            lambda: next((p.stem.split("-")[1] for p in _run_dir(tmp_path / "runs", cell).glob("slurm-*.out")), None),
+            stop,
         )
     )
-    result, _ = _run(
+    result, run_dir = _run(
         cluster_instance,
         cell,
         _launcher(time_limit="1", signal_before_end_s=45),
@@ -348,7 +356,8 @@ def test_terminating_the_dagster_run_cancels_the_job(cluster_instance):
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(REPO / "tests")!r})
 import dagster as dg
-from test_dpo_assets import _definitions, _materialize_partition
+from builders import run_dirs, upstream_of_runs
+from test_dpo_assets import _broken_python, _definitions, _materialize_partition
 from resources.slurm import SlurmLauncher
 from prism_assets import partitions
 tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})
@@ -356,15 +365,14 @@ assets, resources = _definitions(tmp, max_steps=2000, logging_steps=100)
 resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5",
                                       poll_max_s=1.0)
 with dg.instance_for_test() as instance:
-    dg.materialize(assets[:-2], instance=instance, resources=resources)
+    dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
     instance.add_dynamic_partitions(partitions.SEED, ["0"])
     _materialize_partition(assets, resources, instance, "baseline", 0, raise_on_error=False)
 """)
     process = subprocess.Popen(
         [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    run_dir = tmp_path / "terminate" / "runs" / "baseline" / "seed0"
-    job_id = _job_id(run_dir, timeout=120)
+    job_id = _job_id((tmp_path / "terminate" / "runs", "baseline"), timeout=120)
     time.sleep(2)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=60)[0].decode()
@@ -442,7 +450,7 @@ def test_ssh_mode_with_a_remote_run_directory_mirrors_inputs_messages_and_output
         cluster_instance, "S6_helpfulness.A", _launcher(**local_sshd, remote_runs_dir=str(remote_root))
     )
     assert result.success, _failure(result)
-    remote = remote_root / "S6_helpfulness.A" / "seed0"
+    remote = remote_root / run_dir.parent.name / "seed0"  # <remote_runs_dir>/<run id>/seed0
     assert (remote / "pairs.parquet").exists() and (remote / "metrics.json").exists()
     assert f"#SBATCH --output={remote}/slurm-%j.out" in (run_dir / "job.sbatch").read_text()
     assert not (run_dir / "pipes_context.json").exists()  # the context travelled in the job's environment
@@ -458,22 +466,24 @@ def test_ssh_mode_with_a_remote_run_directory_builds_reference_logps(cluster_ins
     cluster_tmp, instance = cluster_instance
     assets, resources = _definitions(cluster_tmp, max_steps=6, logging_steps=2)
     resources["launcher"] = _launcher(**local_sshd, remote_runs_dir=str(tmp_path / "cluster-scratch"))
-    earlier = tmp_path / "cluster-scratch" / "runs" / "reference" / "pipes_messages.jsonl"
+    [reference] = [a.key for a in assets if a.key.path[0] == "reference_logps"]
+    name = reference.path[-1]  # <runs>/reference/<name> here, <remote_runs_dir>/reference/<name> there
+    earlier = tmp_path / "cluster-scratch" / "reference" / name / "pipes_messages.jsonl"
     earlier.parent.mkdir(parents=True)
     earlier.write_text(
         '{"__dagster_pipes_version": "0.1", "method": "closed", "params": {}}\n'
     )  # an earlier attempt's
     result = dg.materialize(
         assets,
-        selection=[dg.AssetKey("reference_logps")],
+        selection=[reference],
         instance=instance,
         resources=resources,
         raise_on_error=False,
     )
     assert result.success, _failure(result)
     assert earlier.read_text().count('"method": "closed"') == 1  # the remote directory was made afresh
-    fetched = cluster_tmp / "runs" / "reference" / "reference_logps.parquet"
-    assert fetched.read_bytes() == (tmp_path / "cluster-scratch" / "runs" / "reference" / fetched.name).read_bytes()
+    fetched = cluster_tmp / "runs" / "reference" / name / "reference_logps.parquet"
+    assert fetched.read_bytes() == (tmp_path / "cluster-scratch" / "reference" / name / fetched.name).read_bytes()
 
 
 def test_a_controller_that_stops_answering_for_a_while_does_not_fail_the_partition(cluster_instance):
@@ -481,11 +491,10 @@ def test_a_controller_that_stops_answering_for_a_while_does_not_fail_the_partiti
     run ends as usual — it neither cancels the job nor takes the silence for a vanished job."""
     tmp_path, instance = cluster_instance
     cell = "S7_diversity.A"
-    run_dir = tmp_path / "runs" / cell / "seed0"
     controller = int((Path(os.environ.get("SLURM_CI_DIR", "/tmp/prism-slurm")) / "slurmctld.pid").read_text())
 
     def freeze_the_controller():
-        _job_id(run_dir)
+        _job_id((tmp_path / "runs", cell))
         os.kill(controller, signal.SIGSTOP)
         try:
             time.sleep(30)  # scontrol gives up on a silent controller after 20 s here

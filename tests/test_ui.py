@@ -12,21 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import shipped_asset_keys
 from webserver import serve, staleness
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path(os.environ.get("PRISM_CHROMIUM", "/usr/bin/chromium"))
-ASSETS = [
-    "raw_prism",
-    "within_model_pairs",
-    "ordered_logit_fit",
-    "significant_splits",
-    "reference_logps",
-    "group_dpo_run",
-    "correspondence_table",
-]
-PARTITION = "S1_age.A|0"
+ASSETS = shipped_asset_keys()
+RUNS = ["v3/group_dpo_run", "v2/group_dpo_run"]
+PARTITION = "S1_age.A|0"  # a cell of both experiments
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +41,18 @@ def test_a_dpo_hyperparameter_marks_only_the_dpo_runs_and_the_table_unsynced(mai
     with serve(REPO, {**env, "DPO_LEARNING_RATE": "2e-3"}) as url:
         status = staleness(url, PARTITION)
     # the base model's log-probs do not depend on the learning rate: reference_logps stays synced
-    assert status == {**dict.fromkeys(ASSETS[:5], "FRESH"), "group_dpo_run": "STALE", "correspondence_table": "STALE"}
+    stale = [*RUNS, "correspondence_table"]
+    assert status == {**dict.fromkeys(ASSETS, "FRESH"), **dict.fromkeys(stale, "STALE")}
+
+
+def test_a_setting_of_one_experiment_marks_only_its_own_assets_unsynced(main_job, tmp_path):
+    env, _ = main_job
+    edited = tmp_path / "experiments.toml"
+    edited.write_text((REPO / "experiments.toml").read_text().replace("alpha = 0.1", "alpha = 0.05"))
+    with serve(REPO, {**env, "PRISM_EXPERIMENTS_FILE": str(edited)}) as url:
+        status = staleness(url, PARTITION)
+    stale = ["v2/ordered_logit_fit", "v2/significant_splits", "v2/group_dpo_run", "correspondence_table"]
+    assert status == {**dict.fromkeys(ASSETS, "FRESH"), **dict.fromkeys(stale, "STALE")}
 
 
 def test_editing_the_pair_building_code_marks_everything_downstream_unsynced(main_job, tmp_path):
@@ -107,18 +112,18 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         _expand_all_groups(page)
         page.reload()  # the graph fits its view to the unfolded groups (kept in the browser) when it loads
         try:
-            for asset in ASSETS:
+            for asset in {key.split("/")[-1] for key in ASSETS}:
                 expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=30_000)
-            for group in ("data", "statistics", "dpo", "report"):
+            for group in ("data", "v3", "v2", "dpo", "report"):
                 expect(page.get_by_text(group, exact=True).first).to_be_visible()
             page.wait_for_timeout(1000)  # edges settle
         finally:
             page.screenshot(path=str(ARTIFACTS / "asset-graph.png"))  # an artifact whether or not the checks pass
 
         page.goto(f"{served}/assets/correspondence_table")
-        page.get_by_text("[Show Markdown]").first.click()  # metadata "correspondence": the table
+        page.get_by_text("[Show Markdown]").first.click()  # metadata "v3": v3's table
         dialog = page.get_by_role("dialog")
-        expect(dialog.get_by_text("Primary metric")).to_be_visible(timeout=30_000)
+        expect(dialog.get_by_text("primary metric", exact=False).first).to_be_visible(timeout=30_000)
         for text in ("S1_age", "S8_region", "A≈B", "mean A−B [95% CI]", "verdict"):
             expect(dialog.get_by_text(text).first).to_be_visible()
         page.wait_for_timeout(500)  # the dialog's fade-in

@@ -3,18 +3,11 @@
 import shutil
 from pathlib import Path
 
+from conftest import shipped_asset_keys
 from webserver import serve, wait_for_assets
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = {
-    "raw_prism": "data",
-    "within_model_pairs": "data",
-    "ordered_logit_fit": "statistics",
-    "significant_splits": "statistics",
-    "reference_logps": "dpo",
-    "group_dpo_run": "dpo",
-    "correspondence_table": "report",
-}
+SHARED_GROUPS = {"raw_prism": "data", "within_model_pairs": "data", "correspondence_table": "report"}
 
 
 def test_webserver_lists_every_asset_in_its_group(tmp_path):
@@ -23,5 +16,10 @@ def test_webserver_lists_every_asset_in_its_group(tmp_path):
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     with serve(REPO, {"DAGSTER_HOME": str(home), "PRISM_STORAGE": str(tmp_path / "storage")}) as url:
         nodes = wait_for_assets(url)
-    found = {node["assetKey"]["path"][-1]: node["groupName"] for node in nodes}
-    assert found == GROUPS
+    found = {"/".join(node["assetKey"]["path"]): node["groupName"] for node in nodes}
+    # each experiment's assets in its own group; one reference per base model, shared
+    expected = {
+        key: SHARED_GROUPS.get(key) or ("dpo" if key.startswith("reference_logps/") else key.split("/")[0])
+        for key in shipped_asset_keys()
+    }
+    assert found == expected

@@ -87,7 +87,8 @@ PARTITION_STALENESS = """query($asset: [AssetKeyInput!], $partition: String) { a
 
 
 def staleness(url: str, partition: str) -> dict[str, str]:
-    """Asset name → FRESH / STALE / MISSING as the instance says; of `partition` for partitioned assets."""
+    """Asset key (`v3/group_dpo_run`) → FRESH / STALE / MISSING as the instance says; of `partition` for partitioned
+    assets."""
     status = {}
     for node in graphql(url, STALENESS)["assetNodes"]:
         path = node["assetKey"]["path"]
@@ -95,5 +96,5 @@ def staleness(url: str, partition: str) -> dict[str, str]:
             [node] = graphql(url, PARTITION_STALENESS, {"asset": [{"path": path}], "partition": partition})[
                 "assetNodes"
             ]
-        status[path[-1]] = node["staleStatus"]
+        status["/".join(path)] = node["staleStatus"]
     return status

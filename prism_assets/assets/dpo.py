@@ -1,8 +1,10 @@
-"""DPO assets: `reference_logps`, and `group_dpo_run`, one DPO run per (cell, seed) partition, through a launcher.
+"""DPO assets: `reference_logps/<model>` and each experiment's `<experiment>/group_dpo_run`, through a launcher.
 
-Owns the DPO settings resource (the schema's fields plus where things live; their fingerprint is part of
-the assets' code versions), the run directory (`<runs_dir>/<cell>/seed<seed>/`) and reading a finished
-run back: a missing or corrupt output fails the partition naming the file.
+Owns where DPO runs live (`DpoStorage`), the assets' factories (an experiment's settings are baked into its assets'
+code versions), and a run's identity: its directory `<runs_dir>/<run id>/seed<seed>/` is named by a hash of everything
+that decides what it learns (the trainer's code, base model, settings, the very pairs), so two experiments whose group
+has the same users share one run — the second adopts the first's outputs instead of training again. A missing or
+corrupt output fails the partition naming the file.
 """
 
 import contextlib
@@ -11,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -63,27 +66,40 @@ TRAINING_FIELDS = fields_where(TrainingSettings, LEARNS)  # what a run learns de
 REFERENCE_FIELDS = fields_where(TrainingSettings, REFERENCE)  # what the base model's log-probs of a pair depend on
 
 
-class DpoSettings(TrainingSettings, dg.ConfigurableResource):
-    """The schema's settings of every DPO run (`TrainingSettings`), and where runs, models and reports live."""
+class DpoStorage(dg.ConfigurableResource):
+    """Where DPO runs, base models and reports live, and the interpreter that runs the jobs."""
 
-    models_dir: str = Field("storage/models", description="where the tiny base model is built")
-    runs_dir: str = Field("storage/runs", description="run directories, <runs_dir>/<cell>/seed<seed>/")
-    reports_dir: str = Field("storage/reports", description="the report's files (learning-curve PNG)")
+    models_dir: str = Field("storage/models", description="where the tiny base models are built")
+    runs_dir: str = Field("storage/runs", description="run directories, <runs_dir>/<run id>/seed<seed>/")
+    reports_dir: str = Field("storage/reports", description="the report's files (tables, plots)")
     python: str = Field(
         sys.executable,
         description="the interpreter that runs the trainer (on the cluster for "
         "SLURM: a venv where this project is installed)",
     )
 
-    def fingerprint(self, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
-        """Hash of the settings that change what a run learns (not where it runs)."""
-        values = {name: getattr(self, name) for name in fields}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    def resolved_base_model(self, base_model: str) -> str:
+        """A tiny model's name built to its directory; any other model as named."""
+        layers = tiny_model.tiny_layers(base_model)
+        if layers is None:
+            return base_model
+        return str(
+            tiny_model.build_tiny_qwen2(
+                tiny_model.tiny_model_dir(self.models_dir, base_model), layers=layers
+            ).resolve()
+        )
 
-    def resolved_base_model(self) -> str:
-        if self.base_model == tiny_model.TINY:
-            return str(tiny_model.build_tiny_qwen2(Path(self.models_dir) / "tiny-qwen2").resolve())
-        return self.base_model
+
+def fingerprint(settings: TrainingSettings, fields: tuple[str, ...] = TRAINING_FIELDS) -> str:
+    """Hash of the settings that change what a run learns (not where it runs)."""
+    values = {name: getattr(settings, name) for name in fields}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reference_key(settings: TrainingSettings) -> dg.AssetKey:
+    """`reference_logps/<model>_<hash>`: one per base model and the settings its log-probs depend on."""
+    model = re.sub(r"[^A-Za-z0-9]+", "_", settings.base_model.rsplit("/", 1)[-1]).strip("_").lower()
+    return dg.AssetKey(["reference_logps", f"{model}_{fingerprint(settings, REFERENCE_FIELDS)[:6]}"])
 
 
 def group_users(splits: dict, split: str, group: str) -> pd.Series:
@@ -117,7 +133,7 @@ def membership_digest(splits: dict, split: str | None, group: str | None) -> str
     return hashlib.sha256("\n".join(users).encode()).hexdigest()[:16]
 
 
-def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: DpoSettings) -> int:
+def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: TrainingSettings) -> int:
     """Training pairs of the split's smaller group (after its held-out pairs are set aside)."""
     sizes = []
     for group in partitions.GROUPS:
@@ -156,23 +172,27 @@ def read_run_outputs(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, owner: str) -> Iterator[None]:
-    """Hold <path>.lock while a run uses `path`: a second launch of the same partition fails at once, naming the
-    first, instead of deleting its live directory. The operating system releases the lock with the process that
-    holds it, so a crashed or restarted orchestrator leaves none behind."""
+def exclusive(path: Path, owner: str, log: Callable[[str], None], poll_s: float = 1.0) -> Iterator[None]:
+    """Hold <path>.lock while a run uses `path`: a second launch of the same run (the same partition, or another
+    experiment's partition sharing the run) waits for the first, naming it, and never touches its live directory.
+    The operating system releases the lock with the process that holds it, so a crashed or restarted orchestrator
+    leaves none behind."""
     lock = path.with_name(f"{path.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
     with open(lock, "r+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = handle.read().strip() or "another process"
-            raise dg.Failure(
-                f"{path} is in use by {holder}: one run of a partition at a time; wait for that run to end or "
-                "terminate it, then launch this partition again",
-                allow_retries=False,
-            ) from None
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    handle.seek(0)
+                    log(f"{path} is in use by {handle.read().strip() or 'another process'}: waiting for it to end")
+                    waiting = True
+                time.sleep(poll_s)  # a poll, not a blocking lock: a terminated Dagster run stops waiting at once
+        handle.seek(0)
         handle.truncate(0)
         handle.write(
             f"{owner} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
@@ -186,35 +206,32 @@ def exclusive(path: Path, owner: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def attempt_dir(
-    path: Path, finished: str, owner: str, log: Callable[[str], None], keep: tuple[str, ...] = ()
-) -> Iterator[Path]:
-    """A run directory for one attempt, held `exclusive`ly, with nothing of an earlier attempt but the names in
-    `keep` of one that did not finish (its checkpoints, and the config they were written under): a rerun never
-    reads another attempt's outputs, and a retry can resume. The last successful run's directory (one holding
-    `finished`) is kept as <name>.previous until an attempt succeeds: a failed, killed or interrupted attempt
-    never deletes it. A failed attempt stays in place, where its job may still write and its failure points."""
-    with exclusive(path, owner):
-        previous = path.with_name(f"{path.name}.previous")
-        if (path / finished).exists() and not previous.exists():
-            path.rename(previous)
-        elif path.exists():  # an attempt that did not succeed (with .previous: `path` holds no recorded run)
-            unfinished = not (path / finished).exists()
-            for entry in path.iterdir():
-                if unfinished and entry.name in keep:
-                    continue
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            yield path
-        except BaseException:
-            if previous.exists():
-                log(f"the last successful run's files are in {previous} until an attempt succeeds")
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
+def attempt_dir(path: Path, finished: str, log: Callable[[str], None], keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A run directory for one attempt (the caller holds it `exclusive`ly), with nothing of an earlier attempt but
+    the names in `keep` of one that did not finish (its checkpoints, and the config they were written under): a
+    rerun never reads another attempt's outputs, and a retry can resume. The last successful run's directory (one
+    holding `finished`) is kept as <name>.previous until an attempt succeeds: a failed, killed or interrupted
+    attempt never deletes it. A failed attempt stays in place, where its job may still write and its failure points."""
+    previous = path.with_name(f"{path.name}.previous")
+    if (path / finished).exists() and not previous.exists():
+        path.rename(previous)
+    elif path.exists():  # an attempt that did not succeed (with .previous: `path` holds no recorded run)
+        unfinished = not (path / finished).exists()
+        for entry in path.iterdir():
+            if unfinished and entry.name in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if previous.exists():
+            log(f"the last successful run's files are in {previous} until an attempt succeeds")
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def keep_checkpoints_of_the_same_run(run_dir: Path, config: RunConfig, log: Callable[[str], None]) -> None:
@@ -234,56 +251,41 @@ def keep_checkpoints_of_the_same_run(run_dir: Path, config: RunConfig, log: Call
         log(f"removed an earlier attempt's checkpoints, written for other settings, from {run_dir}")
 
 
-def check_settings(settings: DpoSettings, fingerprint: str, fields: tuple[str, ...] = TRAINING_FIELDS) -> None:
-    """Refuse settings other than those the asset's code version records (the code location's DPO_* environment),
-    e.g. a run-config override of `dpo_settings` (which also resets every field it omits to the class default):
-    the materialization would claim settings it was not computed with."""
-    found = settings.fingerprint(fields)
-    if found != fingerprint:
-        values = {name: getattr(settings, name) for name in fields}
-        raise dg.Failure(
-            f"dpo_settings {values} are not those this code location was loaded with (fingerprint "
-            f"{found}, expected {fingerprint}): set DPO_RECIPE / DPO_<FIELD> and reload the code "
-            "location instead of overriding the resource",
-            allow_retries=False,
-        )
+def build_reference_logps(settings: TrainingSettings) -> dg.AssetsDefinition:
+    """The reference log-probs of `settings`' base model (and the settings they depend on), shared by every
+    experiment on that model."""
 
-
-def build_reference_logps(settings_fingerprint: str) -> dg.AssetsDefinition:
     @dg.asset(
-        name="reference_logps",
+        key=reference_key(settings),
         group_name="dpo",
         kinds={"pytorch", "parquet"},
         owners=versions.OWNERS,
         pool="gpu",
-        code_version=f"{REFERENCE_CODE_VERSION}-{settings_fingerprint}",
+        code_version=f"{REFERENCE_CODE_VERSION}-{fingerprint(settings, REFERENCE_FIELDS)}",
         retry_policy=RETRY_POLICY,
-        description="The frozen base model's summed log-probabilities of every pair's chosen and rejected response "
-        "(TRL's tokenization and truncation), computed once per base model and pairs version in large "
-        "batches, as one job through the launcher, with the token ids they are of; every DPO run reads "
-        "them instead of running a reference model and tokenizing its pairs.",
+        description=f"The frozen base model's ({settings.base_model}) summed log-probabilities of every pair's "
+        "chosen and rejected response (TRL's tokenization and truncation), computed once per base model and "
+        "pairs version in large batches, as one job through the launcher, with the token ids they are of; every "
+        "DPO run on this model reads them instead of running a reference model and tokenizing its pairs.",
     )
     def reference_logps(
         context: dg.AssetExecutionContext,
-        dpo_settings: DpoSettings,
+        dpo_storage: DpoStorage,
         launcher: RunLauncher,
         within_model_pairs: pd.DataFrame,
     ) -> dg.Output:
-        check_settings(dpo_settings, settings_fingerprint, REFERENCE_FIELDS)
-        with attempt_dir(
-            (Path(dpo_settings.runs_dir) / "reference").resolve(),
-            "reference_logps.parquet",
-            f"Dagster run {context.run.run_id}",
-            context.log.warning,
-        ) as run_dir:
-            return _reference_logps(context, dpo_settings, launcher, within_model_pairs, run_dir)
+        run_dir = (Path(dpo_storage.runs_dir) / "reference" / context.asset_key.path[-1]).resolve()
+        with exclusive(run_dir, f"Dagster run {context.run.run_id}", context.log.info):
+            with attempt_dir(run_dir, "reference_logps.parquet", context.log.warning):
+                return _reference_logps(context, settings, dpo_storage, launcher, within_model_pairs, run_dir)
 
     return reference_logps
 
 
 def _reference_logps(
     context: dg.AssetExecutionContext,
-    dpo_settings: DpoSettings,
+    settings: TrainingSettings,
+    dpo_storage: DpoStorage,
     launcher: RunLauncher,
     within_model_pairs: pd.DataFrame,
     run_dir: Path,
@@ -291,12 +293,12 @@ def _reference_logps(
     within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
     config = ReferenceConfig(
         **{
-            **{name: getattr(dpo_settings, name) for name in REFERENCE_FIELDS},
-            "base_model": dpo_settings.resolved_base_model(),
+            **{name: getattr(settings, name) for name in REFERENCE_FIELDS},
+            "base_model": dpo_storage.resolved_base_model(settings.base_model),
         },
         pairs_path="pairs.parquet",
         output_path="reference_logps.parquet",
-        device=dpo_settings.device,
+        device=settings.device,
         code_version=JOB_CODE_VERSIONS[REFERENCE_MODULE],
     )
     config_path = run_dir / "reference.json"
@@ -305,7 +307,7 @@ def _reference_logps(
         context=context,
         run_dir=str(run_dir),
         outputs=[config.output_path],
-        command=[dpo_settings.python, "-m", REFERENCE_MODULE, "--config", str(config_path)],
+        command=[dpo_storage.python, "-m", REFERENCE_MODULE, "--config", str(config_path)],
     )
     output = run_dir / config.output_path
     if not output.exists():
@@ -318,7 +320,7 @@ def _reference_logps(
     absent = [c for c in ("pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN) if c not in frame.columns]
     if absent:
         raise dg.Failure(
-            f"{output} lacks columns {absent}: does the job's environment ({dpo_settings.python}) "
+            f"{output} lacks columns {absent}: does the job's environment ({dpo_storage.python}) "
             "run this version of the project?",
             allow_retries=False,
         )
@@ -334,8 +336,8 @@ def _reference_logps(
         metadata={
             "num_pairs": len(frame),
             "run_dir": dg.MetadataValue.path(str(run_dir)),
-            "base_model": dpo_settings.base_model,
-            "max_length": dpo_settings.max_length,
+            "base_model": settings.base_model,
+            "max_length": settings.max_length,
             "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
             "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
             "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS)),
@@ -366,47 +368,79 @@ def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFra
     return merged.drop(columns=TEXT_DIGEST_COLUMN)
 
 
-def run_config(settings: DpoSettings, cell: str, seed: int, max_train_pairs: int | None) -> RunConfig:
+def run_config(
+    settings: TrainingSettings, base_model: str, cell: str, seed: int, max_train_pairs: int | None, experiment: str
+) -> RunConfig:
     """The trainer's config of one partition: every field of the schema as the settings have it (the base model
     resolved to a path), the run's pairs file and seed."""
     split, group = partitions.parse_cell(cell)
     try:
         return RunConfig(
-            **{**settings.training_values(), "base_model": settings.resolved_base_model()},
+            **{**settings.training_values(), "base_model": base_model},
             pairs_path="pairs.parquet",
             output_dir=".",
             seed=seed,
             max_train_pairs=max_train_pairs,
-            label={"cell": cell, "split": split, "group": group, "seed": seed},
+            label={"experiment": experiment, "cell": cell, "split": split, "group": group, "seed": seed},
             code_version=JOB_CODE_VERSIONS[TRAINER_MODULE],
         )
-    except ValidationError as error:  # settings overridden in run config: a retry would repeat it
-        raise dg.Failure(f"dpo_settings: {validation_problems(error)}", allow_retries=False) from None
+    except ValidationError as error:  # settings the schema refuses: a retry would repeat it
+        raise dg.Failure(f"DPO settings: {validation_problems(error)}", allow_retries=False) from None
 
 
-def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
+def run_id(config: RunConfig, base_model: str, pairs: pd.DataFrame) -> str:
+    """The identity of a run over its seeds: the trainer's code, the base model (by name), every setting that decides
+    its course but the seed, and its pairs (ids and text). Runs of two experiments with the same id are one run."""
+    trajectory = {k: v for k, v in config.trajectory().items() if k != "seed"}
+    pairs_digest = hashlib.sha256(
+        "\n".join(sorted(f"{i} {d}" for i, d in zip(pairs["pair_id"], pair_text_digests(pairs)))).encode()
+    ).hexdigest()
+    identity = {"code": CODE_VERSION, "base_model": base_model, "settings": trajectory, "pairs": pairs_digest}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_run(run_dir: Path, log: Callable[[str], None]) -> tuple[dict, pd.DataFrame] | None:
+    """A finished run's outputs in `run_dir` (trained by this or another experiment), or None when there is none;
+    outputs that cannot be read are trained again, saying so."""
+    if not (run_dir / METRICS_FILE).exists():
+        return None
+    try:
+        return read_run_outputs(run_dir)
+    except dg.Failure as failure:
+        log(f"training {run_dir} again: its finished outputs cannot be read ({failure.description})")
+        return None
+
+
+def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.AssetsDefinition:
+    settings_fingerprint = fingerprint(settings)
+
     @dg.asset(
-        name="group_dpo_run",
-        partitions_def=partitions.dpo_partitions,
-        group_name="dpo",
+        key=[experiment, "group_dpo_run"],
+        partitions_def=partitions.dpo_partitions(experiment),
+        group_name=experiment,
         kinds={"pytorch"},
         owners=versions.OWNERS,
+        tags={"experiment": experiment},
         pool="gpu",
         code_version=f"{CODE_VERSION}-{settings_fingerprint}",
         retry_policy=RETRY_POLICY,
-        description="One DPO fine-tuning run (TRL's DPO loss, reference log-probs from reference_logps) per "
-        "partition: cell = baseline or <split>.<A|B> (the group's pairs), seed. Output: learning curve "
-        "(held-out accuracy/margin every eval step) and summary metrics.",
+        ins={
+            "significant_splits": dg.AssetIn(key=[experiment, "significant_splits"]),
+            "reference_logps": dg.AssetIn(key=reference_key(settings)),
+        },
+        description=f"One DPO fine-tuning run of {experiment} (base model {settings.base_model}; TRL's DPO loss, "
+        "reference log-probs from reference_logps) per partition: cell = baseline or <split>.<A|B> (the group's "
+        "pairs), seed. A run another experiment already trained on the same users and settings is shared, not "
+        "trained again. Output: learning curve (held-out accuracy/margin every eval step) and summary metrics.",
     )
     def group_dpo_run(
         context: dg.AssetExecutionContext,
-        dpo_settings: DpoSettings,
+        dpo_storage: DpoStorage,
         launcher: RunLauncher,
         within_model_pairs: pd.DataFrame,
         significant_splits: dict,
         reference_logps: pd.DataFrame,
     ) -> dg.Output:
-        check_settings(dpo_settings, settings_fingerprint)
         keys = context.partition_key.keys_by_dimension
         try:
             cell, seed = keys[partitions.CELL], int(partitions.seed_key(keys[partitions.SEED]))
@@ -414,54 +448,78 @@ def build_group_dpo_run(settings_fingerprint: str) -> dg.AssetsDefinition:
         except ValueError as error:  # before anything is written or submitted; a retry would not help
             raise dg.Failure(str(error), allow_retries=False) from None
         pairs = group_pairs(within_model_pairs, significant_splits, split, group)
-        with attempt_dir(
-            (Path(dpo_settings.runs_dir) / cell / f"seed{seed}").resolve(),
-            METRICS_FILE,
-            f"Dagster run {context.run.run_id}",
-            context.log.warning,
-            keep=(CHECKPOINTS_DIR, "config.json"),
-        ) as run_dir:
-            with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
-            config = run_config(
-                dpo_settings,
-                cell,
-                seed,
-                balanced_train_pairs(within_model_pairs, significant_splits, split, dpo_settings)
-                if dpo_settings.balance_groups and split is not None
-                else None,
-            )
-            config_path = run_dir / "config.json"
-            keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)
-            config_path.write_text(config.model_dump_json(indent=2))
-            context.log.info(
-                f"{cell} seed {seed}: {len(pairs)} pairs of {pairs['user_id'].nunique()} users → {run_dir}"
-            )
-            launcher.run(
-                context=context,
-                run_dir=str(run_dir),
-                outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
-                command=[dpo_settings.python, "-m", TRAINER_MODULE, "--config", str(config_path)],
-            )
-            metrics, curve = read_run_outputs(run_dir)
-            value = {
-                "metrics": metrics,
-                "curve": curve,
-                "cell": cell,
-                "split": split,
-                "group": group,
-                "seed": seed,
-                "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
-                "membership_digest": membership_digest(significant_splits, split, group),
-                "settings_fingerprint": settings_fingerprint,
-            }
-            metadata = {
-                **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
-                "run_dir": dg.MetadataValue.path(str(run_dir)),
-                "num_pairs": len(pairs),
-                "base_model": dpo_settings.base_model,
-                "attention_kernel": metrics.get("attention_kernel", ""),
-            }
-            # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
-            return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
+        config = run_config(
+            settings,
+            dpo_storage.resolved_base_model(settings.base_model),
+            cell,
+            seed,
+            balanced_train_pairs(within_model_pairs, significant_splits, split, settings)
+            if settings.balance_groups and split is not None
+            else None,
+            experiment,
+        )
+        identity = run_id(config, settings.base_model, pairs)
+        run_dir = (Path(dpo_storage.runs_dir) / identity / f"seed{seed}").resolve()
+        with exclusive(run_dir, f"Dagster run {context.run.run_id} ({experiment} {cell})", context.log.info):
+            outputs = finished_run(run_dir, context.log.warning)
+            trained = outputs is None
+            if outputs is None:
+                outputs = _train(context, launcher, dpo_storage, config, pairs, reference_logps, run_dir)
+            else:
+                context.log.info(f"{experiment} {cell} seed {seed}: the same run is finished in {run_dir}; adopted")
+        metrics, curve = outputs
+        value = {
+            "metrics": metrics,
+            "curve": curve,
+            "experiment": experiment,
+            "cell": cell,
+            "split": split,
+            "group": group,
+            "seed": seed,
+            "run_id": identity,
+            "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
+            "membership_digest": membership_digest(significant_splits, split, group),
+            "settings_fingerprint": settings_fingerprint,
+        }
+        metadata = {
+            **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+            "run_dir": dg.MetadataValue.path(str(run_dir)),
+            "run_id": identity,
+            "trained": trained,  # False: adopted, the same run was trained before (by this or another experiment)
+            "num_pairs": len(pairs),
+            "base_model": settings.base_model,
+            "attention_kernel": metrics.get("attention_kernel", ""),
+        }
+        # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
+        return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
 
     return group_dpo_run
+
+
+def _train(
+    context: dg.AssetExecutionContext,
+    launcher: RunLauncher,
+    dpo_storage: DpoStorage,
+    config: RunConfig,
+    pairs: pd.DataFrame,
+    reference_logps: pd.DataFrame,
+    run_dir: Path,
+) -> tuple[dict, pd.DataFrame]:
+    """Train the run in `run_dir` (resuming an unfinished attempt of it) and read its outputs."""
+    with attempt_dir(run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json")):
+        with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
+        config_path = run_dir / "config.json"
+        keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)
+        config_path.write_text(config.model_dump_json(indent=2))
+        label = config.label
+        context.log.info(
+            f"{label['experiment']} {label['cell']} seed {config.seed}: {len(pairs)} pairs of "
+            f"{pairs['user_id'].nunique()} users → {run_dir}"
+        )
+        launcher.run(
+            context=context,
+            run_dir=str(run_dir),
+            outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
+            command=[dpo_storage.python, "-m", TRAINER_MODULE, "--config", str(config_path)],
+        )
+        return read_run_outputs(run_dir)

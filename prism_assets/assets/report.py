@@ -1,9 +1,9 @@
-"""Report asset: `correspondence_table`, built from every `group_dpo_run` partition that exists.
+"""Report asset: `correspondence_table`, built from every experiment's `group_dpo_run` partitions that exist.
 
-Owns turning finished runs into what a researcher reads: the per-split table (predicted direction,
-per-seed A − B differences, mean ± 95% CI, sign consistency, the null control's difference, verdict) as
-markdown and parquet, and PNG learning curves of each split's groups (mean and min–max band over
-seeds) embedded in the materialization and written under the DPO settings' `reports_dir`.
+Owns turning finished runs into what a researcher reads: per experiment, the per-split table (predicted direction,
+per-seed A − B differences, mean ± 95% CI, sign consistency, the null control's difference, verdict) and PNG learning
+curves of each split's groups (mean and min–max band over seeds); across experiments, every split two of them share
+by definition compared side by side. Markdown and parquet, plots embedded and written under `reports_dir`.
 """
 
 import sys
@@ -16,6 +16,7 @@ import pandas as pd
 from prism_assets import partitions, plots, versions
 from prism_assets.assets import dpo
 from prism_assets.assets.data import markdown_table
+from prism_assets.experiments import Experiment
 from prism_assets.statistics import correspondence
 
 
@@ -32,6 +33,7 @@ def runs_table(runs: dict) -> pd.DataFrame:
             "split": run["split"],
             "group": run["group"],
             "seed": int(run["seed"]),
+            "run_id": run["run_id"],
             "membership_digest": run["membership_digest"],
             "settings_fingerprint": run["settings_fingerprint"],
             **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]},
@@ -89,60 +91,133 @@ def _format_table(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-@dg.asset(
-    group_name="report",
-    kinds={"pandas"},
-    owners=versions.OWNERS,
-    code_version=versions.source_version(sys.modules[__name__], plots, correspondence),
-    ins={"group_dpo_run": dg.AssetIn(metadata={"allow_missing_partitions": True})},
-    description="Per split: does the DPO difference between groups A and B (held-out accuracy primary) follow "
-    "the direction the ordered logit predicted, over seeds, against the null control? Markdown table, "
-    "parquet and learning-curve plots.",
-)
-def correspondence_table(
-    context: dg.AssetExecutionContext,
-    config: ReportConfig,
-    dpo_settings: dpo.DpoSettings,
-    group_dpo_run: dict,
-    significant_splits: dict,
-) -> dict:
-    if not group_dpo_run:
-        raise dg.Failure("no group_dpo_run partition has been materialized yet")
-    splits = significant_splits["splits"]
-    runs, left_out = current_runs(runs_table(group_dpo_run), significant_splits, dpo_settings.fingerprint())
+def experiment_table(
+    context: dg.AssetExecutionContext, experiment: Experiment, group_dpo_run: dict, significant_splits: dict
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """One experiment's (correspondence rows, seed differences, runs, curves, runs left out by reason)."""
+    runs, left_out = (
+        current_runs(runs_table(group_dpo_run), significant_splits, dpo.fingerprint(experiment.settings))
+        if group_dpo_run
+        else (pd.DataFrame(), {})
+    )
     for reason, which in left_out.items():
-        context.log.warning(f"runs left out of the table, {reason}: {which}")
+        context.log.warning(f"{experiment.name}: runs left out of the table, {reason}: {which}")
     if runs.empty:
-        raise dg.Failure(f"no group_dpo_run partition fits the current splits and DPO settings: {left_out}")
+        context.log.warning(f"{experiment.name}: no DPO run fits its current splits and settings yet")
+        return pd.DataFrame(), pd.DataFrame(), runs, pd.DataFrame(), left_out
     diffs = correspondence.seed_differences(runs)
-    table = correspondence.correspondence(diffs, splits)
-    primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
+    table = correspondence.correspondence(diffs, significant_splits["splits"])
     kept = set(zip(runs["cell"], runs["seed"]))
     curves = curves_table({key: run for key, run in group_dpo_run.items() if (run["cell"], int(run["seed"])) in kept})
-    png = plots.learning_curve_plot(curves[curves["split"].notna()], splits, config.curve_metric)
-    reports = Path(dpo_settings.reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "learning_curves.png").write_bytes(png)
-    secondary = {
-        metric: markdown_table(_format_table(table[table["metric"] == metric]))
-        for metric in correspondence.METRICS
-        if metric != correspondence.PRIMARY_METRIC
+    return table, diffs, runs, curves, left_out
+
+
+def split_groups(splits: dict) -> dict[str, tuple]:
+    """split → (digest of A's users, digest of B's users): what makes two experiments' splits the same."""
+    return {
+        split: tuple(dpo.membership_digest(splits, split, group) for group in partitions.GROUPS)
+        for split in splits["splits"]["split"]
     }
-    context.add_output_metadata(
-        {
-            "correspondence": dg.MetadataValue.md(
-                f"**Primary metric: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}** "
-                f"({len(runs)} runs, seeds {sorted(runs['seed'].unique().tolist())})\n\n"
-                + markdown_table(_format_table(primary))
-            ),
-            "secondary_metrics": dg.MetadataValue.md(
-                "\n\n".join(f"**{correspondence.METRICS[m]}**\n\n{t}" for m, t in secondary.items())
-            ),
-            "learning_curves": dg.MetadataValue.md(plots.markdown_image(png, "learning curves")),
-            "learning_curves_png": dg.MetadataValue.path(str((reports / "learning_curves.png").resolve())),
-            "num_runs": len(runs),
-            "runs_left_out": dg.MetadataValue.json(left_out),
-            "verdicts": dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"]))),
-        }
+
+
+def _comparison_markdown(comparison: pd.DataFrame) -> str:
+    def ci(mean, low, high):
+        return f"{mean:+.3f}" + ("" if pd.isna(low) else f" [{low:+.3f}, {high:+.3f}]")
+
+    return markdown_table(
+        pd.DataFrame(
+            {
+                "experiments": comparison["experiment_1"] + " / " + comparison["experiment_2"],
+                "split": comparison["split_1"] + " / " + comparison["split_2"],
+                "predicted": comparison["predicted_1"] + " / " + comparison["predicted_2"],
+                "mean A−B [95% CI] (1)": [
+                    ci(*v) for v in zip(comparison["mean_d_1"], comparison["ci_low_1"], comparison["ci_high_1"])
+                ],
+                "mean A−B [95% CI] (2)": [
+                    ci(*v) for v in zip(comparison["mean_d_2"], comparison["ci_low_2"], comparison["ci_high_2"])
+                ],
+                "verdicts": comparison["verdict_1"] + " / " + comparison["verdict_2"],
+                "direction": comparison["direction"],
+            }
+        )
     )
-    return {"table": table, "seed_differences": diffs, "runs": runs}
+
+
+def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefinition:
+    """`correspondence_table`: every experiment's table, and the splits experiments share compared side by side."""
+    ins = {
+        **{
+            f"{e.name}__runs": dg.AssetIn(key=[e.name, "group_dpo_run"], metadata={"allow_missing_partitions": True})
+            for e in experiments
+        },
+        **{f"{e.name}__splits": dg.AssetIn(key=[e.name, "significant_splits"]) for e in experiments},
+    }
+
+    @dg.asset(
+        group_name="report",
+        kinds={"pandas"},
+        owners=versions.OWNERS,
+        code_version=versions.source_version(sys.modules[__name__], plots, correspondence),
+        ins=ins,
+        description="Per experiment and split: does the DPO difference between groups A and B (held-out accuracy "
+        "primary) follow the direction the ordered logit predicted, over seeds, against the null control? And "
+        "for every split two experiments share (the same users in each group): both verdicts side by side, "
+        "stable or flipped. Markdown tables, parquet and plots.",
+    )
+    def correspondence_table(
+        context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: dpo.DpoStorage, **inputs
+    ) -> dict:
+        reports = Path(dpo_storage.reports_dir)
+        metadata: dict = {}
+        tables, diffs, runs, primaries, groups = [], [], [], {}, {}
+        for experiment in experiments:
+            name = experiment.name
+            splits = inputs[f"{name}__splits"]
+            table, diff, run, curves, left_out = experiment_table(context, experiment, inputs[f"{name}__runs"], splits)
+            metadata[f"{name}__runs_left_out"] = dg.MetadataValue.json(left_out)
+            if table.empty:
+                continue
+            tables.append(table.assign(experiment=name))
+            diffs.append(diff.assign(experiment=name))
+            runs.append(run.assign(experiment=name))
+            primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
+            primaries[name], groups[name] = primary, split_groups(splits)
+            png = plots.learning_curve_plot(curves[curves["split"].notna()], splits["splits"], config.curve_metric)
+            (reports / name).mkdir(parents=True, exist_ok=True)
+            (reports / name / "learning_curves.png").write_bytes(png)
+            metadata[name] = dg.MetadataValue.md(
+                f"**{experiment.description}** — primary metric: "
+                f"{correspondence.METRICS[correspondence.PRIMARY_METRIC]} ({len(run)} runs, seeds "
+                f"{sorted(run['seed'].unique().tolist())})\n\n" + markdown_table(_format_table(primary))
+            )
+            metadata[f"{name}__secondary_metrics"] = dg.MetadataValue.md(
+                "\n\n".join(
+                    f"**{correspondence.METRICS[m]}**\n\n{markdown_table(_format_table(table[table['metric'] == m]))}"
+                    for m in correspondence.METRICS
+                    if m != correspondence.PRIMARY_METRIC
+                )
+            )
+            metadata[f"{name}__learning_curves"] = dg.MetadataValue.md(plots.markdown_image(png, "learning curves"))
+            metadata[f"{name}__verdicts"] = dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"])))
+        if not tables:
+            raise dg.Failure("no experiment has a DPO run that fits its current splits and settings yet")
+        comparison = correspondence.compare_experiments(primaries, groups)
+        if not comparison.empty:
+            png = plots.comparison_plot(comparison, correspondence.METRICS[correspondence.PRIMARY_METRIC])
+            (reports / "comparison.png").write_bytes(png)
+            metadata["comparison_plot"] = dg.MetadataValue.md(plots.markdown_image(png, "comparison"))
+        metadata["comparison"] = dg.MetadataValue.md(
+            _comparison_markdown(comparison) if not comparison.empty else "no split is shared by two experiments"
+        )
+        all_runs = pd.concat(runs, ignore_index=True)
+        metadata["num_runs"] = len(all_runs)
+        metadata["num_distinct_runs"] = int(all_runs.drop_duplicates(["run_id", "seed"]).shape[0])
+        context.add_output_metadata(metadata)
+        return {
+            "table": pd.concat(tables, ignore_index=True),
+            "seed_differences": pd.concat(diffs, ignore_index=True),
+            "runs": all_runs,
+            "comparison": comparison,
+        }
+
+    return correspondence_table

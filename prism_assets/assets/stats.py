@@ -1,42 +1,77 @@
-"""Statistics assets: `ordered_logit_fit` (score gap on user covariates) and `significant_splits`.
+"""Statistics assets of each experiment: `<experiment>/ordered_logit_fit` and `<experiment>/significant_splits`.
 
-Owns the configuration a researcher changes here — the covariate set, α, the split preset — and
-the metadata shown in the UI: the coefficient table and quartile boundaries, and the splits with
+Owns turning an experiment's statistics fields (boundaries, covariates, α, preset; `prism_assets.experiments`) into
+its fit and splits, and the metadata shown in the UI: the coefficient table and bin boundaries, and the splits with
 their rule, predicted direction and group sizes in users and pairs.
 """
 
+import hashlib
+import json
 import sys
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
 
 from prism_assets import partitions, plots, versions
 from prism_assets.assets.data import markdown_table
+from prism_assets.experiments import Experiment, ExperimentSpec
 from prism_assets.statistics import ordered_logit
 from prism_assets.statistics import splits as splits_lib
 
-
-class OrderedLogitConfig(dg.Config):
-    categorical: list[str] = list(ordered_logit.DEFAULT_CATEGORICAL)
-    continuous: list[str] = list(ordered_logit.DEFAULT_CONTINUOUS)
-    min_level_users: int = Field(10, ge=1)
+FIT_CODE_VERSION = versions.source_version(sys.modules[__name__], plots, ordered_logit)
+SPLITS_CODE_VERSION = versions.source_version(sys.modules[__name__], plots, splits_lib, partitions)
 
 
-@dg.asset(
-    group_name="statistics",
-    kinds={"statsmodels"},
-    owners=versions.OWNERS,
-    code_version=versions.source_version(sys.modules[__name__], plots, ordered_logit),
-    description="Ordered logit of the score gap's quartile bin (Y ∈ 1..4) on user covariates; statsmodels "
-    "OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and plot with 95% CIs, "
-    "score-gap histogram with the quartile boundaries.",
-)
-def ordered_logit_fit(
-    context: dg.AssetExecutionContext, config: OrderedLogitConfig, raw_prism: dict, within_model_pairs: pd.DataFrame
+def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
+    """`<experiment>/ordered_logit_fit` and `<experiment>/significant_splits`, their code versions hashing the
+    experiment's statistics fields: a change marks only this experiment's assets unsynced."""
+    name, spec = experiment.name, experiment.spec
+    fields = hashlib.sha256(json.dumps(spec.statistics(), sort_keys=True).encode()).hexdigest()[:12]
+    bins = "quartile bin (Y ∈ 1..4)" if spec.boundaries == "quartiles" else f"bin at gaps {spec.boundaries}"
+
+    @dg.asset(
+        key=[name, "ordered_logit_fit"],
+        group_name=name,
+        kinds={"statsmodels"},
+        owners=versions.OWNERS,
+        tags={"experiment": name},
+        code_version=f"{FIT_CODE_VERSION}-{fields}",
+        description=f"{experiment.description}. Ordered logit of the score gap's {bins} on user covariates; "
+        "statsmodels OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and "
+        "plot with 95% CIs, score-gap histogram with the bin boundaries.",
+    )
+    def ordered_logit_fit(
+        context: dg.AssetExecutionContext, raw_prism: dict, within_model_pairs: pd.DataFrame
+    ) -> dict:
+        covariates = ordered_logit.CovariateSpec(tuple(spec.categorical), tuple(spec.continuous), spec.min_level_users)
+        fit = ordered_logit.cluster_robust_ordered_logit(
+            within_model_pairs, raw_prism["survey"], covariates, boundaries=spec.boundaries
+        )
+        return _fit_output(context, fit, within_model_pairs, raw_prism["source"])
+
+    @dg.asset(
+        key=[name, "significant_splits"],
+        group_name=name,
+        kinds={"pandas"},
+        owners=versions.OWNERS,
+        tags={"experiment": name},
+        code_version=f"{SPLITS_CODE_VERSION}-{fields}",
+        ins={"ordered_logit_fit": dg.AssetIn(key=[name, "ordered_logit_fit"])},
+        description=f"{experiment.description}. Two-group user splits (preset {spec.preset}, α = {spec.alpha}), "
+        "each with its predicted direction, plus the Europe-vs-Americas null control; registers the experiment's "
+        "DPO cells.",
+    )
+    def significant_splits(
+        context: dg.AssetExecutionContext, raw_prism: dict, within_model_pairs: pd.DataFrame, ordered_logit_fit: dict
+    ) -> dict:
+        return _splits_output(context, experiment, raw_prism, within_model_pairs, ordered_logit_fit)
+
+    return [ordered_logit_fit, significant_splits]
+
+
+def _fit_output(
+    context: dg.AssetExecutionContext, fit: ordered_logit.OrderedLogitResult, pairs: pd.DataFrame, source: str
 ) -> dict:
-    spec = ordered_logit.CovariateSpec(tuple(config.categorical), tuple(config.continuous), config.min_level_users)
-    fit = ordered_logit.cluster_robust_ordered_logit(within_model_pairs, raw_prism["survey"], spec)
     if not fit.converged:
         context.log.warning("the ordered logit did not converge; read its coefficients with care")
     for covariate, reason in fit.excluded.items():
@@ -50,10 +85,10 @@ def ordered_logit_fit(
             ),
             "score_gap_histogram": dg.MetadataValue.md(
                 plots.markdown_image(
-                    plots.score_gap_histogram(within_model_pairs["score_gap"], fit.boundaries), "score-gap histogram"
+                    plots.score_gap_histogram(pairs["score_gap"], fit.boundaries), "score-gap histogram"
                 )
             ),
-            "quartile_boundaries": dg.MetadataValue.json(fit.boundaries),
+            "boundaries": dg.MetadataValue.json(fit.boundaries),
             "thresholds": dg.MetadataValue.json(fit.thresholds),
             "reference_levels": dg.MetadataValue.json(fit.reference_levels),
             "outcome_counts": dg.MetadataValue.json({str(k): v for k, v in fit.outcome_counts.items()}),
@@ -63,7 +98,7 @@ def ordered_logit_fit(
             "dropped": dg.MetadataValue.json(fit.dropped),
             "excluded_from_fit": dg.MetadataValue.json(fit.excluded),
             "significant_terms_at_0.05": int((fit.coefficients["p"] < 0.05).sum()),
-            "source": raw_prism["source"],
+            "source": source,
         }
     )
     return {
@@ -77,11 +112,6 @@ def ordered_logit_fit(
         "dropped": fit.dropped,
         "excluded": fit.excluded,
     }
-
-
-class SplitsConfig(dg.Config):
-    alpha: float = Field(0.05, gt=0, lt=1)
-    preset: str = "auto"  # "auto": one split per significant covariate; "v3": the original experiment's eight
 
 
 def split_tables(
@@ -116,47 +146,42 @@ def split_tables(
     return pd.DataFrame(rows), pd.concat(members, ignore_index=True)
 
 
-def register_cells(instance: dg.DagsterInstance, split_names: list[str]) -> list[str]:
-    """Make the `cell` partitions exactly baseline + <split>.A/B of these splits (stale cells are removed)."""
+def register_cells(instance: dg.DagsterInstance, experiment: str, split_names: list[str]) -> list[str]:
+    """Make the experiment's `cell` partitions exactly baseline + <split>.A/B of these splits (stale ones removed)."""
+    name = partitions.cells_name(experiment)
     cells = partitions.cells_for_splits(split_names)
-    existing = set(instance.get_dynamic_partitions(partitions.CELL))
+    existing = set(instance.get_dynamic_partitions(name))
     for stale in sorted(existing - set(cells)):
-        instance.delete_dynamic_partition(partitions.CELL, stale)
-    instance.add_dynamic_partitions(partitions.CELL, [c for c in cells if c not in existing])
+        instance.delete_dynamic_partition(name, stale)
+    instance.add_dynamic_partitions(name, [c for c in cells if c not in existing])
     return cells
 
 
-@dg.asset(
-    group_name="statistics",
-    kinds={"pandas"},
-    owners=versions.OWNERS,
-    code_version=versions.source_version(sys.modules[__name__], plots, splits_lib, partitions),
-    description="Two-group user splits: one per covariate significant in the ordered logit (or the v3 preset's "
-    "eight), each with its predicted direction, plus the Europe-vs-Americas null control.",
-)
-def significant_splits(
+def memberships_for(
+    spec: ExperimentSpec, fit: dict, survey: pd.DataFrame, pairs: pd.DataFrame
+) -> list[splits_lib.SplitMembership]:
+    """The experiment's splits: its preset's, or (auto) one per covariate significant at its α."""
+    coefficients, analysed_users = fit["coefficients"], set(pairs["user_id"])
+    if spec.preset == "v3":
+        return splits_lib.v3_splits(coefficients, survey, analysed_users)
+    fitted_levels = {
+        variable: [fit["reference_levels"][variable], *coefficients.loc[coefficients["variable"] == variable, "level"]]
+        for variable in fit["reference_levels"]
+    }
+    if spec.preset == "v2":
+        return splits_lib.v2_splits(coefficients, survey, analysed_users, pairs, fitted_levels)
+    return splits_lib.splits_from_fit(coefficients, survey, analysed_users, fitted_levels, spec.alpha)
+
+
+def _splits_output(
     context: dg.AssetExecutionContext,
-    config: SplitsConfig,
+    experiment: Experiment,
     raw_prism: dict,
     within_model_pairs: pd.DataFrame,
     ordered_logit_fit: dict,
 ) -> dict:
-    if config.preset not in splits_lib.PRESETS:
-        raise ValueError(f"unknown split preset {config.preset!r}; expected one of {splits_lib.PRESETS}")
-    coefficients = ordered_logit_fit["coefficients"]
-    analysed_users = set(within_model_pairs["user_id"])
-    survey = raw_prism["survey"]
-    if config.preset == "v3":
-        memberships = splits_lib.v3_splits(coefficients, survey, analysed_users)
-    else:
-        fitted_levels = {
-            variable: [
-                ordered_logit_fit["reference_levels"][variable],
-                *coefficients.loc[coefficients["variable"] == variable, "level"],
-            ]
-            for variable in ordered_logit_fit["reference_levels"]
-        }
-        memberships = splits_lib.splits_from_fit(coefficients, survey, analysed_users, fitted_levels, config.alpha)
+    spec = experiment.spec
+    memberships = memberships_for(spec, ordered_logit_fit, raw_prism["survey"], within_model_pairs)
     table, membership = split_tables(memberships, within_model_pairs)
     empty = (table["pairs_a"] == 0) | (table["pairs_b"] == 0)
     if (empty & table["null_control"]).any():
@@ -166,8 +191,8 @@ def significant_splits(
         context.log.warning(f"split {name} dropped: one of its groups has no pairs")
     table = table[~empty].reset_index(drop=True)
     membership = membership[membership["split"].isin(table["split"])].reset_index(drop=True)
-    cells = register_cells(context.instance, list(table["split"]))
-    context.log.info(f"DPO cells: {', '.join(cells)}")
+    cells = register_cells(context.instance, experiment.name, list(table["split"]))
+    context.log.info(f"DPO cells of {experiment.name}: {', '.join(cells)}")
     context.add_output_metadata(
         {
             "splits": dg.MetadataValue.md(markdown_table(table.drop(columns=["rule"]), ".3g")),
@@ -175,9 +200,10 @@ def significant_splits(
             "num_splits": len(table),
             "dropped_splits_with_an_empty_group": dg.MetadataValue.json(dropped_splits),
             "split_names": dg.MetadataValue.json(list(table["split"])),
-            "preset": config.preset,
-            "alpha": config.alpha,
+            "experiment": experiment.name,
+            "preset": spec.preset,
+            "alpha": spec.alpha,
             "source": raw_prism["source"],
         }
     )
-    return {"splits": table, "membership": membership, "preset": config.preset, "alpha": config.alpha}
+    return {"splits": table, "membership": membership, "preset": spec.preset, "alpha": spec.alpha}

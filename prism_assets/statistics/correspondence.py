@@ -113,3 +113,69 @@ def correspondence(diffs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def compare_experiments(tables: dict[str, pd.DataFrame], groups: dict[str, dict[str, tuple]]) -> pd.DataFrame:
+    """Every split two experiments share by definition, side by side: for each pair of experiments (in the order
+    given) and each split of the first whose groups hold the same users as a split of the second (`groups`:
+    experiment → split → (users of A, users of B), any comparable identity), each one's mean A − B with its CI and
+    verdict (from `tables`: experiment → its correspondence rows of one metric), whether the direction is stable
+    (same sign of the mean) and whether the verdicts agree. A split without runs on one side is left out."""
+    rows = []
+    names = list(tables)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            by_users = {users: split for split, users in groups[second].items()}
+            one, two = tables[first].set_index("split"), tables[second].set_index("split")
+            for split, users in groups[first].items():
+                other = by_users.get(users)
+                if other is None or split not in one.index or other not in two.index:
+                    continue
+                a, b = one.loc[split], two.loc[other]
+                if not (a["n_seeds"] and b["n_seeds"]):  # no runs on one side yet: nothing to compare
+                    continue
+                rows.append(
+                    {
+                        "experiment_1": first,
+                        "split_1": split,
+                        "experiment_2": second,
+                        "split_2": other,
+                        "predicted_1": a["predicted"],
+                        "predicted_2": b["predicted"],
+                        "n_seeds_1": int(a["n_seeds"]),
+                        "n_seeds_2": int(b["n_seeds"]),
+                        "mean_d_1": a["mean_d"],
+                        "ci_low_1": a["ci_low"],
+                        "ci_high_1": a["ci_high"],
+                        "mean_d_2": b["mean_d"],
+                        "ci_low_2": b["ci_low"],
+                        "ci_high_2": b["ci_high"],
+                        "verdict_1": a["verdict"],
+                        "verdict_2": b["verdict"],
+                        "direction": "stable" if np.sign(a["mean_d"]) == np.sign(b["mean_d"]) else "flip",
+                        "verdicts_agree": a["verdict"] == b["verdict"],
+                    }
+                )
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+COMPARISON_COLUMNS = [
+    "experiment_1",
+    "split_1",
+    "experiment_2",
+    "split_2",
+    "predicted_1",
+    "predicted_2",
+    "n_seeds_1",
+    "n_seeds_2",
+    "mean_d_1",
+    "ci_low_1",
+    "ci_high_1",
+    "mean_d_2",
+    "ci_low_2",
+    "ci_high_2",
+    "verdict_1",
+    "verdict_2",
+    "direction",
+    "verdicts_agree",
+]

@@ -13,7 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-TINY = "tiny"
+TINY = "tiny"  # the 2-layer model; "tiny:<layers>" another depth (model-size comparisons on a CPU)
+TINY_LAYERS = 2
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenizer split pattern (tokenization_qwen2.PRETOKENIZE_REGEX).
@@ -71,8 +72,27 @@ def train_tokenizer():
     return fast
 
 
-def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model and tokenizer to `directory` (idempotent: an existing build is reused)."""
+def tiny_layers(base_model: str) -> int | None:
+    """The depth a tiny base model name asks for ("tiny": 2, "tiny:4": 4), None for any other model; a malformed
+    "tiny:" name is an error."""
+    if base_model == TINY:
+        return TINY_LAYERS
+    if not base_model.startswith(f"{TINY}:"):
+        return None
+    layers = base_model.removeprefix(f"{TINY}:")
+    if not layers.isdigit() or not 1 <= int(layers) <= 64:
+        raise ValueError(f"base_model {base_model!r}: expected 'tiny' or 'tiny:<layers>' with 1 to 64 layers")
+    return int(layers)
+
+
+def tiny_model_dir(models_dir: str | Path, base_model: str) -> Path:
+    """Where the tiny model of this name is built under `models_dir`."""
+    layers = tiny_layers(base_model)
+    return Path(models_dir) / ("tiny-qwen2" if layers == TINY_LAYERS else f"tiny-qwen2-{layers}l")
+
+
+def build_tiny_qwen2(directory: str | Path, seed: int = 0, layers: int = TINY_LAYERS) -> Path:
+    """Write the tiny model (`layers` deep) and tokenizer to `directory` (idempotent: an existing build is reused)."""
     directory = Path(directory)
     if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
         return directory
@@ -85,7 +105,7 @@ def build_tiny_qwen2(directory: str | Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
