@@ -95,7 +95,9 @@ def _slurm_launcher() -> SlurmLauncher:
 def _launcher():
     kind = os.environ.get("DPO_LAUNCHER", "local")
     if kind == "local":
-        return LocalLauncher(threads_per_run=int_from_env("DPO_THREADS_PER_RUN", None, minimum=1))
+        return LocalLauncher(
+            threads_per_run=int_from_env("DPO_THREADS_PER_RUN", None, minimum=1), warm_modules=list(dpo.WARM_MODULES)
+        )
     if kind == "slurm":
         return _slurm_launcher()
     raise ValueError(f"DPO_LAUNCHER={kind!r}: expected 'local' or 'slurm'")

@@ -5,16 +5,31 @@ session whose context and messages are files in the run directory (`pipes_contex
 `pipes_messages.jsonl`, kept for inspection), so a job on another machine that shares the directory
 reports the same way as a local subprocess; the backend's `execute` starts the command with the
 session's bootstrap environment and returns when it has ended, raising `dg.Failure` on failure.
-`LocalLauncher` runs the command as a subprocess of the Dagster run (stdout/stderr into the run
-directory, their tail in the failure). Never imports prism_assets.
+`LocalLauncher` runs the command as a subprocess of the Dagster run, or, for `python -m <module>` of this
+interpreter when `warm_modules` is set, in a fork of the Dagster process with those modules already imported
+(stdout/stderr into the run directory, their tail in the failure). Never imports prism_assets.
 """
 
+import atexit
+import faulthandler
+import gc
+import importlib
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, NoReturn
 
 import dagster as dg
+from pydantic import Field
 
 PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE = "pipes_context.json", "pipes_messages.jsonl"
 STDOUT_FILE, STDERR_FILE = "stdout.log", "stderr.log"
@@ -71,9 +86,15 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
 
 
 class LocalLauncher(RunLauncher):
-    """Runs the command as a local subprocess (the embedded default; CPU or a local GPU)."""
+    """Runs the command as a local subprocess (the embedded default; CPU or a local GPU), or as a warm fork."""
 
     threads_per_run: int | None = None  # CPU threads of one run (OMP/MKL); set it when runs share the cores
+    warm_modules: list[str] = Field(
+        default=[],
+        description="modules imported once into this process (at its first run) so that a `<this python> -m "
+        "<module> ...` command runs in a fork of it instead of a new interpreter, without paying those imports "
+        "again (seconds for torch and transformers); empty: every command is a subprocess",
+    )
 
     def execute(self, context, command, run_dir, env, outputs=()):  # the outputs are already in run_dir
         threads = (
@@ -82,18 +103,31 @@ class LocalLauncher(RunLauncher):
             else {"OMP_NUM_THREADS": str(self.threads_per_run), "MKL_NUM_THREADS": str(self.threads_per_run)}
         )
         with open(run_dir / STDOUT_FILE, "w") as stdout, open(run_dir / STDERR_FILE, "w") as stderr:
-            process = subprocess.Popen(
-                command, cwd=os.getcwd(), env={**os.environ, **threads, **env}, stdout=stdout, stderr=stderr
-            )
+            module = self._warm_module(context, command)
+            process: subprocess.Popen | ForkedRun | None = None
             try:
+                if module is None:
+                    process = subprocess.Popen(
+                        command, cwd=os.getcwd(), env={**os.environ, **threads, **env}, stdout=stdout, stderr=stderr
+                    )
+                else:
+                    process = ForkedRun(module, command[3:], {**threads, **env}, stdout, stderr)
+                    process.start()
+                    context.log.info(f"{module} runs in a fork of this process, pid {process.pid}")
                 code = process.wait()
             except BaseException as error:  # the Dagster run was terminated: stop the trainer with it
+                if process is None or process.pid is None:  # it never started
+                    raise
                 context.log.warning(f"stopping the trainer (pid {process.pid})")
-                process.terminate()
                 try:
+                    process.terminate()
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    process.kill()
+                    pass
+                finally:  # reaped, even if another interruption comes meanwhile
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
                 if isinstance(error, Exception):
                     raise
                 # An interruption is not a failure worth retrying: the run's retry policy must not restart it.
@@ -107,3 +141,182 @@ class LocalLauncher(RunLauncher):
                 metadata={"run_dir": dg.MetadataValue.path(str(run_dir)), "exit_code": code},
                 allow_retries=False,
             )
+
+    def _warm_module(self, context: dg.AssetExecutionContext, command: list[str]) -> str | None:
+        """The module to run in a fork, or None for a subprocess: another interpreter, or not `-m`, needs one."""
+        if not self.warm_modules or len(command) < 3 or command[0] != sys.executable or command[1] != "-m":
+            return None
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            context.log.warning("CUDA is initialized in this process, and a fork cannot use it: running a subprocess")
+            return None
+        problem = warm_up(self.warm_modules)
+        if problem:
+            context.log.warning(f"cannot import the warm modules here ({problem}): running a subprocess")
+            return None
+        return command[2]
+
+
+_WARM: dict[str, str | None] = {}  # module → why it cannot be imported (None: imported), once per process
+
+
+def warm_up(modules: Sequence[str]) -> str | None:
+    """Import `modules` into this process once; why the first that cannot be imported fails, or None."""
+    for name in modules:
+        if name not in _WARM:
+            # A module may install signal handlers as it is imported (the trainer does, for SLURM's warning
+            # signal); in this process they would take Dagster's own (termination) away: put those back.
+            handlers = {sig: signal.getsignal(sig) for sig in signal.valid_signals()}
+            try:
+                importlib.import_module(name)
+                _WARM[name] = None
+            except Exception as error:
+                _WARM[name] = f"{name}: {type(error).__name__}: {error}"
+            finally:
+                for sig, handler in handlers.items():
+                    if handler is not None and signal.getsignal(sig) is not handler:
+                        signal.signal(sig, handler)
+        if _WARM[name]:
+            return _WARM[name]
+    return None
+
+
+class ForkedRun:
+    """`python -m module *args` run in a fork of this process; waited on and stopped as a `subprocess.Popen` is.
+
+    The child starts as that command would (environment, fds 1 and 2, argv, fresh signal handlers, no inherited
+    exit handlers) but with every module of this process already imported. The fork is made from a new thread:
+    fork copies only the calling thread, and GNU OpenMP (torch's CPU threads, MKL) hangs in a child whose forking
+    thread has already run a parallel region; a thread that never has gives the child a fresh pool. Other threads'
+    locks are the usual hazard of forking a threaded process: the child touches nothing of Dagster's.
+    """
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], stdout: IO, stderr: IO):
+        self.module, self.args, self.env, self.stdout, self.stderr = module, args, env, stdout, stderr
+        self.pid: int | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> None:
+        for stream in (sys.stdout, sys.stderr):  # or the child would write this process's buffered output too
+            if stream is not None:
+                stream.flush()
+        failed: list[OSError] = []
+
+        def fork() -> None:
+            try:
+                pid = os.fork()
+            except OSError as error:
+                failed.append(error)
+                return
+            if pid == 0:
+                run_forked(self.module, self.args, self.env, self.stdout, self.stderr)
+            self.pid = pid
+
+        forker = threading.Thread(target=fork, name="launcher-fork")
+        forker.start()
+        try:
+            forker.join()
+        finally:  # interrupted meanwhile: the child's pid is known before the interruption goes on
+            forker.join()
+        if failed:
+            raise failed[0]
+
+    def poll(self, block: bool = False) -> int | None:
+        assert self.pid is not None  # started
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N for death by signal N, as Popen's
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll(block=deadline is None)) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired([f"pid {self.pid}"], timeout or 0)
+            time.sleep(0.05)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.pid is not None and self.returncode is None:  # a reaped child's pid may be another's already
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_forked(module: str, args: list[str], env: dict[str, str], stdout: IO, stderr: IO) -> NoReturn:
+    """In the forked child: run `module` as `python -m` would, and exit with its code, whatever happens."""
+    code = 1
+    try:
+        prepare_child(env, stdout, stderr)
+        sys.argv = [module, *args]  # run_module puts the module's file first, as -m does
+        sys.path.insert(0, os.getcwd())
+        # A module imported here already (warm) must still run afresh as __main__, as -m runs it.
+        sys.modules.pop(module, None)
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_code(exit_)
+        except BaseException:
+            traceback.print_exc()
+        # What the interpreter does before it exits: wait for the module's threads, run its exit handlers.
+        getattr(threading, "_shutdown", lambda: None)()
+        atexit._run_exitfuncs()
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+def exit_code(exit_: SystemExit) -> int:
+    """The exit status the interpreter gives `sys.exit(value)`."""
+    if exit_.code is None:
+        return 0
+    if isinstance(exit_.code, int):
+        return exit_.code
+    print(exit_.code, file=sys.stderr)
+    return 1
+
+
+def prepare_child(env: dict[str, str], stdout: IO, stderr: IO) -> None:
+    """The state a new interpreter would start the module in, as far as this process's state differs from it."""
+    for sig in signal.valid_signals():  # this process's handlers (Dagster's) are not the child's
+        if callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    # This process's exit handlers are not the child's to run (multiprocessing's would join this process's queues).
+    atexit._clear()
+    getattr(threading, "_threading_atexits", []).clear()
+    # The collector would walk every object of this process, copying the pages it touches: leave them to it.
+    gc.freeze()
+    os.dup2(stdout.fileno(), 1)
+    os.dup2(stderr.fileno(), 2)
+    # sys.stdout and sys.stderr here may be a capture's (pytest's, Dagster's) rather than fds 1 and 2.
+    out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False))
+    err = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace", line_buffering=True)
+    replaced = {id(sys.stdout): out, id(sys.stderr): err}
+    sys.stdout, sys.stderr = out, err
+    # Log handlers made before the fork (transformers' own) hold this process's stream objects, not fds 1 and 2.
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in (h for logger in loggers if isinstance(logger, logging.Logger) for h in logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in replaced:
+            handler.stream = replaced[id(handler.stream)]
+    if faulthandler.is_enabled():
+        faulthandler.enable(sys.stderr)
+    os.environ.update(env)
+    # Thread counts are read as torch is imported: the environment comes too late for a torch imported already.
+    torch = sys.modules.get("torch")
+    if torch is not None and "OMP_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))

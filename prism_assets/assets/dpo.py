@@ -59,6 +59,16 @@ REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.referenc
 # The code each job runs where it runs (the cluster's environment): the job refuses to run other code.
 TRAINER_MODULE, REFERENCE_MODULE = "prism_assets.training.trainer", "prism_assets.training.reference"
 JOB_CODE_VERSIONS = {module: versions.source_version(module) for module in (TRAINER_MODULE, REFERENCE_MODULE)}
+# What a local launcher imports once and forks the jobs from (resources.launcher, `warm_modules`): the jobs and the
+# transformers modules they import as they start.
+WARM_MODULES = (
+    TRAINER_MODULE,
+    REFERENCE_MODULE,
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen2.tokenization_qwen2",
+)
 # Transient failures (a SLURM node failure, a preemption) are retried; the launchers raise
 # dg.Failure(allow_retries=False) for the job's own errors, which a retry would only repeat.
 RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=30, backoff=dg.Backoff.EXPONENTIAL)
