@@ -18,8 +18,8 @@ the device drained only at both ends, so a loop that never waits for it is timed
 (K worker processes on one device, as `runs_per_gpu` places them). The project's rows are repeated as the
 trainer runs them, with one held-out evaluation (256 pairs, timed) every 25 steps (every logging step of
 the original recipe) and every 100 (its `eval_steps`); the last line estimates the device-hours of the
-research grid (17 runs × 5 seeds × 2000 steps). A variant that fails is reported with
-its error and the others still run. Numbers are never asserted in tests.
+research grid (25 runs: baseline, 8 splits and 4 random splits, × 5 seeds × 2000 steps). A variant that fails is
+reported with its error and the others still run. Numbers are never asserted in tests.
 
     python benchmarks/dpo_throughput.py --tiny            # CPU, the tiny Qwen2 (seconds)
     python benchmarks/dpo_throughput.py --packed 3        # GPU, the Qwen2.5-0.5B shape (random weights)
@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from prism_assets.experiments import ExperimentSpec  # noqa: E402
 from prism_assets.training import engine, packing, tiny_model  # noqa: E402
 from prism_assets.training.logps import sequences_of, tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
@@ -57,7 +58,9 @@ from prism_assets.training.settings import RunConfig  # noqa: E402
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
 HELDOUT_PAIRS = 256  # the original recipe's held-out set (heldout_max_pairs)
 EVAL_EVERY = (25, 100)  # held-out evaluation every logging step of the original recipe; its eval_steps
-GRID_RUNS, GRID_STEPS = 17 * 5, 2000  # baseline + 8 splits × 2 groups, 5 seeds, of the original recipe's steps
+# baseline + (8 splits and the default random splits) × 2 groups, 5 seeds, of the original recipe's steps
+RANDOM_SPLITS = ExperimentSpec.model_fields["random_splits"].default
+GRID_RUNS, GRID_STEPS = (1 + (8 + RANDOM_SPLITS) * 2) * 5, 2000
 
 
 def qwen05_directory(directory: Path) -> Path:

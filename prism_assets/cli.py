@@ -31,6 +31,7 @@ def materialize_partition(experiment: str, cell: str, seed: str) -> tuple[str, b
         instance=dg.DagsterInstance.get(),
         resources=RESOURCES,
         raise_on_error=False,
+        tags={"experiment": experiment},  # the UI's runs list shows whose run it is
     )
     events = result.get_asset_materialization_events() if result.success else []
     trained = bool(events) and bool(events[0].materialization.metadata["trained"].value)
@@ -46,8 +47,9 @@ def _print_tables(output: dict) -> None:
         print(f"\n{experiment}: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}")
         print(
             rows[
-                ["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "sign_consistency", "verdict"]
-            ].to_string(index=False, float_format=lambda v: f"{v:+.3f}")
+                ["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "p_predicted", "p_adjusted"]
+                + ["verdict", "mde", "seeds_needed", "heldout_needed"]
+            ].to_string(index=False, float_format=lambda v: f"{v:.3g}")
         )
     comparison = output["comparison"]
     if not comparison.empty:

@@ -43,6 +43,15 @@ class ExperimentSpec(BaseModel):
     categorical: list[str] = Field(list(ordered_logit.DEFAULT_CATEGORICAL), description="categorical covariates")
     continuous: list[str] = Field(list(ordered_logit.DEFAULT_CONTINUOUS), description="continuous covariates")
     min_level_users: int = Field(10, ge=1, description="a categorical level held by fewer users is left out")
+    random_splits: int = Field(
+        4, ge=0, le=99, description="random halves of the users, trained like any split: the calibrated null"
+    )
+    verdict_alpha: float = Field(
+        0.05, gt=0, lt=1, description="a split is MATCH / MISMATCH when its Holm-adjusted p is below this"
+    )
+    min_group_users: int = Field(20, ge=1, description="a split with a smaller group is reported, not trained")
+    min_group_pairs: int = Field(200, ge=1, description="a split with a group of fewer pairs is reported, not trained")
+    train_small_splits: bool = Field(False, description="train the splits below min_group_users / min_group_pairs")
     recipe: str | None = Field(None, description="DPO recipe (tiny, original); none: DPO_RECIPE, else tiny")
     base_model: str | None = Field(None, min_length=1, description="the base model; none: the recipe's")
     dpo: dict[str, Any] = Field({}, description="DPO settings over the recipe's (any field of TrainingSettings)")

@@ -166,8 +166,11 @@ def experiment(name: str = "v3", preset: str = "v3", spec: dict | None = None, *
     return resolve(name, ExperimentSpec(preset=preset, **(spec or {})), dpo, "tiny", "test")
 
 
-def dagster_definitions(tmp_path: Path, experiments: list, users: int = 300, python: str | None = None):
-    """(assets, resources) of these experiments on a synthetic PRISM of `users` users, storage under tmp_path."""
+def dagster_definitions(
+    tmp_path: Path, experiments: list, users: int = 300, python: str | None = None, warm: bool = False
+):
+    """(assets, resources) of these experiments on a synthetic PRISM of `users` users, storage under tmp_path;
+    `warm`: the local launcher forks the jobs from this process, as the main job does."""
     from prism_assets.assets import asset_graph, data, dpo
     from resources.io_managers import ParquetIOManager
     from resources.launcher import LocalLauncher
@@ -183,7 +186,7 @@ def dagster_definitions(tmp_path: Path, experiments: list, users: int = 300, pyt
             reports_dir=str(tmp_path / "reports"),
             python=python or sys.executable,
         ),
-        "launcher": LocalLauncher(threads_per_run=1),
+        "launcher": LocalLauncher(threads_per_run=1, warm_modules=list(dpo.WARM_MODULES) if warm else []),
     }
     return asset_graph(experiments), resources
 

@@ -56,8 +56,10 @@ def test_pipeline_materializes_with_counts_and_passing_checks(synthetic_run):
     fit_meta = _metadata(result, "auto/ordered_logit_fit")
     assert "| term" in fit_meta["coefficients"].value and len(fit_meta["boundaries"].value) == 3
     stored = read_bundle(tmp_path / "assets" / "auto" / "significant_splits")
-    assert stored["splits"]["split"].iloc[-1].endswith("_region")
-    assert stored["splits"]["null_control"].iloc[-1]
+    splits = stored["splits"]
+    assert list(splits.loc[splits["random"], "split"]) == ["R1", "R2", "R3", "R4"]  # after the predicted ones
+    predicted = splits[~splits["random"]]
+    assert predicted["split"].iloc[-1].endswith("_region") and predicted["null_control"].iloc[-1]
     assert set(stored["membership"]["group"]) == {"A", "B"}
 
 
@@ -70,9 +72,9 @@ def test_the_presets_of_the_research_through_their_experiments(synthetic_run):
             instance=instance,
             resources=_resources(tmp_path, "synthetic"),
         )
-        assert instance.get_dynamic_partitions("v2_cell")[-1] == "S6_region.B"
+        assert instance.get_dynamic_partitions("v2_cell")[-3:] == ["R3.B", "R4.A", "R4.B"]  # the random splits
     splits = result.output_for_node("v3__significant_splits")["splits"]
-    assert list(splits["split"]) == V3_SPLITS
+    assert list(splits["split"]) == [*V3_SPLITS, "R1", "R2", "R3", "R4"]
     assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
     v2_splits = result.output_for_node("v2__significant_splits")["splits"]
     assert list(v2_splits["split"]) == [
@@ -82,9 +84,35 @@ def test_the_presets_of_the_research_through_their_experiments(synthetic_run):
         "S4_familiarity",
         "S5_behavioral",
         "S6_region",
+        *["R1", "R2", "R3", "R4"],
     ]
     assert _metadata(result, "v2/ordered_logit_fit")["boundaries"].value == [14.0]
     assert set(_metadata(result, "v2/ordered_logit_fit")["outcome_counts"].value) == {"1", "2"}  # a binary logit
+
+
+def test_a_split_with_a_group_below_the_smallest_is_listed_not_trained(synthetic_run):
+    _, tmp_path = synthetic_run
+    stored = read_bundle(tmp_path / "assets" / "auto" / "significant_splits")["splits"]
+    smallest = stored[["pairs_a", "pairs_b"]].min(axis=1)
+    cut = int(smallest.median()) + 1  # about half the splits have a group below it
+    expected = set(stored.loc[(smallest < cut) & ~stored["null_control"], "split"])
+    assert expected and stored.loc[stored["null_control"], "split"].iloc[0] not in expected
+    for train_small in (False, True):
+        small = experiment("small", "auto", spec={"min_group_pairs": cut, "train_small_splits": train_small})
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(
+                [*DATA, *stats.build_statistics(small)], instance=instance, resources=_resources(tmp_path, "synthetic")
+            )
+            cells = instance.get_dynamic_partitions("small_cell")
+        splits = result.output_for_node("small__significant_splits")["splits"]
+        listed = _metadata(result, "small/significant_splits")["not_trained_too_small"].value
+        assert set(splits["split"]) == set(stored["split"])  # every split is in the table either way
+        if train_small:
+            assert listed == [] and splits["trained"].all()
+            assert {cell.split(".")[0] for cell in cells} == {"baseline", *stored["split"]}
+        else:
+            assert set(listed) == expected == set(splits.loc[~splits["trained"], "split"])
+            assert {cell.split(".")[0] for cell in cells} == {"baseline", *stored["split"]} - expected
 
 
 def test_directory_source_and_a_clear_error_for_a_bad_source(small_synthetic_dir, tmp_path):

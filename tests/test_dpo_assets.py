@@ -22,9 +22,9 @@ from prism_assets import partitions
 from prism_assets.assets import dpo, report
 
 
-def _definitions(tmp_path, users=300, python=None, **settings):
-    """One experiment, v3 (its preset, these DPO settings)."""
-    return dagster_definitions(tmp_path, [experiment("v3", "v3", **settings)], users=users, python=python)
+def _definitions(tmp_path, users=300, python=None, warm=False, **settings):
+    """One experiment, v3 (its preset, four random splits, these DPO settings)."""
+    return dagster_definitions(tmp_path, [experiment("v3", "v3", **settings)], users=users, python=python, warm=warm)
 
 
 def _materialize_partition(assets, resources, instance, cell, seed, **kwargs):
@@ -49,7 +49,7 @@ def v3_instance(tmp_path_factory):
 def test_significant_splits_registers_the_cells(v3_instance):
     _, _, _, instance = v3_instance
     cells = instance.get_dynamic_partitions(partitions.cells_name("v3"))
-    assert cells[0] == "baseline" and len(cells) == 17 and "S8_region.B" in cells
+    assert cells[0] == "baseline" and len(cells) == 1 + 2 * (8 + 4) and "S8_region.B" in cells and "R4.B" in cells
 
 
 def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
@@ -253,12 +253,15 @@ def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
 @pytest.mark.slow
 def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_path):
     """v3 splits on a synthetic PRISM whose 18–34-year-olds choose their style consistently: S1_age (predicted
-    A>B) must come out MATCH on held-out accuracy over three seeds, and the region null control OK."""
-    assets, resources = _definitions(tmp_path, users=1500)
+    A>B) must come out MATCH on held-out accuracy over three seeds against the four random splits' null, and the
+    region null control OK."""
+    assets, resources = _definitions(tmp_path, users=1500, warm=True)
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0", "1", "2"])
-        for cell in ("S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"):
+        for cell in [
+            f"{split}.{group}" for split in ("S1_age", "S8_region", "R1", "R2", "R3", "R4") for group in "AB"
+        ]:
             for seed in range(3):
                 assert _materialize_partition(assets, resources, instance, cell, seed).success
         result = dg.materialize(
@@ -266,10 +269,11 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
         )
     table = result.output_for_node("correspondence_table")["table"]
     primary = table[table["metric"] == "mean_heldout_acc_tail"].set_index("split")
-    shown = ["per_seed_d", "mean_d", "ci_low", "ci_high", "eval_se", "null_abs_mean_d"]
+    shown = ["per_seed_d", "mean_d", "se", "z", "p_two", "p_adjusted", "null_scale"]
     assert primary.loc["S1_age", "verdict"] == "MATCH", primary.loc[["S1_age", "S8_region"], shown].to_dict("records")
     assert primary.loc["S8_region", "verdict"] == "null OK", primary.loc["S8_region"].to_dict()
-    assert primary.loc["S1_age", "sign_consistency"] == "3/3"
+    assert primary.loc["S1_age", "sign_consistency"] == "3/3" and primary.loc["S1_age", "p_adjusted"] < 0.05
+    assert (tmp_path / "reports" / "v3" / "null.png").stat().st_size > 10_000
     assert primary.loc["S2_education", "n_seeds"] == 0 and primary.loc["S2_education", "verdict"] == "INCONCLUSIVE"
     assert (tmp_path / "reports" / "v3" / "learning_curves.png").stat().st_size > 10_000
     [event] = result.get_asset_materialization_events()

@@ -96,22 +96,24 @@ def test_v2_after_v3_trains_only_what_v3_did_not_and_the_comparison_pairs_their_
     """v3's baseline, age and region runs, then every v2 partition: v2's baseline, S1_age and S6_region are the same
     runs (the same users, model and settings) and are adopted; its other splits are trained. One reference_logps
     serves both. The table compares the splits they share by definition, whatever each calls them."""
-    v3 = experiment("v3", "v3", max_steps=4, logging_steps=2)
-    v2 = experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1}, max_steps=4, logging_steps=2)
+    v3 = experiment("v3", "v3", spec={"random_splits": 1}, max_steps=4, logging_steps=2)
+    v2 = experiment(
+        "v2", "v2", spec={"boundaries": [14], "alpha": 0.1, "random_splits": 1}, max_steps=4, logging_steps=2
+    )
     assets, resources = dagster_definitions(tmp_path, [v3, v2])
     assert len([a for a in assets if a.key.path[0] == "reference_logps"]) == 1
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
-        v3_cells = ["baseline", "S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B"]
+        v3_cells = ["baseline", "S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B", "R1.A", "R1.B"]
         assert all(_trained(materialize_partition(assets, resources, instance, "v3", c, 0)) for c in v3_cells)
         v2_cells = instance.get_dynamic_partitions(partitions.cells_name("v2"))
-        assert len(v2_cells) == 13
+        assert len(v2_cells) == 1 + 2 * (6 + 1)
         trained = {c: _trained(materialize_partition(assets, resources, instance, "v2", c, 0)) for c in v2_cells}
         table = dg.materialize(
             assets, selection=[dg.AssetKey("correspondence_table")], instance=instance, resources=resources
         )
-    shared = {"baseline", "S1_age.A", "S1_age.B", "S6_region.A", "S6_region.B"}
+    shared = {"baseline", "S1_age.A", "S1_age.B", "S6_region.A", "S6_region.B", "R1.A", "R1.B"}
     assert {c for c, was in trained.items() if not was} == shared
     assert len(list((tmp_path / "runs").glob("*/seed0/metrics.json"))) == len(v3_cells) + len(v2_cells) - len(shared)
     output = table.output_for_node("correspondence_table")
@@ -129,8 +131,8 @@ def test_v2_after_v3_trains_only_what_v3_did_not_and_the_comparison_pairs_their_
 def test_two_model_sizes_on_the_same_splits_are_compared(tmp_path):
     """v3 on the 2-layer and the 4-layer tiny Qwen2: each its own reference_logps and runs; their shared splits
     (all of them) side by side."""
-    small = experiment("v3", "v3", max_steps=4, logging_steps=2)
-    deep = experiment("v3_tiny4", "v3", base_model="tiny:4", max_steps=4, logging_steps=2)
+    small = experiment("v3", "v3", spec={"random_splits": 0}, max_steps=4, logging_steps=2)
+    deep = experiment("v3_tiny4", "v3", spec={"random_splits": 0}, base_model="tiny:4", max_steps=4, logging_steps=2)
     assets, resources = dagster_definitions(tmp_path, [small, deep])
     assert len([a for a in assets if a.key.path[0] == "reference_logps"]) == 2
     with dg.instance_for_test() as instance:

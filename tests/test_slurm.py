@@ -372,7 +372,7 @@ with dg.instance_for_test() as instance:
     process = subprocess.Popen(
         [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    job_id = _job_id((tmp_path / "terminate" / "runs", "baseline"), timeout=120)
+    job_id = _job_id((tmp_path / "terminate" / "runs", "baseline"), timeout=240)
     time.sleep(2)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=60)[0].decode()

@@ -61,7 +61,8 @@ def test_editing_the_pair_building_code_marks_everything_downstream_unsynced(mai
     code.mkdir()
     for name in ("prism_assets", "resources"):
         shutil.copytree(REPO / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "workspace.yaml", code / "workspace.yaml")
+    for name in ("workspace.yaml", "experiments.toml"):
+        shutil.copy(REPO / name, code / name)
     pairs = code / "prism_assets" / "dataset" / "pairs.py"
     source = pairs.read_text()
     pairs.write_text(source + "\n# a comment and a docstring change nothing\n")

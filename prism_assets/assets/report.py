@@ -6,6 +6,8 @@ curves of each split's groups (mean and min–max band over seeds); across exper
 by definition compared side by side. Markdown and parquet, plots embedded and written under `reports_dir`.
 """
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Literal
@@ -37,6 +39,7 @@ def runs_table(runs: dict) -> pd.DataFrame:
             "membership_digest": run["membership_digest"],
             "settings_fingerprint": run["settings_fingerprint"],
             **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]},
+            "num_heldout_pairs": run["metrics"].get("num_heldout_pairs"),
         }
         for run in runs.values()
     ]
@@ -73,11 +76,28 @@ def curves_table(runs: dict) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _power(row) -> str:
+    if pd.isna(row["mde"]):
+        return "—"
+    line = f"MDE {row['mde']:.3f}" + (f" with {row['planned_seeds']:.0f} seeds" if row["n_seeds"] == 0 else "")
+    if pd.isna(row["effect_for_seeds"]) or pd.isna(row["seeds_needed"]):
+        return line
+    if row["seeds_needed"] == float("inf"):
+        needed = f"{row['heldout_needed']:.0f} held-out pairs per group"
+        return f"{line}; {row['effect_for_seeds']:.3f}: not reachable by seeds (needs {needed})"
+    return f"{line}; {row['effect_for_seeds']:.3f} needs {row['seeds_needed']:.0f} seeds"
+
+
 def _format_table(table: pd.DataFrame) -> pd.DataFrame:
     def ci(row):
+        if pd.isna(row["mean_d"]):
+            return "no runs"
         if pd.isna(row["ci_low"]):
-            return f"{row['mean_d']:+.3f} (CI needs ≥ 2 seeds)"
+            return f"{row['mean_d']:+.3f}"
         return f"{row['mean_d']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+
+    def p(value):
+        return "—" if pd.isna(value) else f"{value:.3g}"
 
     return pd.DataFrame(
         {
@@ -86,7 +106,11 @@ def _format_table(table: pd.DataFrame) -> pd.DataFrame:
             "per-seed A−B": table["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
             "mean A−B [95% CI]": table.apply(ci, axis=1),
             "sign k/n": table["sign_consistency"],
+            "z": table["z"].map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
+            "p (predicted side)": table["p_predicted"].map(p),
+            "p (Holm)": table["p_adjusted"].map(p),
             "verdict": table["verdict"],
+            "power": table.apply(_power, axis=1),
         }
     )
 
@@ -106,17 +130,40 @@ def experiment_table(
         context.log.warning(f"{experiment.name}: no DPO run fits its current splits and settings yet")
         return pd.DataFrame(), pd.DataFrame(), runs, pd.DataFrame(), left_out
     diffs = correspondence.seed_differences(runs)
-    table = correspondence.correspondence(diffs, significant_splits["splits"])
+    splits = significant_splits["splits"]
+    table = correspondence.correspondence(
+        diffs, splits, experiment.spec.verdict_alpha, heldout_sizes(runs), planned_heldout(splits, experiment.settings)
+    )
     kept = set(zip(runs["cell"], runs["seed"]))
     curves = curves_table({key: run for key, run in group_dpo_run.items() if (run["cell"], int(run["seed"])) in kept})
     return table, diffs, runs, curves, left_out
 
 
+def heldout_sizes(runs: pd.DataFrame) -> dict[str, float]:
+    """split → its groups' held-out pairs, harmonic mean (the d's held-out variance goes as 1/h_A + 1/h_B)."""
+    groups = runs[runs["split"].notna()]
+    return (1 / (1 / groups["num_heldout_pairs"].astype(float)).groupby(groups["split"]).mean()).to_dict()
+
+
+def planned_heldout(splits: pd.DataFrame, settings) -> dict[str, float]:
+    """split → held-out pairs per group (harmonic mean) it would have, for the splits too small to be trained."""
+    if "trained" not in splits:
+        return {}
+    untrained = splits[~splits["trained"]]
+    sizes = {
+        group: (untrained[f"pairs_{group}"] * settings.heldout_fraction).clip(1, settings.heldout_max_pairs)
+        for group in ("a", "b")
+    }
+    return dict(zip(untrained["split"], 2 / (1 / sizes["a"] + 1 / sizes["b"])))
+
+
 def split_groups(splits: dict) -> dict[str, tuple]:
     """split → (digest of A's users, digest of B's users): what makes two experiments' splits the same."""
+    table = splits["splits"]
+    predicted = table["split"] if "random" not in table else table.loc[~table["random"], "split"]
     return {
         split: tuple(dpo.membership_digest(splits, split, group) for group in partitions.GROUPS)
-        for split in splits["splits"]["split"]
+        for split in predicted  # random splits are draws of the null: nothing to compare
     }
 
 
@@ -157,7 +204,10 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
         group_name="report",
         kinds={"pandas"},
         owners=versions.OWNERS,
-        code_version=versions.source_version(sys.modules[__name__], plots, correspondence),
+        # the verdicts' α of every experiment is part of what the table computes
+        code_version=versions.source_version(sys.modules[__name__], plots, correspondence)
+        + "-"
+        + hashlib.sha256(json.dumps({e.name: e.spec.verdict_alpha for e in experiments}).encode()).hexdigest()[:8],
         ins=ins,
         description="Per experiment and split: does the DPO difference between groups A and B (held-out accuracy "
         "primary) follow the direction the ordered logit predicted, over seeds, against the null control? And "
@@ -198,6 +248,9 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
                 )
             )
             metadata[f"{name}__learning_curves"] = dg.MetadataValue.md(plots.markdown_image(png, "learning curves"))
+            null_png = plots.null_plot(table, correspondence.METRICS, experiment.spec.verdict_alpha)
+            (reports / name / "null.png").write_bytes(null_png)
+            metadata[f"{name}__null"] = dg.MetadataValue.md(plots.markdown_image(null_png, "splits against the null"))
             metadata[f"{name}__verdicts"] = dg.MetadataValue.json(dict(zip(primary["split"], primary["verdict"])))
         if not tables:
             raise dg.Failure("no experiment has a DPO run that fits its current splits and settings yet")

@@ -58,8 +58,9 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         code_version=f"{SPLITS_CODE_VERSION}-{fields}",
         ins={"ordered_logit_fit": dg.AssetIn(key=[name, "ordered_logit_fit"])},
         description=f"{experiment.description}. Two-group user splits (preset {spec.preset}, α = {spec.alpha}), "
-        "each with its predicted direction, plus the Europe-vs-Americas null control; registers the experiment's "
-        "DPO cells.",
+        f"each with its predicted direction, the Europe-vs-Americas null control and {spec.random_splits} random "
+        "splits (the calibrated null); registers the experiment's DPO cells (splits too small to learn from are "
+        "listed, not trained).",
     )
     def significant_splits(
         context: dg.AssetExecutionContext, raw_prism: dict, within_model_pairs: pd.DataFrame, ordered_logit_fit: dict
@@ -134,6 +135,7 @@ def split_tables(
                 "group_b": split.group_b,
                 "predicted": split.predicted,
                 "null_control": split.null_control,
+                "random": split.random,
                 "beta": split.beta,
                 "p": split.p,
                 "users_a": int(n_users.get("A", 0)),
@@ -144,6 +146,13 @@ def split_tables(
         )
         members.append(users.assign(split=split.name)[["split", "user_id", "group"]])
     return pd.DataFrame(rows), pd.concat(members, ignore_index=True)
+
+
+def too_small(table: pd.DataFrame, spec: ExperimentSpec) -> pd.Series:
+    """Splits with a group below the experiment's smallest group (users or pairs)."""
+    users = table[["users_a", "users_b"]].min(axis=1)
+    pairs = table[["pairs_a", "pairs_b"]].min(axis=1)
+    return (users < spec.min_group_users) | (pairs < spec.min_group_pairs)
 
 
 def register_cells(instance: dg.DagsterInstance, experiment: str, split_names: list[str]) -> list[str]:
@@ -182,6 +191,7 @@ def _splits_output(
 ) -> dict:
     spec = experiment.spec
     memberships = memberships_for(spec, ordered_logit_fit, raw_prism["survey"], within_model_pairs)
+    memberships += splits_lib.random_splits(set(within_model_pairs["user_id"]), spec.random_splits)
     table, membership = split_tables(memberships, within_model_pairs)
     empty = (table["pairs_a"] == 0) | (table["pairs_b"] == 0)
     if (empty & table["null_control"]).any():
@@ -191,7 +201,14 @@ def _splits_output(
         context.log.warning(f"split {name} dropped: one of its groups has no pairs")
     table = table[~empty].reset_index(drop=True)
     membership = membership[membership["split"].isin(table["split"])].reset_index(drop=True)
-    cells = register_cells(context.instance, experiment.name, list(table["split"]))
+    table["trained"] = ~too_small(table, spec) | spec.train_small_splits | table["null_control"]
+    for row in table[~table["trained"]].itertuples():
+        context.log.warning(
+            f"split {row.split} is not trained: a group is below the smallest a split may have "
+            f"(users {row.users_a}/{row.users_b}, pairs {row.pairs_a}/{row.pairs_b}; min_group_users "
+            f"{spec.min_group_users}, min_group_pairs {spec.min_group_pairs}; train_small_splits trains it)"
+        )
+    cells = register_cells(context.instance, experiment.name, list(table.loc[table["trained"], "split"]))
     context.log.info(f"DPO cells of {experiment.name}: {', '.join(cells)}")
     context.add_output_metadata(
         {
@@ -200,6 +217,8 @@ def _splits_output(
             "num_splits": len(table),
             "dropped_splits_with_an_empty_group": dg.MetadataValue.json(dropped_splits),
             "split_names": dg.MetadataValue.json(list(table["split"])),
+            "not_trained_too_small": dg.MetadataValue.json(list(table.loc[~table["trained"], "split"])),
+            "random_splits": spec.random_splits,
             "experiment": experiment.name,
             "preset": spec.preset,
             "alpha": spec.alpha,

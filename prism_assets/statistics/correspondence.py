@@ -1,13 +1,14 @@
 """Does the DPO difference between a split's groups follow the direction the ordered logit predicted?
 
-Owns the per-seed differences d = metric(A) − metric(B), their mean, sign consistency and 95% CI (training
-noise across seeds plus the held-out sets' sampling noise), and the verdict rule against the null control
+Owns the per-seed differences d = metric(A) − metric(B), the table of each split's differences with the calibrated
+null's test (`calibration`: its p-values, verdict and power line), and the comparison of experiments' shared splits
 (README, "Reading the correspondence table").
 """
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from prism_assets.statistics import calibration
 
 PRIMARY_METRIC = "mean_heldout_acc_tail"
 METRICS = {
@@ -24,8 +25,8 @@ EVAL_SE = {
     "mid_heldout_acc": "heldout_acc_se",
     "mean_heldout_margin_tail": "heldout_margin_se",
 }
-MATCH, MISMATCH, INCONCLUSIVE = "MATCH", "MISMATCH", "INCONCLUSIVE"
-NULL_OK, NULL_NOT_OK = "null OK", "null NOT OK"
+MATCH, MISMATCH, INCONCLUSIVE = calibration.MATCH, calibration.MISMATCH, calibration.INCONCLUSIVE
+NULL_OK, NULL_NOT_OK = calibration.NULL_OK, calibration.NULL_NOT_OK
 
 
 def seed_differences(runs: pd.DataFrame) -> pd.DataFrame:
@@ -54,65 +55,95 @@ def seed_differences(runs: pd.DataFrame) -> pd.DataFrame:
     return wide[["split", "metric", "seed", "value_a", "value_b", "d", "eval_se"]].reset_index(drop=True)
 
 
-def mean_ci(values: np.ndarray, eval_se: float = 0.0) -> tuple[float, float, float]:
-    """(mean, ci_low, ci_high): seed noise (t, n − 1 df) and held-out sampling noise combined."""
-    mean = float(np.mean(values)) if len(values) else np.nan
-    if len(values) < 2:
-        return mean, np.nan, np.nan
-    seed_half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
-    half = float(np.hypot(seed_half, stats.norm.ppf(0.975) * eval_se))
-    return mean, mean - half, mean + half
-
-
-def verdict(predicted: str, ci_low: float, ci_high: float, mean: float, null_abs_mean: float) -> str:
-    if np.isnan(ci_low):
-        return INCONCLUSIVE
-    if predicted == "A≈B":
-        return NULL_OK if ci_low <= 0 <= ci_high else NULL_NOT_OK
-    sign = 1 if predicted == "A>B" else -1
-    if (sign > 0 and ci_low > 0) or (sign < 0 and ci_high < 0):
-        # Without the null control's difference (its runs missing or failed) there is no yardstick to beat.
-        return MATCH if not np.isnan(null_abs_mean) and abs(mean) > null_abs_mean else INCONCLUSIVE
-    if (sign > 0 and ci_high < 0) or (sign < 0 and ci_low > 0):
-        return MISMATCH
-    return INCONCLUSIVE
-
-
-def correspondence(diffs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
-    """One row per split and metric: predicted direction, per-seed d, mean ± CI, sign consistency, verdict."""
+def correspondence(
+    diffs: pd.DataFrame,
+    splits: pd.DataFrame,
+    alpha: float = 0.05,
+    heldout_pairs: dict[str, float] | None = None,
+    planned_heldout: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """One row per split and metric: predicted direction, per-seed d, sign consistency, and from the calibrated
+    null (`calibration`): mean d, its se, z against the random splits, one- and two-sided p, Holm-adjusted p, a
+    95% CI on the null's scale, the verdict and the power line. A split without runs has n_seeds 0; one the
+    experiment does not train (`splits`' trained column) is NOT_TRAINED, with the power line it would have
+    (`planned_heldout`: its held-out pairs per group, `heldout_pairs` those of the trained splits)."""
+    splits = splits.assign(
+        random=splits["random"] if "random" in splits else False,
+        trained=splits["trained"] if "trained" in splits else True,
+    )
+    statistics = calibration.split_statistics(diffs) if len(diffs) else pd.DataFrame()
+    calibrated = pd.DataFrame()
+    if len(statistics):
+        calibrated = calibration.calibrated_verdicts(statistics, splits, alpha, heldout_pairs)
+    projected = (
+        calibration.projected_power(
+            calibrated, heldout_pairs or {}, planned_heldout, int(statistics["n"].max()), alpha
+        ).set_index(["split", "metric"])
+        if len(calibrated) and planned_heldout
+        else pd.DataFrame()
+    )
+    calibrated = calibrated.set_index(["split", "metric"]) if len(calibrated) else calibrated
     rows = []
-    null_splits = splits[splits["null_control"]]
-    null_name = null_splits["split"].iloc[0] if len(null_splits) else None
     for metric in METRICS:
-        metric_diffs = diffs[diffs["metric"] == metric]
-        null_d = metric_diffs[metric_diffs["split"] == null_name]["d"].to_numpy()
-        null_abs_mean = abs(float(np.mean(null_d))) if len(null_d) else np.nan
+        metric_diffs = diffs[diffs["metric"] == metric] if len(diffs) else diffs
         for split in splits.itertuples():
-            d = metric_diffs[metric_diffs["split"] == split.split].sort_values("seed")
-            values = d["d"].to_numpy()
-            eval_se = float(d["eval_se"].mean()) if len(d) else 0.0
-            mean, low, high = mean_ci(values, eval_se)
-            sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null control: it predicts no sign
-            rows.append(
-                {
-                    "split": split.split,
-                    "metric": metric,
-                    "predicted": split.predicted,
-                    "null_control": bool(split.null_control),
-                    "n_seeds": len(values),
-                    "per_seed_d": [round(float(v), 4) for v in values],
-                    "mean_d": mean,
-                    "ci_low": low,
-                    "ci_high": high,
-                    "eval_se": eval_se,
-                    "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
-                    "null_abs_mean_d": null_abs_mean,
-                    "verdict": verdict(
-                        split.predicted, low, high, mean, np.nan if split.null_control else null_abs_mean
-                    ),
-                }
+            values = (
+                metric_diffs[metric_diffs["split"] == split.split].sort_values("seed")["d"].to_numpy()
+                if len(metric_diffs)
+                else np.array([])
             )
+            sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null and random splits: no sign
+            row = {
+                "split": split.split,
+                "metric": metric,
+                "predicted": split.predicted,
+                "null_control": bool(split.null_control),
+                "random": bool(split.random),
+                "n_seeds": len(values),
+                "per_seed_d": [round(float(v), 4) for v in values],
+                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
+                **dict.fromkeys(CALIBRATED_COLUMNS, np.nan),
+                "verdict": calibration.RANDOM
+                if split.random
+                else (INCONCLUSIVE if split.trained else calibration.NOT_TRAINED),
+            }
+            if (split.split, metric) in calibrated.index:
+                found = calibrated.loc[(split.split, metric)]
+                row.update({column: found[column] for column in CALIBRATED_COLUMNS if column in found.index})
+                row["verdict"] = found["verdict"]
+                half = _quantile(found, 0.975) * found["null_scale"] * found["se"]
+                row["ci_low"], row["ci_high"] = found["mean_d"] - half, found["mean_d"] + half
+            elif (split.split, metric) in projected.index:
+                found = projected.loc[(split.split, metric)]
+                row.update({column: found[column] for column in CALIBRATED_COLUMNS if column in found.index})
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+CALIBRATED_COLUMNS = [
+    "mean_d",
+    "se",
+    "eval_se",
+    "seed_var",
+    "t",
+    "null_scale",
+    "null_df",
+    "z",
+    "p_predicted",
+    "p_two",
+    "p_adjusted",
+    "ci_low",
+    "ci_high",
+    "mde",
+    "seeds_needed",
+    "heldout_needed",
+    "effect_for_seeds",
+    "planned_seeds",
+]
+
+
+def _quantile(row, q: float) -> float:
+    return calibration.Null(row["null_scale"], int(row["null_df"]), np.nan).quantile(q)
 
 
 def compare_experiments(tables: dict[str, pd.DataFrame], groups: dict[str, dict[str, tuple]]) -> pd.DataFrame:

@@ -61,6 +61,7 @@ class Split:
     null_control: bool
     beta: float | None = None
     p: float | None = None
+    random: bool = False  # a random split: a draw of the null, not a prediction
 
 
 @dataclass
@@ -343,3 +344,25 @@ def v3_splits(coefficients: pd.DataFrame, survey: pd.DataFrame, analysed_users: 
         )
     splits.append(null_control("S8_region", survey))
     return splits
+
+
+def random_splits(analysed_users: set, count: int) -> list[SplitMembership]:
+    """`count` random halves of the users with pairs, R1..R<count>, split k drawn with seed k: the same users in
+    every experiment on the same pairs (so their runs are shared), a draw of the null each."""
+    users = np.array(sorted(map(str, analysed_users)), dtype=object)
+    memberships = []
+    for index in range(1, count + 1):
+        order = np.random.default_rng(index).permutation(len(users))
+        group = np.where(np.arange(len(users)) < len(users) // 2, "A", "B")
+        split = Split(
+            name=f"R{index}",
+            variable="random",
+            rule=f"random halves of the users with pairs (seed {index})",
+            group_a="random half",
+            group_b="the other half",
+            predicted="A≈B",
+            null_control=False,
+            random=True,
+        )
+        memberships.append(SplitMembership(split, pd.DataFrame({"user_id": users[order], "group": group})))
+    return memberships
