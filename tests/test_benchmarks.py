@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prism_assets.experiments import ExperimentSpec
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,9 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
         "| project ×2 packed, held-out every 25",
         "| project ×2 packed, held-out every 100",
     ]
-    assert "project/stock per run:" in done.stdout and "grid of 85 runs × 2000 steps, training only" in done.stdout
+    grid_runs = (1 + (8 + ExperimentSpec.model_fields["random_splits"].default) * 2) * 5  # the research grid, 5 seeds
+    assert "project/stock per run:" in done.stdout
+    assert f"grid of {grid_runs} runs × 2000 steps, training only" in done.stdout
     assert "pairs at a run's start: tokenized" in done.stdout
 
 
