@@ -4,17 +4,22 @@ Owns the launcher interface every backend fits. `run(context, command, run_dir, 
 session whose context and messages are files in the run directory (`pipes_context.json`,
 `pipes_messages.jsonl`, kept for inspection), so a job on another machine that shares the directory
 reports the same way as a local subprocess; the backend's `execute` starts the command with the
-session's bootstrap environment and returns when it has ended, raising `dg.Failure` on failure.
+session's bootstrap environment and returns when it has ended, raising `dg.Failure` on failure. A backend
+whose jobs outlive the Dagster process (SLURM) names a run directory's `live_job`, and `run(job=...)`
+follows that job again instead of starting one.
 `LocalLauncher` runs the command as a subprocess of the Dagster run, or, for `python -m <module>` of this
 interpreter when `warm_modules` is set, in a fork of the Dagster process with those modules already imported
 (stdout/stderr into the run directory, their tail in the failure). Never imports prism_assets.
 """
 
 import atexit
+import contextlib
+import ctypes
 import faulthandler
 import gc
 import importlib
 import io
+import json
 import logging
 import os
 import runpy
@@ -24,21 +29,75 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
 import dagster as dg
+from dagster_pipes import PipesDefaultMessageWriter
 from pydantic import Field
 
 PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE = "pipes_context.json", "pipes_messages.jsonl"
 STDOUT_FILE, STDERR_FILE = "stdout.log", "stderr.log"
+PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None  # looked up before any fork
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the thread that started it ends. A local run lives in the Dagster
+    process: killed with it, rather than left writing into a run directory the next launch resumes from."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def tail(path: Path, lines: int = 30) -> str:
     if not path.exists():
         return f"({path.name} does not exist)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class RunDirMessageReader(dg.PipesFileMessageReader):
+    """Reads the run directory's messages file from its start, as it grows. Unlike Dagster's file reader it never
+    empties the file (a job followed again has written there already) and it parses a line only once its newline
+    is written (a job on another machine may be caught mid-line); a line that is not JSON is reported, not fatal."""
+
+    def __init__(self, path: str):
+        super().__init__(path, cleanup_file=False)
+
+    @contextlib.contextmanager
+    def read_messages(self, handler: dg.PipesMessageHandler) -> Iterator[dict]:
+        Path(self._path).touch()
+        closed = threading.Event()
+        thread = threading.Thread(target=self._follow, args=(handler, closed), daemon=True, name="pipes-messages")
+        thread.start()
+        try:
+            yield {
+                PipesDefaultMessageWriter.FILE_PATH_KEY: self._path,
+                PipesDefaultMessageWriter.INCLUDE_STDIO_IN_MESSAGES_KEY: False,
+            }
+        finally:
+            closed.set()
+            thread.join()
+
+    def _follow(self, handler: dg.PipesMessageHandler, closed: threading.Event) -> None:
+        pending = b""
+        with open(self._path, "rb") as handle:
+            while True:
+                last = closed.is_set()  # read once more after the session closed: what was written before it
+                pending += handle.read()
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        handler.handle_message(json.loads(line))
+                    except Exception:
+                        origin = f"{self._path}: message {line[:200]!r}"
+                        handler.report_pipes_framework_exception(origin, sys.exc_info())
+                if last:
+                    return
+                if not lines:
+                    time.sleep(0.05)
 
 
 class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
@@ -53,23 +112,36 @@ class RunLauncher(dg.PipesClient, dg.ConfigurableResource):
         outputs: Sequence[str] = (),
         extras: Mapping | None = None,
         env: Mapping[str, str] | None = None,
+        job: str | None = None,
     ) -> dg.PipesClientCompletedInvocation:
         """Run `command` for its run directory; `outputs`: the files (names in the run directory) it leaves there
-        that the caller reads, which a backend whose job runs elsewhere copies back."""
+        that the caller reads, which a backend whose job runs elsewhere copies back. `job`: the run directory's
+        live job (`live_job`), followed to its end instead of starting the command; its messages are read again."""
         directory = Path(run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         messages = directory / PIPES_MESSAGES_FILE
-        messages.unlink(missing_ok=True)
+        if job is None:
+            messages.unlink(missing_ok=True)
         with dg.open_pipes_session(
             context=context,
             context_injector=self.context_injector(directory),
-            message_reader=dg.PipesFileMessageReader(str(messages), cleanup_file=False),
+            message_reader=RunDirMessageReader(str(messages)),
             extras=extras,
         ) as session:
-            self.execute(
-                context, list(command), directory, {**(env or {}), **session.get_bootstrap_env_vars()}, tuple(outputs)
-            )
+            env = {**(env or {}), **session.get_bootstrap_env_vars()}
+            if job is None:
+                self.execute(context, list(command), directory, env, tuple(outputs))
+            else:
+                self.follow(context, job, directory, tuple(outputs))
         return dg.PipesClientCompletedInvocation(session)
+
+    def live_job(self, context: dg.AssetExecutionContext, run_dir: Path) -> str | None:
+        """The job an earlier Dagster process started for `run_dir` that is still running or finished successfully
+        (to follow again rather than start anew), or None. Local runs end with their Dagster process: never one."""
+        return None
+
+    def follow(self, context: dg.AssetExecutionContext, job: str, run_dir: Path, outputs: tuple[str, ...]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot follow a job started by another process")
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
         return dg.PipesFileContextInjector(str(run_dir / PIPES_CONTEXT_FILE))
@@ -108,7 +180,12 @@ class LocalLauncher(RunLauncher):
             try:
                 if module is None:
                     process = subprocess.Popen(
-                        command, cwd=os.getcwd(), env={**os.environ, **threads, **env}, stdout=stdout, stderr=stderr
+                        command,
+                        cwd=os.getcwd(),
+                        env={**os.environ, **threads, **env},
+                        stdout=stdout,
+                        stderr=stderr,
+                        preexec_fn=die_with_parent,  # a function of no Python locks: safe beside threads
                     )
                 else:
                     process = ForkedRun(module, command[3:], {**threads, **env}, stdout, stderr)
@@ -201,6 +278,7 @@ class ForkedRun:
             if stream is not None:
                 stream.flush()
         failed: list[OSError] = []
+        parent = os.getpid()
 
         def fork() -> None:
             try:
@@ -209,7 +287,7 @@ class ForkedRun:
                 failed.append(error)
                 return
             if pid == 0:
-                run_forked(self.module, self.args, self.env, self.stdout, self.stderr)
+                run_forked(self.module, self.args, self.env, self.stdout, self.stderr, parent)
             self.pid = pid
 
         forker = threading.Thread(target=fork, name="launcher-fork")
@@ -248,10 +326,12 @@ class ForkedRun:
         self.send_signal(signal.SIGKILL)
 
 
-def run_forked(module: str, args: list[str], env: dict[str, str], stdout: IO, stderr: IO) -> NoReturn:
-    """In the forked child: run `module` as `python -m` would, and exit with its code, whatever happens."""
+def run_forked(module: str, args: list[str], env: dict[str, str], stdout: IO, stderr: IO, parent: int) -> NoReturn:
+    """In the forked child: run `module` as `python -m` would, and exit with its code, whatever happens; killed when
+    the `parent` process ends (the forking thread ends at once, so the kernel's parent-death signal cannot tell)."""
     code = 1
     try:
+        threading.Thread(target=exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
         prepare_child(env, stdout, stderr)
         sys.argv = [module, *args]  # run_module puts the module's file first, as -m does
         sys.path.insert(0, os.getcwd())
@@ -279,6 +359,12 @@ def run_forked(module: str, args: list[str], env: dict[str, str], stdout: IO, st
             except BaseException:
                 pass
         os._exit(code)
+
+
+def exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def exit_code(exit_: SystemExit) -> int:

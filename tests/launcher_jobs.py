@@ -40,10 +40,40 @@ def report() -> None:
         )
 
 
+def torn() -> None:
+    """A line that is not JSON, and a message written in two halves a moment apart, as a job on another machine
+    writing to a shared filesystem can be seen."""
+    import json
+
+    from dagster_pipes import decode_env_var, open_dagster_pipes
+
+    with open_dagster_pipes():
+        path = decode_env_var(os.environ["DAGSTER_PIPES_MESSAGES"])["path"]
+        line = json.dumps(
+            {
+                "__dagster_pipes_version": "0.1",
+                "method": "report_asset_materialization",
+                "params": {
+                    "asset_key": "job_torn",
+                    "metadata": {"torn": {"raw_value": "whole", "type": "text"}},
+                    "data_version": None,
+                },
+            }
+        )
+        with open(path, "a") as messages:
+            messages.write("not a message\n")
+            messages.write(line[:40])
+            messages.flush()
+            time.sleep(1)
+            messages.write(line[40:] + "\n")
+
+
 def main() -> None:
     what = sys.argv[1]
     if what == "report":
         report()
+    elif what == "torn":
+        torn()
     elif what == "exit":
         print("the job's last words", file=sys.stderr)
         sys.exit(3)

@@ -63,6 +63,15 @@ def instance():
         yield instance
 
 
+def test_a_message_seen_half_written_is_read_whole_and_a_bad_line_is_reported(instance, tmp_path):
+    result = materialize(instance, SUBPROCESS, "torn", tmp_path)
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    assert event.materialization.metadata["torn"].value == "whole"
+    logged = [entry.message for entry in instance.all_logs(result.run_id)]
+    assert any("not a message" in message for message in logged), logged
+
+
 @pytest.mark.parametrize(
     ("launcher", "python_args", "forked"),
     [
@@ -203,6 +212,45 @@ def test_an_interrupted_run_stops_the_job_and_reaps_it(tmp_path, warm):
     assert f"the run was terminated: trainer pid {job_pid} stopped" in out
     assert (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))  # the job's own handler saw SIGTERM
     assert out.strip().endswith("no child left")
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["subprocess", "warm"])
+def test_a_killed_dagster_process_takes_its_local_job_with_it(tmp_path, warm):
+    """kill -9 of the Dagster process: its local job ends too, instead of writing on into a run directory that the
+    next launch of the partition resumes from."""
+    script = f"""
+        import dagster as dg
+        from resources.launcher import LocalLauncher
+        from test_launcher import materialize
+
+        with dg.instance_for_test() as instance:
+            materialize(instance, LocalLauncher(warm_modules={["launcher_jobs"] if warm else []!r}), "sleep",
+                        {str(tmp_path)!r})
+        """
+    script = f"import sys\nsys.path.insert(0, {TESTS!r})\n" + textwrap.dedent(script)
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    job_pid = int((tmp_path / "started").read_text())
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 10
+    while _alive(job_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(job_pid)
+    if alive:
+        os.kill(job_pid, signal.SIGKILL)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch's CPU threads: two cores or more")
