@@ -2,10 +2,14 @@
 
 Owns the job script (every #SBATCH value validated, shell lines shlex-quoted), submission, watching
 (`scontrol`, then `sacct`; asking again while SLURM gives no answer), the mapping of final states to success
-or a `dg.Failure` with a hint, and `scancel` on termination. SLURM is reached locally or over one
-multiplexed SSH connection, with the run directory shared or mirrored (`remote_runs_dir`).
+or a `dg.Failure` with a hint, and `scancel` when the Dagster run is terminated. A job outlives a Dagster
+process that goes away; its record in the run directory (`slurm_job.json`) lets the next launch follow it.
+SLURM is reached locally or over one multiplexed SSH connection, with the run directory shared or mirrored
+(`remote_runs_dir`).
 """
 
+import contextlib
+import json
 import re
 import shlex
 import subprocess
@@ -17,7 +21,7 @@ from dagster_pipes import decode_env_var, encode_env_var
 
 from resources.launcher import PIPES_MESSAGES_FILE, RunLauncher, tail
 
-JOB_SCRIPT = "job.sbatch"
+JOB_SCRIPT, JOB_RECORD = "job.sbatch", "slurm_job.json"
 REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
 TERMINAL_STATES = {
     "COMPLETED",
@@ -67,6 +71,16 @@ def time_limit_seconds(limit: str) -> int:
     else:
         hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
     return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def terminated(context: dg.AssetExecutionContext) -> bool:
+    """Whether the Dagster run was terminated (UI, CLI), as opposed to its process going away (restart, crash).
+    When the instance cannot tell, no: a job left running costs less than hours of GPU time cancelled."""
+    try:
+        run = context.instance.get_run_by_id(context.run.run_id)
+    except Exception:
+        return False
+    return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 
 
 def parse_scontrol(line: str) -> dict[str, str]:
@@ -321,13 +335,13 @@ class SlurmLauncher(RunLauncher):
             if done.returncode == 0 and "JobState=" in done.stdout:
                 return parse_scontrol(done.stdout)
             accounting = self.commands.run(
-                ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], check=False
+                ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode,JobName"], check=False
             )
         except subprocess.TimeoutExpired as error:
             raise SlurmUnreachable(f"`{shlex.join(error.cmd)}` gave no answer in {error.timeout:.0f} s") from None
         if accounting.returncode == 0 and accounting.stdout.strip():
-            state, exit_code = accounting.stdout.strip().splitlines()[0].split("|")
-            return {"JobState": state.split()[0], "ExitCode": exit_code, "Reason": "from sacct"}
+            state, exit_code, name = accounting.stdout.strip().splitlines()[0].split("|")
+            return {"JobState": state.split()[0], "ExitCode": exit_code, "JobName": name, "Reason": "from sacct"}
         if "Invalid job id" not in done.stderr:
             raise SlurmUnreachable(
                 f"`scontrol show job -o {job_id}` failed ({done.returncode}): "
@@ -347,7 +361,7 @@ class SlurmLauncher(RunLauncher):
         return str(PurePosixPath(self.remote_runs_dir) / run_dir.parent.name / run_dir.name)
 
     def execute(self, context, command, run_dir, env, outputs=()):
-        job_name = f"{self.job_name_prefix}-{run_dir.parent.name}-{run_dir.name}"
+        job_name = self.job_name(run_dir)
         script = run_dir / JOB_SCRIPT
         try:
             remote = self.remote_dir(run_dir)
@@ -373,30 +387,82 @@ class SlurmLauncher(RunLauncher):
             f"submitted SLURM job {job_id} ({job_name}); script {job_dir / JOB_SCRIPT}"
             + (f" on {self.ssh_host}" if self.ssh_host else "")
         )
-        context.add_output_metadata({"slurm_job_id": job_id})
+        (run_dir / JOB_RECORD).write_text(
+            json.dumps({"job_id": job_id, "job_name": job_name, "dagster_run_id": context.run.run_id}) + "\n"
+        )
+        self.follow(context, job_id, run_dir, outputs)
+
+    def job_name(self, run_dir: Path) -> str:
+        """One name per run directory (the run's identity and seed): how a job is found again."""
+        return f"{self.job_name_prefix}-{run_dir.parent.name}-{run_dir.name}"
+
+    def live_job(self, context, run_dir):
+        """The run directory's job that is queued, running or finished successfully: the one its record names
+        (`slurm_job.json`, written at submission) or, should a process have gone away between sbatch and the
+        record, one that SLURM's queue holds under the run directory's job name."""
+        name = self.job_name(run_dir)
         try:
-            final = self.watch(context, job_id, run_dir, remote)
+            queued = self.commands.run(["squeue", "--noheader", f"--name={name}", "--format=%i"], check=False)
+            record = json.loads((run_dir / JOB_RECORD).read_text()) if (run_dir / JOB_RECORD).exists() else {}
+            candidates = [*queued.stdout.split(), *([record["job_id"]] if record.get("job_id") else [])]
+            for job_id in dict.fromkeys(candidates):
+                try:
+                    info = self.job_state(job_id)
+                except RuntimeError:  # forgotten by SLURM (no accounting): nothing to follow
+                    continue
+                if info.get("JobName", name) != name:  # an id SLURM has given to another job since
+                    continue
+                state, exit_code = info["JobState"], info.get("ExitCode", "0:0")
+                if state not in TERMINAL_STATES or (state == "COMPLETED" and exit_code.startswith("0:")):
+                    context.log.info(f"SLURM job {job_id} of {run_dir} is {state}: following it, not submitting")
+                    return job_id
+        except (SlurmUnreachable, subprocess.TimeoutExpired) as error:
+            raise dg.Failure(
+                f"cannot tell whether {run_dir} has a SLURM job already, SLURM gave no answer: {error}",
+                allow_retries=True,
+            ) from None
+        except (OSError, ValueError) as error:
+            context.log.warning(f"{run_dir / JOB_RECORD} cannot be read ({error}): looking in the queue only")
+        return None
+
+    def follow(self, context, job, run_dir, outputs=()):
+        """Watch `job` to its end; scancel it when the Dagster run is terminated, leave it running when the Dagster
+        process merely goes away (a restart, a crash): launching the partition again follows it."""
+        remote = self.remote_dir(run_dir)
+        context.add_output_metadata({"slurm_job_id": job})
+        with contextlib.suppress(Exception):  # a tag shows the job in the UI's run list; not worth failing for
+            context.instance.add_run_tags(context.run.run_id, {"prism/slurm_job_id": job})
+        try:
+            final = self.watch(context, job, run_dir, remote)
         except BaseException as error:
-            context.log.warning(f"cancelling SLURM job {job_id}")
+            if not isinstance(error, Exception) and not terminated(context):
+                message = (
+                    f"the Dagster process is going away: SLURM job {job} keeps running; launching this partition "
+                    f"again follows it (`scancel {job}` stops it)"
+                )
+                context.log.warning(message)
+                # Not retried here: this process is ending. The next launch of the partition follows the job.
+                raise dg.Failure(message, allow_retries=False) from error
+            context.log.warning(f"cancelling SLURM job {job}")
             try:
-                self.commands.run(["scancel", job_id], check=False)
+                self.commands.run(["scancel", job], check=False)
             except Exception as cancel_error:  # SLURM unreachable: keep the error that got us here
-                context.log.error(f"could not cancel SLURM job {job_id} ({cancel_error}): run `scancel {job_id}`")
+                context.log.error(f"could not cancel SLURM job {job} ({cancel_error}): run `scancel {job}`")
             if isinstance(error, Exception):
                 raise
-            raise dg.Failure(f"the run was terminated: SLURM job {job_id} cancelled", allow_retries=False) from error
+            raise dg.Failure(f"the run was terminated: SLURM job {job} cancelled", allow_retries=False) from error
         if remote:
-            self.fetch(remote, run_dir, job_id, outputs)
+            self.fetch(remote, run_dir, job, outputs)
         state, exit_code = final["JobState"], final.get("ExitCode", "?")
         if state == "COMPLETED" and exit_code.startswith("0:"):
             return
-        stderr = tail(run_dir / f"slurm-{job_id}.err")
+        stderr = tail(run_dir / f"slurm-{job}.err")
         raise dg.Failure(
-            description=f"SLURM job {job_id} ended {state} (exit code {exit_code}, "
+            description=f"SLURM job {job} ended {state} (exit code {exit_code}, "
             f"reason {final.get('Reason', '?')}). "
             f"Hint: {HINTS.get(state, 'see the job stderr')}.\nstderr ends:\n{stderr}",
             metadata={
-                "slurm_job_id": job_id,
+                "slurm_job_id": job,
                 "slurm_state": state,
                 "exit_code": exit_code,
                 "run_dir": dg.MetadataValue.path(str(run_dir)),

@@ -349,37 +349,90 @@ def test_hitting_the_time_limit_without_requeue_names_timeout_and_the_fix(cluste
     assert "ended TIMEOUT" in message and "raise time_limit" in message
 
 
-def test_terminating_the_dagster_run_cancels_the_job(cluster_instance):
-    """A Dagster run in its own process, interrupted like `dagster run terminate` does: the job is scancelled."""
-    tmp_path, _ = cluster_instance
-    script = tmp_path / "terminate_me.py"
-    script.write_text(f"""
-import sys; sys.path.insert(0, {str(REPO / "tests")!r})
-import dagster as dg
-from builders import run_dirs, upstream_of_runs
-from test_dpo_assets import _broken_python, _definitions, _materialize_partition
-from resources.slurm import SlurmLauncher
-from prism_assets import partitions
-tmp = __import__("pathlib").Path({str(tmp_path / "terminate")!r})
-assets, resources = _definitions(tmp, max_steps=2000, logging_steps=100)
-resources["launcher"] = SlurmLauncher(partition="debug", cpus_per_task=1, mem=None, gpus=1, time_limit="5",
-                                      poll_max_s=1.0)
-with dg.instance_for_test() as instance:
-    dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
-    instance.add_dynamic_partitions(partitions.SEED, ["0"])
-    _materialize_partition(assets, resources, instance, "baseline", 0, raise_on_error=False)
-""")
-    process = subprocess.Popen(
-        [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+def _partition_process(root: Path, cell: str, max_steps: int) -> subprocess.Popen:
+    """One partition in a Dagster process of its own (tests/slurm_partition.py), its instance under root/home."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "slurm_partition.py"), str(root), cell, str(max_steps)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
-    job_id = _job_id((tmp_path / "terminate" / "runs", "baseline"), timeout=240)
-    time.sleep(2)
+
+
+def _report(process: subprocess.Popen, timeout: float = 600) -> tuple[dict, str]:
+    try:
+        output = process.communicate(timeout=timeout)[0].decode()
+    finally:
+        process.kill()
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1]), output
+
+
+def _wait_for_state(job_id: str, states: set[str], timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while (state := _job(job_id)["JobState"]) not in states and time.time() < deadline:
+        time.sleep(0.5)
+    return state
+
+
+def _running_job(root: Path, cell: str) -> tuple[str, Path]:
+    """The job of the partition a first process launched, once the trainer has logged a step."""
+    run_dir = _run_dir(root / "runs", cell, timeout=240)
+    job_id = _job_id(run_dir, timeout=120)
+    deadline = time.time() + 120
+    while "step " not in (run_dir / f"slurm-{job_id}.out").read_text() and time.time() < deadline:
+        time.sleep(0.3)
+    return job_id, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "job_meanwhile"),
+    [(signal.SIGKILL, "running"), (signal.SIGKILL, "finished"), (signal.SIGINT, "running")],
+    ids=["killed-job-running", "killed-job-finished", "interrupted-job-running"],
+)
+def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_path, how, job_meanwhile):
+    """The Dagster process dies (kill -9) or is interrupted (a restart) mid-job: the job goes on, and launching the
+    partition again follows that job (still running, or finished meanwhile) instead of submitting another."""
+    cell, steps = "baseline", 2000 if job_meanwhile == "running" else 60  # tens of seconds of training, or a few
+    first = _partition_process(tmp_path, cell, steps)
+    job_id, run_dir = _running_job(tmp_path, cell)
+    first.send_signal(how)
+    output = first.communicate(timeout=60)[0].decode()
+    if how == signal.SIGINT:
+        assert f"SLURM job {job_id} keeps running" in output, output[-2000:]
+    if job_meanwhile == "running":
+        time.sleep(2)
+        assert _job(job_id)["JobState"] == "RUNNING", output[-2000:]
+    else:
+        assert _wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", output[-2000:]
+
+    report, output = _report(_partition_process(tmp_path, cell, steps))
+    assert report["success"], report.get("failure", output[-3000:])
+    if job_meanwhile == "running":  # followed to its end
+        assert report["metadata"]["slurm_job_id"] == job_id, output[-3000:]
+        assert f"SLURM job {job_id} of {run_dir} is RUNNING: following it" in output
+    else:  # its outputs are there: adopted
+        assert report["metadata"]["trained"] is False, output[-3000:]
+    assert [p.name for p in run_dir.glob("slurm-*.out")] == [f"slurm-{job_id}.out"]  # one job in all
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert report["metadata"]["final_heldout_acc"] == pytest.approx(metrics["final_heldout_acc"])
+    assert "resuming from" not in (run_dir / f"slurm-{job_id}.out").read_text()  # never interrupted
+    assert len(pd.read_parquet(run_dir / "curve.parquet")) == 10
+
+
+def test_terminating_the_dagster_run_cancels_the_job(tmp_path):
+    """A Dagster run in its own process, terminated as `dagster run terminate` and the UI do (the run marked
+    CANCELING, then its process interrupted): the job is scancelled."""
+    process = _partition_process(tmp_path, "baseline", 2000)
+    job_id, _ = _running_job(tmp_path, "baseline")
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        [run] = [r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.STARTED]
+        instance.report_run_canceling(run)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=60)[0].decode()
-    deadline = time.time() + 30
-    while _job(job_id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED") and time.time() < deadline:
-        time.sleep(0.5)
-    assert _job(job_id)["JobState"] == "CANCELLED", output[-2000:]
+    assert _wait_for_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=30) == "CANCELLED", output[-2000:]
     assert f"cancelling SLURM job {job_id}" in output
 
 

@@ -515,7 +515,14 @@ def _train(
     reference_logps: pd.DataFrame,
     run_dir: Path,
 ) -> tuple[dict, pd.DataFrame]:
-    """Train the run in `run_dir` (resuming an unfinished attempt of it) and read its outputs."""
+    """Train the run in `run_dir` (resuming an unfinished attempt of it, or following the job an earlier Dagster
+    process left running for it) and read its outputs."""
+    outputs = [RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE]
+    # Outputs here that could not be read are not followed again: the partition trains anew.
+    job = launcher.live_job(context, run_dir) if not (run_dir / METRICS_FILE).exists() and run_dir.exists() else None
+    if job is not None:  # its directory is the job's: nothing in it is replaced
+        launcher.run(context=context, run_dir=str(run_dir), outputs=outputs, command=[], job=job)
+        return read_run_outputs(run_dir)
     with attempt_dir(run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json")):
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         config_path = run_dir / "config.json"
@@ -529,7 +536,7 @@ def _train(
         launcher.run(
             context=context,
             run_dir=str(run_dir),
-            outputs=[RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE],
+            outputs=outputs,
             command=[dpo_storage.python, "-m", TRAINER_MODULE, "--config", str(config_path)],
         )
         return read_run_outputs(run_dir)
