@@ -157,6 +157,6 @@ def null_plot(table: pd.DataFrame, metrics: dict[str, str], alpha: float) -> byt
                 ax.axvline(x, color="tab:red", linestyle="--", linewidth=0.8)
         ax.axvline(0, color="black", linewidth=0.5)
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", fontsize=7)
+        ax.set_title(label, loc="left", fontsize=8)
     axes[-1, 0].set_xlabel(f"z = t / σ₀ against the null's t (dashed: two-sided α = {alpha:g} before Holm)")
     return png_bytes(figure)
