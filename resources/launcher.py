@@ -64,6 +64,10 @@ class RunDirMessageReader(dg.PipesFileMessageReader):
     def __init__(self, path: str):
         super().__init__(path, cleanup_file=False)
 
+    @property
+    def expected_writer_count(self) -> int:  # one job writes here (the base's is a preview API, warning when read)
+        return 1
+
     @contextlib.contextmanager
     def read_messages(self, handler: dg.PipesMessageHandler) -> Iterator[dict]:
         Path(self._path).touch()
