@@ -202,7 +202,7 @@ class SlurmLauncher(RunLauncher):
     extra_sbatch_args: list[str] = []  # e.g. ["--reservation=ml", "--exclusive"]
     setup_lines: list[str] = []  # shell lines before the trainer: module load …, source venv/bin/activate
     job_name_prefix: str = "prism-dpo"
-    requeue: bool = True
+    requeue: bool = True  # False: --no-requeue, a node failure ends the job and the partition's retry resumes it
     signal_before_end_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
     poll_initial_s: float = 1.0
     poll_max_s: float = 30.0
@@ -282,6 +282,8 @@ class SlurmLauncher(RunLauncher):
             )
         if self.requeue:
             options += ["--requeue", f"--signal=B:USR1@{int(self.signal_before_end_s)}"]
+        else:  # SLURM's default (JobRequeue=1) would requeue a batch job after a node failure all the same
+            options.append("--no-requeue")
         for arg in self.extra_sbatch_args:
             if not arg.startswith("--"):
                 raise ValueError(f"extra sbatch argument {arg!r} must be a --long-option")

@@ -1,8 +1,9 @@
 """The SLURM launcher against the real single-node cluster of scripts/slurm-dev-cluster.sh (2 fake GPUs).
 
 Happy path, then one test per fault: non-zero exit, scancel from outside, time limit, an impossible
-request, `scontrol requeue` in mid-run (resumes to the same metrics), termination of the Dagster run,
-and unsafe names refused before anything is submitted.
+request, `scontrol requeue` or a node failure in mid-run (resumes to the same metrics), termination of the
+Dagster run, its process killed or interrupted (the job runs on and is followed again), and unsafe names refused
+before anything is submitted.
 """
 
 import json
@@ -288,27 +289,67 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_metrics(cluster_instance):
     assert int(_job(job_id)["Restarts"]) == 1
     log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert "signal SIGTERM: checkpoint saved" in log and "resuming from" in log
-    resumed = pd.read_parquet(run_dir / "curve.parquet")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-
-    # The same run, uninterrupted, straight through the trainer.
-    config = json.loads((run_dir / "config.json").read_text()) | {
-        "output_dir": str(tmp_path / "uninterrupted"),
-        "pairs_path": str(run_dir / "pairs.parquet"),
-    }
-    (tmp_path / "uninterrupted.json").write_text(json.dumps(config))
-    subprocess.run(
-        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / "uninterrupted.json")],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-    straight = pd.read_parquet(tmp_path / "uninterrupted" / "curve.parquet")
-    pd.testing.assert_frame_equal(resumed, straight, rtol=1e-6, atol=1e-7)
+    straight = _uninterrupted(tmp_path, run_dir, "uninterrupted")  # the same run, straight through the trainer
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "curve.parquet"), straight, rtol=1e-6, atol=1e-7)
     assert (
         metrics["data_version"]
         == json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())["data_version"]
     )
+
+
+def _node() -> str:
+    return parse_scontrol(subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True).stdout)[
+        "NodeName"
+    ]
+
+
+@pytest.mark.slow
+def test_a_node_failure_mid_run_retries_the_partition_and_resumes_from_its_checkpoint(cluster_instance):
+    """The node goes down mid-job (NODE_FAIL, no requeue): the partition's retry submits a new job, which resumes
+    from the checkpoint the first left in the run directory, and ends with an uninterrupted run's curve."""
+    tmp_path, _ = cluster_instance
+    cell, settings = "S6_helpfulness.A", dict(max_steps=60, logging_steps=4, checkpoint_steps=8)
+    node, failed = _node(), []
+
+    def fail_the_node_mid_run():
+        run_dir = _run_dir(tmp_path / "runs", cell)
+        job_id = _job_id(run_dir)
+        failed.append(job_id)
+        out = run_dir / f"slurm-{job_id}.out"
+        while "step 20/60" not in (out.read_text() if out.exists() else ""):
+            time.sleep(0.1)
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=node-fail-test"], check=True)
+        try:
+            _wait_for_state(job_id, {"NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+        finally:
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+
+    _in_background(fail_the_node_mid_run)
+    result, run_dir = _run(cluster_instance, cell, _launcher(requeue=False), **settings)
+    assert result.success, _failure(result)
+    [failed_job] = failed
+    assert _job(failed_job)["JobState"] == "NODE_FAIL", _job(failed_job)
+    retried_job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+    assert retried_job != failed_job and "resuming from" in (run_dir / f"slurm-{retried_job}.out").read_text()
+    straight = _uninterrupted(tmp_path, run_dir, "after-node-fail")
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "curve.parquet"), straight, rtol=1e-6, atol=1e-7)
+
+
+def _uninterrupted(tmp_path: Path, run_dir: Path, name: str) -> pd.DataFrame:
+    """The curve of the run in `run_dir` trained straight through by the trainer, in tmp_path/<name>."""
+    config = json.loads((run_dir / "config.json").read_text()) | {
+        "output_dir": str(tmp_path / name),
+        "pairs_path": str(run_dir / "pairs.parquet"),
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.trainer", "--config", str(tmp_path / f"{name}.json")],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    return pd.read_parquet(tmp_path / name / "curve.parquet")
 
 
 @pytest.mark.slow
