@@ -26,7 +26,7 @@ storage/dagster.yaml: dagster.yaml
 run: install storage/dagster.yaml
 	$(BIN)/python -m prism_assets run
 
-# The SLURM tests need the local single-node cluster (2 fake GPUs), the SSH tests Debian's
+# The SLURM tests need the local single-node cluster (2 fake GPUs, accounting by slurmdbd on MariaDB), the SSH tests Debian's
 # openssh-server and the browser test Debian's chromium (driven by Playwright, which downloads no
 # browser); as root all are installed and the cluster started, elsewhere install them yourself
 # (make slurm-up) or run `make test-fast`.

@@ -77,8 +77,10 @@ if pid_of slurmctld "$D/slurmctld.pid" >/dev/null && [ -f "$SLURM_CONF" ]; then
     fi
 fi
 
-# 2. Daemons: slurmd + slurmctld together, then munged (they authenticate via it).
+# 2. Daemons: slurmd + slurmctld together, then slurmdbd and its MariaDB, then munged (they authenticate via it).
 stop_pids "slurmd:$D/slurmd.pid" "slurmctld:$D/slurmctld.pid"
+stop_pids "slurmdbd:$D/slurmdbd.pid"
+stop_pids "mariadbd:$D/mysql/mariadbd.pid"
 stop_pids "munged:$D/munge/munged.pid"
 
 if [ "${SLURM_CI_PURGE:-0}" = 1 ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slurm-dev-cluster.sh - install (idempotently), configure and start a REAL
-# single-node SLURM cluster (munged + slurmctld + slurmd) on Debian 12 as root,
-# without systemd and without cgroups, then wait until the node is idle (and,
+# single-node SLURM cluster (munged + slurmctld + slurmd, and for accounting
+# slurmdbd on its own MariaDB) on Debian 12 as root, without systemd and without cgroups, then wait until the node is idle (and,
 # by default, until a trivial smoke-test batch job has COMPLETED).
 # Exits non-zero with a clear message (and log tails) otherwise.
 #
@@ -30,6 +30,10 @@
 #   SLURM_CI_LINK_ETC=1          symlink /etc/slurm/{slurm,gres}.conf to our config
 #   SLURM_CI_SMOKE=1             run one trivial sbatch job and require COMPLETED
 #   SLURM_CI_KEEP_ON_FAIL=0      1: leave daemons running if startup fails
+#   SLURM_CI_ACCOUNTING=1        1: slurmdbd on a private MariaDB (its data under
+#                                $SLURM_CI_DIR/mysql), so `sacct` answers with elapsed
+#                                time, AllocTRES, MaxRSS, TotalCPU; 0: no accounting
+#   SLURM_CI_DB_PORT=6833 SLURM_CI_DBD_PORT=6819   MariaDB's and slurmdbd's ports (loopback)
 set -euo pipefail
 
 D="${SLURM_CI_DIR:-/tmp/prism-slurm}"
@@ -41,6 +45,9 @@ SHARDS="${SLURM_CI_SHARDS:-0}"
 MIN_JOB_AGE="${SLURM_CI_MIN_JOB_AGE:-3600}"
 TIMEOUT="${SLURM_CI_TIMEOUT:-60}"
 LINK_ETC="${SLURM_CI_LINK_ETC:-1}"
+ACCOUNTING="${SLURM_CI_ACCOUNTING:-1}"
+DB_PORT="${SLURM_CI_DB_PORT:-6833}"
+DBD_PORT="${SLURM_CI_DBD_PORT:-6819}"
 HOST="$(hostname -s)"
 CONF="$D/etc/slurm.conf"
 MSOCK="$D/munge/munge.socket"
@@ -63,8 +70,9 @@ alive() {
 # Stop only daemons recorded in OUR pid files (never by name).
 stop_ours() {
     local name pf pid i
-    for name in slurmd slurmctld munged; do
+    for name in slurmd slurmctld slurmdbd mariadbd munged; do
         pf="$D/$name.pid"; [ "$name" = munged ] && pf="$D/munge/munged.pid"
+        [ "$name" = mariadbd ] && pf="$D/mysql/mariadbd.pid"
         if alive "$name" "$pf"; then
             pid="$(tr -dc '0-9' < "$pf")"
             kill -TERM "$pid" 2>/dev/null || true
@@ -79,7 +87,8 @@ STARTED=0
 die() {
     set +e      # never abort the error report itself (grep without match etc.)
     echo "slurm-dev-cluster: ERROR: $*" >&2
-    for f in "$D/log/slurmctld.log" "$D/log/slurmd.log" "$D/munge/munged.log"; do
+    for f in "$D/log/slurmctld.log" "$D/log/slurmd.log" "$D/log/slurmdbd.log" "$D/log/mariadb.log" \
+            "$D/munge/munged.log"; do
         [ -f "$f" ] || continue
         echo "---- $f: last fatal/error lines ----" >&2
         grep -E 'fatal|[Ee]rror' "$f" | grep -vE 'pmix|MPI:|state file|NOTE:' | tail -n 5 >&2
@@ -97,12 +106,18 @@ die() {
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 # ---------------------------------------------------------------- install ---
+PACKAGES="slurmctld slurmd slurm-client munge"
+BINARIES="munged munge unmunge slurmctld slurmd sbatch sinfo"
+if [ "$ACCOUNTING" = 1 ]; then
+    PACKAGES="$PACKAGES slurmdbd mariadb-server"
+    BINARIES="$BINARIES slurmdbd mariadbd mariadb-install-db sacctmgr"
+fi
 need_install=0
-for b in munged munge unmunge slurmctld slurmd sbatch sinfo; do
+for b in $BINARIES; do
     command -v "$b" >/dev/null 2>&1 || need_install=1
 done
 if [ "$need_install" = 1 ]; then
-    log "installing slurmctld slurmd slurm-client munge from apt"
+    log "installing $PACKAGES from apt"
     # Keep the packages' maintainer scripts from starting munge/slurm services
     # (no systemd here; we start our own daemons below).
     added_policy=0
@@ -114,21 +129,25 @@ if [ "$need_install" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     ok=0
     for attempt in 1 2 3; do
-        if apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-                slurmctld slurmd slurm-client munge >/dev/null; then
+        # shellcheck disable=SC2086
+        if apt-get update -qq && apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null; then
             ok=1; break
         fi
         log "apt attempt $attempt failed; retrying in 5 s"; sleep 5
     done
     if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-    [ "$ok" = 1 ] || die "apt-get install of slurmctld slurmd slurm-client munge failed"
+    [ "$ok" = 1 ] || die "apt-get install of $PACKAGES failed"
 fi
 log "$(slurmd -V)"
 
 node_state() { timeout 3 sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n1; }
 
+accounting_alive() {
+    [ "$ACCOUNTING" != 1 ] || { alive mariadbd "$D/mysql/mariadbd.pid" && alive slurmdbd "$D/slurmdbd.pid"; }
+}
 if alive munged "$D/munge/munged.pid" && alive slurmctld "$D/slurmctld.pid" \
-        && alive slurmd "$D/slurmd.pid"; then
+        && alive slurmd "$D/slurmd.pid" && accounting_alive \
+        && grep -q "^# accounting=$ACCOUNTING\$" "$CONF" 2>/dev/null; then
     log "our daemons are already running (pid files in $D); checking node state"
 else
     stop_ours          # half-started leftovers of a previous run, if any
@@ -152,6 +171,58 @@ else
         || die "munged failed to start"
     munge -S "$MSOCK" -n </dev/null | unmunge -S "$MSOCK" >/dev/null \
         || die "munge credential round-trip failed"
+
+    # -------------------------------------------------------- accounting ---
+    # slurmdbd on a private MariaDB (data, socket, pid file and log under $D), reached on loopback ports.
+    ACCOUNTING_LINES="AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none"
+    if [ "$ACCOUNTING" = 1 ]; then
+        DB="$D/mysql"; mkdir -p "$DB"
+        if [ ! -d "$DB/data/mysql" ]; then
+            mariadb-install-db --user=root --datadir="$DB/data" --auth-root-authentication-method=socket \
+                >"$D/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed (see $D/log/mariadb-install.log)"
+        fi
+        mariadbd --user=root --datadir="$DB/data" --socket="$DB/mariadb.sock" --pid-file="$DB/mariadbd.pid" \
+            --bind-address=127.0.0.1 --port="$DB_PORT" --log-error="$D/log/mariadb.log" \
+            --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 --skip-log-bin >/dev/null 2>&1 &
+        for i in $(seq 1 300); do
+            mariadb -S "$DB/mariadb.sock" -e 'select 1' >/dev/null 2>&1 && break
+            [ "$i" = 300 ] && die "MariaDB did not answer on $DB/mariadb.sock within 30 s"
+            sleep 0.1
+        done
+        DB_PASS_FILE="$DB/slurm.pass"
+        [ -s "$DB_PASS_FILE" ] || (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' > "$DB_PASS_FILE")
+        DB_PASS="$(cat "$DB_PASS_FILE")"
+        mariadb -S "$DB/mariadb.sock" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+            GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || die "cannot create MariaDB user slurm"
+        # slurmdbd reads slurmdbd.conf beside SLURM_CONF; it holds a password: root only.
+        (umask 077; cat > "$D/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$MSOCK
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$D/slurmdbd.pid
+LogFile=$D/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+        )
+        slurmdbd || die "slurmdbd failed to start"
+        # gres/gpu and gres/shard in AllocTRES (GPU-hours); MaxRSS and TotalCPU from /proc every 2 s.
+        ACCOUNTING_LINES="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MSOCK
+AccountingStorageTRES=gres/gpu,gres/shard
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=2"
+    fi
 
     # ------------------------------------------------------ slurm config ---
     # Real hardware, e.g. "NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1
@@ -196,6 +267,7 @@ else
 
     cat > "$CONF" <<EOF
 # Generated by scripts/slurm-dev-cluster.sh: single-node CI cluster, no systemd, no cgroups.
+# accounting=$ACCOUNTING
 ClusterName=ci
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -223,8 +295,7 @@ SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 EnforcePartLimits=ALL
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+$ACCOUNTING_LINES
 JobCompType=jobcomp/filetxt
 JobCompLoc=$D/log/jobcomp.txt
 MinJobAge=$MIN_JOB_AGE
@@ -251,6 +322,16 @@ EOF
     fi
 
     # ----------------------------------------------------------- daemons ---
+    if [ "$ACCOUNTING" = 1 ]; then  # sacctmgr reads slurm.conf: the cluster is registered once it is written
+        dbd_deadline=$(( $(date +%s) + 30 ))
+        until timeout 5 sacctmgr -n list cluster >"$D/log/sacctmgr.err" 2>&1; do
+            [ "$(date +%s)" -lt "$dbd_deadline" ] \
+                || die "slurmdbd did not answer within 30 s: $(tail -n 3 "$D/log/sacctmgr.err")"
+            sleep 0.2
+        done
+        timeout 10 sacctmgr -n -P list cluster format=cluster | grep -qx ci \
+            || timeout 10 sacctmgr -i add cluster ci >/dev/null || die "sacctmgr add cluster ci failed"
+    fi
     # Both daemonize and write their pid files; -N pins the node name.
     slurmctld -f "$CONF" || die "slurmctld failed to start"
     slurmd -f "$CONF" -N "$HOST" || die "slurmd failed to start"

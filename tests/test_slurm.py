@@ -581,19 +581,27 @@ def test_ssh_mode_with_a_remote_run_directory_builds_reference_logps(cluster_ins
 
 
 def test_a_controller_that_stops_answering_for_a_while_does_not_fail_the_partition(cluster_instance):
-    """slurmctld frozen (SIGSTOP) for 30 s while a job runs: scontrol times out; the launcher asks again and the
-    run ends as usual — it neither cancels the job nor takes the silence for a vanished job."""
+    """slurmctld frozen (SIGSTOP) for 30 s while a job runs, and slurmdbd for 80 s: scontrol times out (20 s here),
+    then sacct (45 s) — else accounting would answer for the controller; the launcher asks again and the run ends
+    as usual — it neither cancels the job nor takes the silence for a vanished job."""
     tmp_path, instance = cluster_instance
     cell = "S7_diversity.A"
-    controller = int((Path(os.environ.get("SLURM_CI_DIR", "/tmp/prism-slurm")) / "slurmctld.pid").read_text())
+    cluster = Path(os.environ.get("SLURM_CI_DIR", "/tmp/prism-slurm"))
+    controller = int((cluster / "slurmctld.pid").read_text())
+    accounting = int((cluster / "slurmdbd.pid").read_text()) if (cluster / "slurmdbd.pid").exists() else None
 
     def freeze_the_controller():
         _job_id((tmp_path / "runs", cell))
-        os.kill(controller, signal.SIGSTOP)
+        frozen = [controller] + ([accounting] if accounting else [])
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
         try:
-            time.sleep(30)  # scontrol gives up on a silent controller after 20 s here
-        finally:
+            time.sleep(30)
             os.kill(controller, signal.SIGCONT)
+            time.sleep(50 if accounting else 0)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
 
     thread = _in_background(freeze_the_controller)
     result, _ = _run(cluster_instance, cell, _launcher(), max_steps=20, logging_steps=4)
