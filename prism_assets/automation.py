@@ -4,19 +4,24 @@ Owns the jobs the automation launches (`<experiment>_dpo_runs`, `correspondence_
 unless turned on: `<experiment>_add_seeds` (a schedule per experiment, since a schedule launches one job: the next
 seeds, shared by every experiment, and every partition of the experiment neither materialized nor in flight; the
 seeds of a tick are recorded under its time, so the experiments' schedules of one tick, or a tick evaluated again,
-add them once), `new_cells` (sensor: partitions of every experiment's newly registered cells) and
-`report_when_runs_done` (sensor: one table per batch of finished runs). README, "Automation".
+add them once), `new_cells` (sensor: partitions of every experiment's newly registered cells),
+`report_when_runs_done` (sensor: one table per batch of finished runs) and `slurm_orphans` (sensor: SLURM jobs no
+Dagster run follows, listed, and cancelled past the launcher's orphan_grace_s). README, "Automation".
 """
 
 import functools
 import json
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from prism_assets import partitions
+from resources.launcher import RunLauncher
+from resources.slurm import SlurmLauncher
 
 TABLE_ASSET = dg.AssetKey("correspondence_table")
 NOT_FINISHED_STATUSES = [
@@ -206,3 +211,47 @@ def build_report_sensor(dpo_assets: Sequence[dg.AssetKey], running: bool = False
         return dg.RunRequest(run_key=f"after-{latest.storage_id}", tags={"requested_by": "report_when_runs_done"})
 
     return report_when_runs_done
+
+
+def orphans_report(orphans: list[dict], cancelled: Sequence[str] = ()) -> str:
+    lines = [
+        f"{o['job_id']} {o['job_name']} ({o['state']}): {o['why']}; run directory {o['run_dir'] or 'unknown'}"
+        + (" — cancelled" if o["job_id"] in cancelled else "")
+        for o in orphans
+    ]
+    return f"{len(orphans)} SLURM jobs no Dagster run follows (launching a partition again adopts its job):\n" + (
+        "\n".join(lines)
+    )
+
+
+def build_orphans_sensor(runs_dir: str, running: bool = False, interval_s: int = 300):
+    status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+
+    @dg.sensor(
+        name="slurm_orphans",
+        default_status=status,
+        minimum_interval_seconds=interval_s,
+        description="Lists this project's SLURM jobs that no Dagster run follows (their Dagster process went away): "
+        "launching the partition again adopts such a job; once seen unwatched for the launcher's orphan_grace_s "
+        "it is cancelled.",
+    )
+    def slurm_orphans(context: dg.SensorEvaluationContext, launcher: RunLauncher):
+        if not isinstance(launcher, SlurmLauncher):
+            return dg.SkipReason("the launcher is not SLURM: every job ends with its Dagster run")
+        orphans = launcher.orphans(context.instance, Path(runs_dir))
+        # The grace counts from the tick that first saw a job unwatched (the cursor: job id → that time).
+        now, seen = time.time(), json.loads(context.cursor) if context.cursor else {}
+        seen = {o["job_id"]: seen.get(o["job_id"], now) for o in orphans}
+        grace = launcher.orphan_grace_s
+        cancelled = [job for job, since in seen.items() if grace is not None and now - since > grace]
+        for job in cancelled:
+            context.log.warning(f"cancelling SLURM job {job}: unwatched for over orphan_grace_s={grace:.0f} s")
+            launcher.commands.run(["scancel", job], check=False)
+        context.update_cursor(json.dumps({job: since for job, since in seen.items() if job not in cancelled}))
+        if not orphans:
+            return dg.SkipReason("every queued or running SLURM job of this project is followed by a Dagster run")
+        report = orphans_report(orphans, cancelled)
+        context.log.warning(report)
+        return dg.SkipReason(report)
+
+    return slurm_orphans

@@ -134,6 +134,26 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def orphans(args: argparse.Namespace) -> int:
+    from prism_assets import automation
+    from prism_assets.definitions import RESOURCES
+    from resources.slurm import SlurmLauncher
+
+    launcher = RESOURCES["launcher"]
+    if not isinstance(launcher, SlurmLauncher):
+        print("prism_assets: orphans are SLURM jobs; set DPO_LAUNCHER=slurm (and PRISM_SLURM_*)", file=sys.stderr)
+        return 2
+    found = launcher.orphans(dg.DagsterInstance.get(), RESOURCES["dpo_storage"].runs_dir)
+    if not found:
+        print("every queued or running SLURM job of this project is followed by a Dagster run")
+        return 0
+    cancelled = [orphan["job_id"] for orphan in found] if args.cancel else []
+    for job in cancelled:
+        launcher.commands.run(["scancel", job], check=False)
+    print(automation.orphans_report(found, cancelled))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prism_assets")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,5 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every DPO cell (default 3)")
     run_parser.add_argument("--parallel", type=int, default=2, help="DPO partitions run at once (default 2)")
+    orphans_parser = commands.add_parser(
+        "orphans", help="list the SLURM jobs no Dagster run follows (DPO_LAUNCHER=slurm); --cancel: scancel them"
+    )
+    orphans_parser.add_argument("--cancel", action="store_true", help="cancel every orphan now, whatever its grace")
     args = parser.parse_args(argv)
-    return run(args)
+    return run(args) if args.command == "run" else orphans(args)

@@ -168,6 +168,7 @@ SCHEDULES = [
 SENSORS = [
     automation.build_new_cells_sensor([e.name for e in EXPERIMENTS], RUNNING),
     automation.build_report_sensor(DPO_KEYS, RUNNING),
+    automation.build_orphans_sensor(RESOURCES["dpo_storage"].runs_dir, RUNNING),
 ]
 
 defs = dg.Definitions(

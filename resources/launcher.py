@@ -38,6 +38,9 @@ from dagster_pipes import PipesDefaultMessageWriter
 from pydantic import Field
 
 PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE = "pipes_context.json", "pipes_messages.jsonl"
+# What each job of a run directory cost, a JSON line per job, where the backend knows it (SLURM's accounting).
+# Kept across the attempts of one run: a job that failed half-way cost GPU time too.
+COST_FILE = "job_cost.jsonl"
 STDOUT_FILE, STDERR_FILE = "stdout.log", "stderr.log"
 PR_SET_PDEATHSIG = 1
 _prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None  # looked up before any fork
@@ -48,6 +51,22 @@ def die_with_parent() -> None:
     process: killed with it, rather than left writing into a run directory the next launch resumes from."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_cost(run_dir: Path) -> dict[str, float] | None:
+    """The summed cost of every job the run directory records (COST_FILE), or None where none is recorded."""
+    path = run_dir / COST_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    jobs = list({job["job_id"]: job for job in map(json.loads, filter(str.strip, lines))}.values())  # once each
+    if not jobs:
+        return None
+    elapsed = sum(job["elapsed_s"] for job in jobs)
+    return {
+        "jobs": len(jobs),
+        **{name: sum(job[name] for job in jobs) for name in ("elapsed_s", "queue_wait_s", "gpu_hours")},
+        "max_rss_mb": max(job["max_rss_mb"] for job in jobs),
+        "cpu_efficiency": sum(job["cpu_efficiency"] * job["elapsed_s"] for job in jobs) / elapsed if elapsed else 0.0,
+    }
 
 
 def tail(path: Path, lines: int = 30) -> str:

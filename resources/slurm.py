@@ -10,16 +10,19 @@ SLURM is reached locally or over one multiplexed SSH connection, with the run di
 
 import contextlib
 import json
+import os
 import re
 import shlex
+import socket
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 import dagster as dg
 from dagster_pipes import decode_env_var, encode_env_var
 
-from resources.launcher import PIPES_MESSAGES_FILE, RunLauncher, tail
+from resources.launcher import COST_FILE, PIPES_MESSAGES_FILE, RunLauncher, tail
 
 JOB_SCRIPT, JOB_RECORD = "job.sbatch", "slurm_job.json"
 REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
@@ -81,6 +84,78 @@ def terminated(context: dg.AssetExecutionContext) -> bool:
     except Exception:
         return False
     return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
+
+
+def _seconds(value: str) -> float:
+    """sacct's [D-][HH:]MM:SS[.mmm] (TotalCPU, Elapsed) in seconds."""
+    days, _, clock = value.rpartition("-")
+    total = 0.0
+    for part in clock.split(":"):
+        total = total * 60 + float(part)
+    return total + 86400 * int(days or 0)
+
+
+def _timestamp(value: str) -> float | None:
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(value).timestamp()
+    return None  # "Unknown", "None"
+
+
+# sacct's fields job_cost reads
+COST_FIELDS = (
+    "JobID",
+    "ElapsedRaw",
+    "Submit",
+    "Eligible",
+    "Start",
+    "End",
+    "AllocCPUS",
+    "AllocTRES",
+    "TotalCPU",
+    "MaxRSS",
+)
+
+
+def job_cost(rows: list[dict[str, str]], shards_per_gpu: int | None) -> dict[str, float]:
+    """What a job cost, from its `sacct -D` rows (every allocation of a requeued job, and their steps): elapsed
+    time, queue wait, GPU-hours (GPUs of AllocTRES, or its gres/shard as a fraction of a GPU), peak memory of any
+    step, and the share of the allocated CPU time the job used."""
+    allocations = [row for row in rows if "." not in row["JobID"]]
+    elapsed = sum(float(row["ElapsedRaw"] or 0) for row in allocations)
+    waits = [
+        max(0.0, start - (_timestamp(row["Eligible"]) or _timestamp(row["Submit"]) or start))
+        for row in allocations
+        if (start := _timestamp(row["Start"])) is not None
+    ]
+    gpu_hours = 0.0
+    for row in allocations:
+        tres = dict(item.split("=", 1) for item in row["AllocTRES"].split(",") if "=" in item)
+        gpus = float(tres.get("gres/gpu", 0))
+        if not gpus and shards_per_gpu and "gres/shard" in tres:
+            gpus = float(tres["gres/shard"]) / shards_per_gpu
+        gpu_hours += gpus * float(row["ElapsedRaw"] or 0) / 3600
+    cpu_allocated = sum(float(row["ElapsedRaw"] or 0) * float(row["AllocCPUS"] or 0) for row in allocations)
+    rss = [float(row["MaxRSS"].rstrip("M")) for row in rows if row["MaxRSS"]]
+    return {
+        "elapsed_s": elapsed,
+        "queue_wait_s": sum(waits),
+        "gpu_hours": gpu_hours,
+        "max_rss_mb": max(rss, default=0.0),
+        "cpu_efficiency": sum(_seconds(row["TotalCPU"]) for row in allocations) / cpu_allocated
+        if cpu_allocated
+        else 0.0,
+        "allocations": len(allocations),
+    }
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
 
 
 def parse_scontrol(line: str) -> dict[str, str]:
@@ -210,6 +285,10 @@ class SlurmLauncher(RunLauncher):
     time_budget_factor: float = 3.0  # watch at most factor × time_limit (+ queue budget) per job
     unreachable_budget_s: float = 600.0  # ask again this long while SLURM gives no answer (controller, SSH)
     preempted_grace_s: float = 300.0  # with requeue: how long a PREEMPTED job may take to be PENDING again
+    accounting_wait_s: float = 30.0  # how long a finished job's accounting record may take to reach sacct
+    # A job no Dagster run follows (its process went away) is adopted when its partition is launched again; once
+    # the `slurm_orphans` sensor has seen it unwatched this many seconds, it cancels it. None: only listed.
+    orphan_grace_s: float | None = None
     ssh_host: str | None = None  # submit on this login node over SSH (None: SLURM's CLI is local)
     ssh_user: str | None = None
     ssh_port: int = 22
@@ -351,6 +430,41 @@ class SlurmLauncher(RunLauncher):
             )
         raise RuntimeError(f"SLURM knows no job {job_id}: {done.stderr.strip()} {accounting.stderr.strip()}")
 
+    def cost(self, context, job_id: str, run_dir: Path) -> dict[str, float] | None:
+        """The finished job's cost from SLURM's accounting, added to the run directory's COST_FILE (the assets
+        show it as cost_* metadata); None where the cluster keeps no accounting. Accounting reaches slurmdbd a moment
+        after the job ends: asked again for up to accounting_wait_s until every allocation has ended."""
+        deadline = time.monotonic() + self.accounting_wait_s
+        while True:
+            try:
+                done = self.commands.run(
+                    ["sacct", "-j", job_id, "-D", "-n", "-P", "--units=M", "-o", ",".join(COST_FIELDS)], check=False
+                )
+            except subprocess.TimeoutExpired:
+                done = None
+            if done is not None and done.returncode != 0 and "accounting storage is disabled" in done.stderr:
+                context.log.info(f"SLURM keeps no accounting here: no cost recorded for job {job_id}")
+                return None
+            rows = [
+                dict(zip(COST_FIELDS, line.split("|")))
+                for line in (done.stdout.splitlines() if done is not None and done.returncode == 0 else [])
+                if line.count("|") == len(COST_FIELDS) - 1
+            ]
+            allocations = [row for row in rows if "." not in row["JobID"]]
+            ended = bool(allocations) and all(_timestamp(row["End"]) for row in allocations)
+            ran = any(float(row["ElapsedRaw"] or 0) for row in allocations)
+            # the steps' MaxRSS arrives last; a job cancelled before it started has no steps
+            if ended and (any(row["MaxRSS"] for row in rows) or not ran) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        if not ended:
+            context.log.warning(f"SLURM accounting has no finished record of job {job_id}: no cost recorded")
+            return None
+        cost = job_cost(rows, self.shards_per_gpu)
+        with open(run_dir / COST_FILE, "a") as handle:
+            handle.write(json.dumps({"job_id": job_id, **cost}) + "\n")
+        return cost
+
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
         # A remote job cannot read a context file on the Dagster host: the context travels in its environment.
         return dg.PipesEnvContextInjector() if self.remote_runs_dir else super().context_injector(run_dir)
@@ -388,9 +502,6 @@ class SlurmLauncher(RunLauncher):
         context.log.info(
             f"submitted SLURM job {job_id} ({job_name}); script {job_dir / JOB_SCRIPT}"
             + (f" on {self.ssh_host}" if self.ssh_host else "")
-        )
-        (run_dir / JOB_RECORD).write_text(
-            json.dumps({"job_id": job_id, "job_name": job_name, "dagster_run_id": context.run.run_id}) + "\n"
         )
         self.follow(context, job_id, run_dir, outputs)
 
@@ -431,6 +542,9 @@ class SlurmLauncher(RunLauncher):
         """Watch `job` to its end; scancel it when the Dagster run is terminated, leave it running when the Dagster
         process merely goes away (a restart, a crash): launching the partition again follows it."""
         remote = self.remote_dir(run_dir)
+        # Which Dagster run, in which process, follows the job now: once both are gone it is an orphan (`orphans`).
+        record = {"job_id": job, "job_name": self.job_name(run_dir), "dagster_run_id": context.run.run_id}
+        (run_dir / JOB_RECORD).write_text(json.dumps({**record, "host": socket.gethostname(), "pid": os.getpid()}))
         context.add_output_metadata({"slurm_job_id": job})
         with contextlib.suppress(Exception):  # a tag shows the job in the UI's run list; not worth failing for
             context.instance.add_run_tags(context.run.run_id, {"prism/slurm_job_id": job})
@@ -455,6 +569,10 @@ class SlurmLauncher(RunLauncher):
             raise dg.Failure(f"the run was terminated: SLURM job {job} cancelled", allow_retries=False) from error
         if remote:
             self.fetch(remote, run_dir, job, outputs)
+        try:
+            self.cost(context, job, run_dir)
+        except Exception as error:  # what the job cost is worth recording, never worth failing the run for
+            context.log.warning(f"the cost of SLURM job {job} is not recorded: {error}")
         state, exit_code = final["JobState"], final.get("ExitCode", "?")
         if state == "COMPLETED" and exit_code.startswith("0:"):
             return
@@ -471,6 +589,35 @@ class SlurmLauncher(RunLauncher):
             },
             allow_retries=state in TRANSIENT_STATES,
         )
+
+    def orphans(self, instance: dg.DagsterInstance, runs_dir: Path) -> list[dict]:
+        """This project's SLURM jobs (named job_name_prefix-…) that are queued or running while no Dagster run follows
+        them, each with why: the Dagster run their record names has ended, or its process on this host is gone (a
+        kill -9 leaves the run STARTED), or no record names the job (a process went away between sbatch and the
+        record). Launching the job's partition again adopts it."""
+        records: dict[str, tuple[Path, dict]] = {}
+        for path in Path(runs_dir).glob(f"*/*/{JOB_RECORD}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                record = json.loads(path.read_text())
+                records[str(record["job_id"])] = (path.parent, record)
+        queued = self.commands.run(["squeue", "--me", "--noheader", "--format=%i|%j|%T"], check=True)
+        found = []
+        for line in queued.stdout.splitlines():
+            job_id, name, state = line.strip().split("|", 2)
+            if not name.startswith(f"{self.job_name_prefix}-"):
+                continue
+            run_dir, record = records[job_id] if job_id in records else (None, {})
+            run = instance.get_run_by_id(record["dagster_run_id"]) if record.get("dagster_run_id") else None
+            if run is None:
+                why = "no Dagster run recorded it"
+            elif run.is_finished:
+                why = f"its Dagster run {run.run_id[:8]} ended {run.status.value}"
+            elif record.get("host") == socket.gethostname() and not _alive(record.get("pid")):
+                why = f"the process of its Dagster run {run.run_id[:8]} is gone"
+            else:
+                continue  # followed
+            found.append({"job_id": job_id, "job_name": name, "state": state, "run_dir": run_dir, "why": why})
+        return found
 
     def mirror(self, remote: str, run_dir: Path, names: list[str]) -> None:
         """Append what the remote files gained since the last call to their local copies."""

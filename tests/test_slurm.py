@@ -23,7 +23,7 @@ import pytest
 from builders import run_dirs, upstream_of_runs
 from test_dpo_assets import _broken_python, _definitions, _materialize_partition
 
-from prism_assets import partitions
+from prism_assets import automation, partitions
 from resources.slurm import SlurmLauncher, parse_scontrol, time_limit_seconds
 
 pytestmark = pytest.mark.slurm
@@ -118,6 +118,7 @@ def _in_background(fn):
 
 def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_instance):
     tmp_path, instance = cluster_instance
+    costs = []
     for cell in ("S8_region.A", "S8_region.B"):
         result, run_dir = _run(cluster_instance, cell, _launcher())
         assert result.success, _failure(result)
@@ -129,11 +130,33 @@ def test_partitions_run_as_sbatch_jobs_with_gpus_and_the_table_builds(cluster_in
         assert json.loads((run_dir / "run.json").read_text())["cuda_visible_devices"] in ("0", "1")
         assert (run_dir / f"slurm-{job_id}.out").read_text().count("step 6/6") == 1
         assert (run_dir / "pipes_messages.jsonl").exists()
+        # What the job cost, from slurmdbd, as SLURM's own sacct reports it.
+        cost = {k[len("cost_") :]: v.value for k, v in event.materialization.metadata.items() if k.startswith("cost_")}
+        [allocation, *steps] = _sacct(job_id)
+        assert cost["jobs"] == 1 and cost["elapsed_s"] == int(allocation["ElapsedRaw"]) > 0
+        assert "gres/gpu=1" in allocation["AllocTRES"]
+        assert cost["gpu_hours"] == pytest.approx(cost["elapsed_s"] / 3600)
+        assert cost["max_rss_mb"] == max(float(step["MaxRSS"].rstrip("M")) for step in steps) > 100  # torch loaded
+        assert cost["cpu_efficiency"] > 0 and cost["queue_wait_s"] >= 0
+        costs.append(cost["gpu_hours"])
     assets, resources = _definitions(tmp_path, max_steps=6, logging_steps=2)  # the runs' settings: the table's runs
-    table = dg.materialize(
+    report = dg.materialize(
         assets, selection=[dg.AssetKey("correspondence_table")], instance=instance, resources=resources
-    ).output_for_node("correspondence_table")["table"]
+    )
+    table = report.output_for_node("correspondence_table")["table"]
     assert table.set_index(["split", "metric"]).loc[("S8_region", "mean_heldout_acc_tail"), "n_seeds"] == 1
+    metadata = report.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["runs_with_cost"].value == 2
+    assert metadata["gpu_hours"].value == pytest.approx(sum(costs))
+
+
+def _sacct(job_id: str) -> list[dict[str, str]]:
+    """The job's accounting rows (allocation first, then its steps), read straight from sacct."""
+    fields = ["JobID", "ElapsedRaw", "AllocTRES", "MaxRSS"]
+    done = subprocess.run(
+        ["sacct", "-j", job_id, "-n", "-P", "--units=M", "-o", ",".join(fields)], capture_output=True, text=True
+    )
+    return [dict(zip(fields, line.split("|"))) for line in done.stdout.splitlines()]
 
 
 def test_runs_per_gpu_packs_jobs_onto_one_gpu_through_shards(tmp_path):
@@ -156,6 +179,10 @@ def test_runs_per_gpu_packs_jobs_onto_one_gpu_through_shards(tmp_path):
     assert all(_job(job_id)["TresPerNode"] == "gres:shard:1" for job_id, _ in jobs)
     for job_id, run_dir in jobs:
         assert launcher.watch(dg.build_asset_context(), job_id, run_dir)["JobState"] == "COMPLETED"
+        # Half a GPU each: the job's gres/shard over the GPU's shards.
+        cost = launcher.cost(dg.build_asset_context(), job_id, run_dir)
+        assert cost is not None and cost["gpu_hours"] == pytest.approx(cost["elapsed_s"] / 2 / 3600)
+        assert cost["elapsed_s"] >= 8
     gpus = {(run_dir / f"slurm-{job_id}.out").read_text().strip() for job_id, run_dir in jobs}
     assert len(gpus) == 1 and gpus <= {"gpu=0", "gpu=1"}  # … sharing one GPU
 
@@ -332,6 +359,8 @@ def test_a_node_failure_mid_run_retries_the_partition_and_resumes_from_its_check
     assert _job(failed_job)["JobState"] == "NODE_FAIL", _job(failed_job)
     retried_job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
     assert retried_job != failed_job and "resuming from" in (run_dir / f"slurm-{retried_job}.out").read_text()
+    # Both jobs are paid for: the one the node failure ended, and the retry.
+    assert result.get_asset_materialization_events()[0].materialization.metadata["cost_jobs"].value == 2
     straight = _uninterrupted(tmp_path, run_dir, "after-node-fail")
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "curve.parquet"), straight, rtol=1e-6, atol=1e-7)
 
@@ -390,10 +419,11 @@ def test_hitting_the_time_limit_without_requeue_names_timeout_and_the_fix(cluste
     assert "ended TIMEOUT" in message and "raise time_limit" in message
 
 
-def _partition_process(root: Path, cell: str, max_steps: int) -> subprocess.Popen:
+def _partition_process(root: Path, cell: str, max_steps: int, python: Path | None = None) -> subprocess.Popen:
     """One partition in a Dagster process of its own (tests/slurm_partition.py), its instance under root/home."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "slurm_partition.py"), str(root), cell, str(max_steps)],
+        [sys.executable, str(REPO / "tests" / "slurm_partition.py"), str(root), cell, str(max_steps)]
+        + ([str(python)] if python else []),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -446,6 +476,16 @@ def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_p
     if job_meanwhile == "running":
         time.sleep(2)
         assert _job(job_id)["JobState"] == "RUNNING", output[-2000:]
+        # Meanwhile the job is an orphan: listed with its run directory and why, not cancelled without a grace.
+        with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+            [orphan] = _launcher().orphans(instance, tmp_path / "runs")
+            tick = automation.build_orphans_sensor(str(tmp_path / "runs"))(
+                dg.build_sensor_context(instance=instance, resources={"launcher": _launcher()})
+            )
+        assert (orphan["job_id"], orphan["run_dir"]) == (job_id, run_dir)
+        # kill -9 leaves the Dagster run STARTED: its process, gone, tells; an interrupted run ends FAILURE.
+        assert ("is gone" if how == signal.SIGKILL else "ended FAILURE") in orphan["why"], orphan
+        assert job_id in tick.skip_message and "cancelled" not in tick.skip_message
     else:
         assert _wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", output[-2000:]
 
@@ -461,6 +501,74 @@ def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_p
     assert report["metadata"]["final_heldout_acc"] == pytest.approx(metrics["final_heldout_acc"])
     assert "resuming from" not in (run_dir / f"slurm-{job_id}.out").read_text()  # never interrupted
     assert len(pd.read_parquet(run_dir / "curve.parquet")) == 10
+
+
+@pytest.mark.slow
+def test_a_reference_job_outlives_its_dagster_process_and_is_followed_again(tmp_path):
+    """reference_logps as well: its job (slowed by a wrapper interpreter) runs on after kill -9 of the Dagster
+    process, and materializing the asset again follows that job instead of replacing its directory."""
+    slow = tmp_path / "slow-python"
+    slow.write_text(f'#!/bin/sh\nsleep 20\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    first = _partition_process(tmp_path, "reference", 6, slow)
+    deadline = time.time() + 240
+    while not (records := list((tmp_path / "runs" / "reference").glob("*/slurm_job.json"))) and time.time() < deadline:
+        time.sleep(0.3)
+    assert records, first.kill() or first.communicate()[0].decode()[-3000:]
+    run_dir, job_id = records[0].parent, json.loads(records[0].read_text())["job_id"]
+    assert _wait_for_state(job_id, {"RUNNING"}, timeout=60) == "RUNNING"
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    report, output = _report(_partition_process(tmp_path, "reference", 6, slow))
+    assert report["success"], report.get("failure", output[-3000:])
+    assert report["metadata"]["slurm_job_id"] == job_id and "is RUNNING: following it" in output, output[-3000:]
+    assert [p.name for p in run_dir.glob("slurm-*.out")] == [f"slurm-{job_id}.out"]  # one job in all
+
+
+def test_the_orphan_sensor_cancels_a_job_no_run_follows_once_its_grace_is_over(tmp_path):
+    """A job of this project that no Dagster run recorded (a process gone between sbatch and its record): the
+    sensor's first tick lists it, a tick after orphan_grace_s cancels it; other jobs on the cluster are not ours."""
+    launcher = _launcher(orphan_grace_s=1.0)
+    jobs = {}
+    for name in ("prism-dpo-lost-seed0", "someone-elses-job"):
+        (tmp_path / f"{name}.sbatch").write_text(
+            launcher.job_script(["sleep", "60"], tmp_path, {}, name, str(tmp_path))
+        )
+        jobs[name] = launcher.submit(tmp_path / f"{name}.sbatch")
+    sensor = automation.build_orphans_sensor(str(tmp_path / "runs"))
+    try:
+        (tmp_path / "home").mkdir()
+        listed = subprocess.run(
+            [sys.executable, "-m", "prism_assets", "orphans"],
+            env={
+                **os.environ,
+                "DPO_LAUNCHER": "slurm",
+                "PRISM_STORAGE": str(tmp_path),
+                "DAGSTER_HOME": str(tmp_path / "home"),
+            },
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        assert "prism-dpo-lost-seed0" in listed.stdout and "someone-elses-job" not in listed.stdout, listed.stdout
+        with dg.instance_for_test() as instance:
+            context = dg.build_sensor_context(instance=instance, resources={"launcher": launcher})
+            first = sensor(context)
+            time.sleep(1.5)
+            second = sensor(
+                dg.build_sensor_context(instance=instance, cursor=context.cursor, resources={"launcher": launcher})
+            )
+        assert "1 SLURM jobs" in first.skip_message and "no Dagster run recorded it" in first.skip_message
+        assert (
+            "cancelled" not in first.skip_message
+            and f"{jobs['prism-dpo-lost-seed0']} prism-dpo-lost-seed0" in second.skip_message
+            and "cancelled" in second.skip_message
+        )
+        assert _wait_for_state(jobs["prism-dpo-lost-seed0"], {"CANCELLED"}, timeout=30) == "CANCELLED"
+        assert _job(jobs["someone-elses-job"])["JobState"] in ("PENDING", "RUNNING")
+    finally:
+        subprocess.run(["scancel", *jobs.values()], check=False)
 
 
 def test_terminating_the_dagster_run_cancels_the_job(tmp_path):

@@ -48,7 +48,7 @@ from prism_assets.training.settings import (
     fields_where,
     validation_problems,
 )
-from resources.launcher import RunLauncher
+from resources.launcher import COST_FILE, RunLauncher, run_cost
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
 # and the builder of the embedded base model.
@@ -58,6 +58,7 @@ CODE_VERSION = versions.source_version(
 REFERENCE_CODE_VERSION = versions.source_version("prism_assets.training.reference", "prism_assets.training.tiny_model")
 # The code each job runs where it runs (the cluster's environment): the job refuses to run other code.
 TRAINER_MODULE, REFERENCE_MODULE = "prism_assets.training.trainer", "prism_assets.training.reference"
+REFERENCE_OUTPUT = "reference_logps.parquet"
 JOB_CODE_VERSIONS = {module: versions.source_version(module) for module in (TRAINER_MODULE, REFERENCE_MODULE)}
 # What a local launcher imports once and forks the jobs from (resources.launcher, `warm_modules`): the jobs and the
 # transformers modules they import as they start.
@@ -286,7 +287,12 @@ def build_reference_logps(settings: TrainingSettings) -> dg.AssetsDefinition:
     ) -> dg.Output:
         run_dir = (Path(dpo_storage.runs_dir) / "reference" / context.asset_key.path[-1]).resolve()
         with exclusive(run_dir, f"Dagster run {context.run.run_id}", context.log.info):
-            with attempt_dir(run_dir, "reference_logps.parquet", context.log.warning):
+            # A job an earlier Dagster process left running here is followed, its directory left as it is.
+            unfinished = run_dir.exists() and not (run_dir / REFERENCE_OUTPUT).exists()
+            job = launcher.live_job(context, run_dir) if unfinished else None
+            if job is not None:
+                return _reference_logps(context, settings, dpo_storage, launcher, within_model_pairs, run_dir, job)
+            with attempt_dir(run_dir, REFERENCE_OUTPUT, context.log.warning):
                 return _reference_logps(context, settings, dpo_storage, launcher, within_model_pairs, run_dir)
 
     return reference_logps
@@ -299,25 +305,36 @@ def _reference_logps(
     launcher: RunLauncher,
     within_model_pairs: pd.DataFrame,
     run_dir: Path,
+    job: str | None = None,
 ) -> dg.Output:
-    within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(run_dir / "pairs.parquet", index=False)
     config = ReferenceConfig(
         **{
             **{name: getattr(settings, name) for name in REFERENCE_FIELDS},
             "base_model": dpo_storage.resolved_base_model(settings.base_model),
         },
         pairs_path="pairs.parquet",
-        output_path="reference_logps.parquet",
+        output_path=REFERENCE_OUTPUT,
         device=settings.device,
         code_version=JOB_CODE_VERSIONS[REFERENCE_MODULE],
     )
-    config_path = run_dir / "reference.json"
-    config_path.write_text(config.model_dump_json(indent=2))
+    config_path, pairs = run_dir / "reference.json", within_model_pairs[["pair_id", "prompt", "chosen", "rejected"]]
+    if job is None:
+        pairs.to_parquet(run_dir / config.pairs_path, index=False)
+        config_path.write_text(config.model_dump_json(indent=2))
+    elif config_path.read_text() != config.model_dump_json(indent=2) or not _same_values(
+        pairs, pd.read_parquet(run_dir / config.pairs_path)
+    ):  # matched on its settings and pairs, never on the asset alone; its directory is not ours to replace
+        raise dg.Failure(
+            f"job {job} is still computing {run_dir.name} for other settings or pairs than these; "
+            f"cancel it (`scancel {job}`) and launch again",
+            allow_retries=False,
+        )
     launcher.run(
         context=context,
         run_dir=str(run_dir),
         outputs=[config.output_path],
         command=[dpo_storage.python, "-m", REFERENCE_MODULE, "--config", str(config_path)],
+        job=job,
     )
     output = run_dir / config.output_path
     if not output.exists():
@@ -351,8 +368,23 @@ def _reference_logps(
             "mean_ref_chosen_logps": float(frame[REFERENCE_COLUMNS[0]].mean()),
             "mean_ref_rejected_logps": float(frame[REFERENCE_COLUMNS[1]].mean()),
             "mean_tokens_per_pair": float(sum(frame[c].map(len).mean() for c in TOKEN_COLUMNS)),
+            **cost_metadata(run_cost(run_dir)),
         },
     )
+
+
+def _same_values(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """The same rows and columns holding the same values, as text (whatever dtypes parquet gave back)."""
+    return (
+        list(a.columns) == list(b.columns)
+        and a.shape == b.shape
+        and bool((a.astype(str).to_numpy() == b.astype(str).to_numpy()).all())
+    )
+
+
+def cost_metadata(cost: dict | None) -> dict:
+    """cost_* entries (elapsed_s, queue_wait_s, gpu_hours, max_rss_mb, cpu_efficiency, jobs) where known."""
+    return {f"cost_{name}": value for name, value in (cost or {}).items()}
 
 
 def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -490,6 +522,7 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
             "run_config": json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
             "membership_digest": membership_digest(significant_splits, split, group),
             "settings_fingerprint": settings_fingerprint,
+            "cost": run_cost(run_dir),  # every job of the run, where the launcher knows it (SLURM accounting)
         }
         metadata = {
             **{k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
@@ -499,6 +532,7 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
             "num_pairs": len(pairs),
             "base_model": settings.base_model,
             "attention_kernel": metrics.get("attention_kernel", ""),
+            **cost_metadata(value["cost"]),
         }
         # metrics.json, not the Pipes channel, is the record: a lost message stream loses nothing.
         return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(metrics["data_version"]))
@@ -523,7 +557,7 @@ def _train(
     if job is not None:  # its directory is the job's: nothing in it is replaced
         launcher.run(context=context, run_dir=str(run_dir), outputs=outputs, command=[], job=job)
         return read_run_outputs(run_dir)
-    with attempt_dir(run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json")):
+    with attempt_dir(run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json", COST_FILE)):
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         config_path = run_dir / "config.json"
         keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)

@@ -40,6 +40,7 @@ def runs_table(runs: dict) -> pd.DataFrame:
             "settings_fingerprint": run["settings_fingerprint"],
             **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]},
             "num_heldout_pairs": run["metrics"].get("num_heldout_pairs"),
+            "gpu_hours": (run.get("cost") or {}).get("gpu_hours"),  # None: the launcher recorded no cost
         }
         for run in runs.values()
     ]
@@ -264,7 +265,11 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
         )
         all_runs = pd.concat(runs, ignore_index=True)
         metadata["num_runs"] = len(all_runs)
-        metadata["num_distinct_runs"] = int(all_runs.drop_duplicates(["run_id", "seed"]).shape[0])
+        distinct = all_runs.drop_duplicates(["run_id", "seed"])  # a shared run is paid for once
+        metadata["num_distinct_runs"] = len(distinct)
+        # What the grid cost where SLURM's accounting recorded it (a run's every job, failed attempts included).
+        metadata["gpu_hours"] = float(distinct["gpu_hours"].sum())
+        metadata["runs_with_cost"] = int(distinct["gpu_hours"].notna().sum())
         context.add_output_metadata(metadata)
         return {
             "table": pd.concat(tables, ignore_index=True),
