@@ -38,12 +38,13 @@ def main(root: Path, cell: str, max_steps: int, python: str | None) -> None:
             [event] = [
                 e
                 for e in result.get_asset_materialization_events()
-                if cell != "reference" or e.asset_key.path[0] == "reference_logps"
+                if cell != "reference" or (e.asset_key is not None and e.asset_key.path[0] == "reference_logps")
             ]
             report["metadata"] = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
         else:
             [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-            report["failure"] = failure.step_failure_data.error.message
+            error = failure.step_failure_data.error
+            report["failure"] = error.message if error else "a step failed"
     print(json.dumps(report, default=str))
 
 
