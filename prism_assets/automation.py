@@ -214,6 +214,8 @@ def build_report_sensor(dpo_assets: Sequence[dg.AssetKey], running: bool = False
 
 
 def orphans_report(orphans: list[dict], cancelled: Sequence[str] = ()) -> str:
+    if not orphans:
+        return "every queued or running SLURM job of this project is followed by a Dagster run"
     lines = [
         f"{o['job_id']} {o['job_name']} ({o['state']}): {o['why']}; run directory {o['run_dir'] or 'unknown'}"
         + (" — cancelled" if o["job_id"] in cancelled else "")
@@ -248,10 +250,9 @@ def build_orphans_sensor(runs_dir: str, running: bool = False, interval_s: int =
             context.log.warning(f"cancelling SLURM job {job}: unwatched for over orphan_grace_s={grace:.0f} s")
             launcher.commands.run(["scancel", job], check=False)
         context.update_cursor(json.dumps({job: since for job, since in seen.items() if job not in cancelled}))
-        if not orphans:
-            return dg.SkipReason("every queued or running SLURM job of this project is followed by a Dagster run")
         report = orphans_report(orphans, cancelled)
-        context.log.warning(report)
+        if orphans:
+            context.log.warning(report)
         return dg.SkipReason(report)
 
     return slurm_orphans

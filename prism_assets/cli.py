@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import dagster as dg
 
@@ -143,10 +144,7 @@ def orphans(args: argparse.Namespace) -> int:
     if not isinstance(launcher, SlurmLauncher):
         print("prism_assets: orphans are SLURM jobs; set DPO_LAUNCHER=slurm (and PRISM_SLURM_*)", file=sys.stderr)
         return 2
-    found = launcher.orphans(dg.DagsterInstance.get(), RESOURCES["dpo_storage"].runs_dir)
-    if not found:
-        print("every queued or running SLURM job of this project is followed by a Dagster run")
-        return 0
+    found = launcher.orphans(dg.DagsterInstance.get(), Path(RESOURCES["dpo_storage"].runs_dir))
     cancelled = [orphan["job_id"] for orphan in found] if args.cancel else []
     for job in cancelled:
         launcher.commands.run(["scancel", job], check=False)

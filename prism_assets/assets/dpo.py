@@ -287,10 +287,8 @@ def build_reference_logps(settings: TrainingSettings) -> dg.AssetsDefinition:
     ) -> dg.Output:
         run_dir = (Path(dpo_storage.runs_dir) / "reference" / context.asset_key.path[-1]).resolve()
         with exclusive(run_dir, f"Dagster run {context.run.run_id}", context.log.info):
-            # A job an earlier Dagster process left running here is followed, its directory left as it is.
-            unfinished = run_dir.exists() and not (run_dir / REFERENCE_OUTPUT).exists()
-            job = launcher.live_job(context, run_dir) if unfinished else None
-            if job is not None:
+            job = left_running(context, launcher, run_dir, REFERENCE_OUTPUT)
+            if job is not None:  # its directory is the job's: nothing in it is replaced
                 return _reference_logps(context, settings, dpo_storage, launcher, within_model_pairs, run_dir, job)
             with attempt_dir(run_dir, REFERENCE_OUTPUT, context.log.warning):
                 return _reference_logps(context, settings, dpo_storage, launcher, within_model_pairs, run_dir)
@@ -321,7 +319,7 @@ def _reference_logps(
     if job is None:
         pairs.to_parquet(run_dir / config.pairs_path, index=False)
         config_path.write_text(config.model_dump_json(indent=2))
-    elif config_path.read_text() != config.model_dump_json(indent=2) or not _same_values(
+    elif config_path.read_text() != config.model_dump_json(indent=2) or not _same_pairs(
         pairs, pd.read_parquet(run_dir / config.pairs_path)
     ):  # matched on its settings and pairs, never on the asset alone; its directory is not ours to replace
         raise dg.Failure(
@@ -373,13 +371,15 @@ def _reference_logps(
     )
 
 
-def _same_values(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    """The same rows and columns holding the same values, as text (whatever dtypes parquet gave back)."""
-    return (
-        list(a.columns) == list(b.columns)
-        and a.shape == b.shape
-        and bool((a.astype(str).to_numpy() == b.astype(str).to_numpy()).all())
-    )
+def _same_pairs(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """The same pair ids, in order, with the same text."""
+    return list(a["pair_id"]) == list(b["pair_id"]) and pair_text_digests(a) == pair_text_digests(b)
+
+
+def left_running(context: dg.AssetExecutionContext, launcher: RunLauncher, run_dir: Path, finished: str) -> str | None:
+    """The job an earlier Dagster process left running (or finished) in `run_dir`, which holds no `finished` output
+    yet: to follow again. Outputs there that could not be read are not followed again: the asset computes anew."""
+    return launcher.live_job(context, run_dir) if run_dir.exists() and not (run_dir / finished).exists() else None
 
 
 def cost_metadata(cost: dict | None) -> dict:
@@ -552,8 +552,7 @@ def _train(
     """Train the run in `run_dir` (resuming an unfinished attempt of it, or following the job an earlier Dagster
     process left running for it) and read its outputs."""
     outputs = [RUN_CONFIG_FILE, CURVE_FILE, METRICS_FILE]
-    # Outputs here that could not be read are not followed again: the partition trains anew.
-    job = launcher.live_job(context, run_dir) if not (run_dir / METRICS_FILE).exists() and run_dir.exists() else None
+    job = left_running(context, launcher, run_dir, METRICS_FILE)
     if job is not None:  # its directory is the job's: nothing in it is replaced
         launcher.run(context=context, run_dir=str(run_dir), outputs=outputs, command=[], job=job)
         return read_run_outputs(run_dir)
