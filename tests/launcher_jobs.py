@@ -87,7 +87,10 @@ def main() -> None:
         x = torch.rand(1000, 1000)
         print(float((x @ x).sum() + x.exp().sum()))
     elif what == "sleep":  # until stopped
-        Path(sys.argv[2], "started").write_text(str(os.getpid()))
+        # Written whole by a rename: a test that sees the file reads the pid, never an empty file.
+        partial = Path(sys.argv[2], "started.partial")
+        partial.write_text(str(os.getpid()))
+        partial.rename(partial.with_name("started"))
         time.sleep(120)
 
 

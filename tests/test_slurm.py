@@ -331,6 +331,11 @@ def _node() -> str:
     ]
 
 
+def _node_state(node: str) -> str:
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True).stdout
+    return parse_scontrol(out)["State"]
+
+
 @pytest.mark.slow
 def test_a_node_failure_mid_run_retries_the_partition_and_resumes_from_its_checkpoint(cluster_instance):
     """The node goes down mid-job (NODE_FAIL, no requeue): the partition's retry submits a new job, which resumes
@@ -350,7 +355,10 @@ def test_a_node_failure_mid_run_retries_the_partition_and_resumes_from_its_check
         try:
             _wait_for_state(job_id, {"NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
         finally:
-            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+            # ReturnToService=2 may have brought the node back already when its slurmd re-registered; resume
+            # only a node that is still down (scontrol refuses to resume an idle one).
+            if "DOWN" in _node_state(node):
+                subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
 
     _in_background(fail_the_node_mid_run)
     result, run_dir = _run(cluster_instance, cell, _launcher(requeue=False), **settings)
