@@ -24,6 +24,7 @@ from resources.launcher import RunLauncher
 from resources.slurm import SlurmLauncher
 
 TABLE_ASSET = dg.AssetKey("correspondence_table")
+REPORT_ASSET = dg.AssetKey("research_report")
 NOT_FINISHED_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -50,8 +51,8 @@ def dpo_job(experiment: str):
 
 report_job = dg.define_asset_job(
     "correspondence_report",
-    selection=[TABLE_ASSET],
-    description="correspondence_table from every finished DPO partition.",
+    selection=[TABLE_ASSET, REPORT_ASSET],
+    description="correspondence_table from every finished DPO partition, and the write-up when it changed.",
 )
 SEED_TICK_KEY = "prism_assets/add_seeds/{tick}"
 
@@ -195,7 +196,8 @@ def build_report_sensor(dpo_assets: Sequence[dg.AssetKey], running: bool = False
         job=report_job,
         default_status=status,
         minimum_interval_seconds=interval_s,
-        description="Rebuilds correspondence_table once no DPO partition is in flight and one is newer.",
+        description="Rebuilds correspondence_table (and research_report, where that changes it) once no DPO "
+        "partition is in flight and one is newer.",
     )
     def report_when_runs_done(context: dg.SensorEvaluationContext):
         instance = context.instance

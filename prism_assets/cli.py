@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.experiments:
         os.environ["PRISM_EXPERIMENTS"] = args.experiments  # the worker processes read it too
     from prism_assets import partitions
+    from prism_assets.assets import report
 
     try:
         from prism_assets.definitions import ASSETS, CHECKS, EXPERIMENTS, RESOURCES, UNPARTITIONED
@@ -119,15 +120,18 @@ def run(args: argparse.Namespace) -> int:
                 failed.append(key)
     table = dg.materialize(
         ASSETS,
-        selection=[dg.AssetKey("correspondence_table")],
+        selection=[dg.AssetKey("correspondence_table"), dg.AssetKey("research_report")],
         instance=instance,
         resources=RESOURCES,
         raise_on_error=False,
     )
     if not table.success:
-        print("correspondence_table failed", file=sys.stderr)
+        print("correspondence_table or research_report failed", file=sys.stderr)
         return 1
     _print_tables(table.output_for_node("correspondence_table"))
+    print(
+        f"\nthe write-up: {Path(storage.reports_dir, report.REPORT_FILES['html']).resolve()} (and report.md beside it)"
+    )
     print(
         f"\nmain job finished in {time.perf_counter() - started:.0f} s: {len(keys)} DPO partitions, {trained} trained "
         f"here, {len(keys) - trained - len(failed)} shared or already done; {len(failed)} failed {failed or ''}"

@@ -126,7 +126,8 @@ EXPERIMENTS = experiments_from_env()
 ASSETS = asset_graph(EXPERIMENTS)
 DPO_KEYS = [dg.AssetKey([e.name, "group_dpo_run"]) for e in EXPERIMENTS]
 TABLE_KEY = dg.AssetKey("correspondence_table")
-UNPARTITIONED = [asset for asset in ASSETS if asset.key not in {*DPO_KEYS, TABLE_KEY}]
+REPORT_KEY = dg.AssetKey("research_report")
+UNPARTITIONED = [asset for asset in ASSETS if asset.key not in {*DPO_KEYS, TABLE_KEY, REPORT_KEY}]
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 RESOURCES = {

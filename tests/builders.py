@@ -193,7 +193,7 @@ def dagster_definitions(
 
 def upstream_of_runs(assets: list) -> list:
     """Every asset but the DPO runs and the table: the data, statistics and references."""
-    return [a for a in assets if a.key.path[-1] not in ("group_dpo_run", "correspondence_table")]
+    return [a for a in assets if a.key.path[-1] not in ("group_dpo_run", "correspondence_table", "research_report")]
 
 
 def materialize_partition(assets, resources, instance, experiment: str, cell: str, seed, **kwargs):

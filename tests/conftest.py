@@ -53,7 +53,8 @@ def shipped_asset_keys() -> list[str]:
     reference = dpo.reference_key(experiment().settings).to_user_string()
     per_experiment = [f"{e}/{name}" for name in ("ordered_logit_fit", "significant_splits") for e in ("v3", "v2")]
     runs = ["v3/group_dpo_run", "v2/group_dpo_run"]
-    return ["raw_prism", "within_model_pairs", reference, *per_experiment, *runs, "correspondence_table"]
+    reports = ["correspondence_table", "research_report"]
+    return ["raw_prism", "within_model_pairs", reference, *per_experiment, *runs, *reports]
 
 
 @pytest.fixture(scope="session")

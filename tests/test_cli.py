@@ -26,3 +26,9 @@ def test_main_job_materializes_everything_into_the_instance(main_job, monkeypatc
     assert (Path(env["PRISM_STORAGE"]) / "reports" / "v2" / "learning_curves.png").exists()
     assert (Path(env["PRISM_STORAGE"]) / "reports" / "v3" / "null.png").exists()
     assert (Path(env["PRISM_STORAGE"]) / "reports" / "comparison.png").exists()
+    # The write-up, for both experiments, where the job said it is.
+    [printed] = [line for line in stdout.splitlines() if line.startswith("the write-up: ")]
+    html = Path(printed.removeprefix("the write-up: ").split(" ")[0])
+    assert html == (Path(env["PRISM_STORAGE"]) / "reports" / "report.html").resolve() and html.exists()
+    markdown = html.with_name("report.md").read_text()
+    assert "## Experiment v3" in markdown and "## Experiment v2" in markdown and "## Observations" in markdown

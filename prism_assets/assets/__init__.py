@@ -19,5 +19,6 @@ def asset_graph(experiments: list[Experiment]) -> list[dg.AssetsDefinition]:
             *(asset for e in experiments for asset in stats.build_statistics(e)),
             *(dpo.build_group_dpo_run(e.name, e.settings) for e in experiments),
             report.build_correspondence_table(experiments),
+            report.build_research_report(experiments),
         ]
     )

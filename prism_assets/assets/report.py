@@ -15,17 +15,23 @@ from typing import Literal
 import dagster as dg
 import pandas as pd
 
-from prism_assets import partitions, plots, versions
+from prism_assets import partitions, plots, versions, writeup
+from prism_assets.assets import data as data_assets
 from prism_assets.assets import dpo
 from prism_assets.assets.data import markdown_table
 from prism_assets.experiments import Experiment
 from prism_assets.statistics import correspondence
+from prism_assets.training.settings import LEARNS, TrainingSettings, fields_where
 
 
 class ReportConfig(dg.Config):
     curve_metric: Literal[
         "heldout_acc", "heldout_margin", "pref_acc", "margin", "loss", "reward_chosen", "reward_rejected"
     ] = "heldout_acc"  # the curve column the learning-curve plots draw
+
+
+# Every metric of a run the table and the write-up read.
+RUN_METRICS = list(dict.fromkeys([*correspondence.METRICS, *correspondence.EVAL_SE.values(), *writeup.DETAIL_METRICS]))
 
 
 def runs_table(runs: dict) -> pd.DataFrame:
@@ -38,7 +44,7 @@ def runs_table(runs: dict) -> pd.DataFrame:
             "run_id": run["run_id"],
             "membership_digest": run["membership_digest"],
             "settings_fingerprint": run["settings_fingerprint"],
-            **{m: run["metrics"].get(m) for m in [*correspondence.METRICS, *set(correspondence.EVAL_SE.values())]},
+            **{m: run["metrics"].get(m) for m in RUN_METRICS},
             "num_heldout_pairs": run["metrics"].get("num_heldout_pairs"),
             "gpu_hours": (run.get("cost") or {}).get("gpu_hours"),  # None: the launcher recorded no cost
         }
@@ -75,45 +81,6 @@ def curves_table(runs: dict) -> pd.DataFrame:
         for run in runs.values()
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _power(row) -> str:
-    if pd.isna(row["mde"]):
-        return "—"
-    line = f"MDE {row['mde']:.3f}" + (f" with {row['planned_seeds']:.0f} seeds" if row["n_seeds"] == 0 else "")
-    if pd.isna(row["effect_for_seeds"]) or pd.isna(row["seeds_needed"]):
-        return line
-    if row["seeds_needed"] == float("inf"):
-        needed = f"{row['heldout_needed']:.0f} held-out pairs per group"
-        return f"{line}; {row['effect_for_seeds']:.3f}: not reachable by seeds (needs {needed})"
-    return f"{line}; {row['effect_for_seeds']:.3f} needs {row['seeds_needed']:.0f} seeds"
-
-
-def _format_table(table: pd.DataFrame) -> pd.DataFrame:
-    def ci(row):
-        if pd.isna(row["mean_d"]):
-            return "no runs"
-        if pd.isna(row["ci_low"]):
-            return f"{row['mean_d']:+.3f}"
-        return f"{row['mean_d']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
-
-    def p(value):
-        return "—" if pd.isna(value) else f"{value:.3g}"
-
-    return pd.DataFrame(
-        {
-            "split": table["split"],
-            "predicted": table["predicted"],
-            "per-seed A−B": table["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
-            "mean A−B [95% CI]": table.apply(ci, axis=1),
-            "sign k/n": table["sign_consistency"],
-            "z": table["z"].map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
-            "p (predicted side)": table["p_predicted"].map(p),
-            "p (Holm)": table["p_adjusted"].map(p),
-            "verdict": table["verdict"],
-            "power": table.apply(_power, axis=1),
-        }
-    )
 
 
 def experiment_table(
@@ -168,29 +135,6 @@ def split_groups(splits: dict) -> dict[str, tuple]:
     }
 
 
-def _comparison_markdown(comparison: pd.DataFrame) -> str:
-    def ci(mean, low, high):
-        return f"{mean:+.3f}" + ("" if pd.isna(low) else f" [{low:+.3f}, {high:+.3f}]")
-
-    return markdown_table(
-        pd.DataFrame(
-            {
-                "experiments": comparison["experiment_1"] + " / " + comparison["experiment_2"],
-                "split": comparison["split_1"] + " / " + comparison["split_2"],
-                "predicted": comparison["predicted_1"] + " / " + comparison["predicted_2"],
-                "mean A−B [95% CI] (1)": [
-                    ci(*v) for v in zip(comparison["mean_d_1"], comparison["ci_low_1"], comparison["ci_high_1"])
-                ],
-                "mean A−B [95% CI] (2)": [
-                    ci(*v) for v in zip(comparison["mean_d_2"], comparison["ci_low_2"], comparison["ci_high_2"])
-                ],
-                "verdicts": comparison["verdict_1"] + " / " + comparison["verdict_2"],
-                "direction": comparison["direction"],
-            }
-        )
-    )
-
-
 def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefinition:
     """`correspondence_table`: every experiment's table, and the splits experiments share compared side by side."""
     ins = {
@@ -220,7 +164,7 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
     ) -> dict:
         reports = Path(dpo_storage.reports_dir)
         metadata: dict = {}
-        tables, diffs, runs, primaries, groups = [], [], [], {}, {}
+        tables, diffs, runs, all_curves, primaries, groups = [], [], [], [], {}, {}
         for experiment in experiments:
             name = experiment.name
             splits = inputs[f"{name}__splits"]
@@ -231,6 +175,7 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
             tables.append(table.assign(experiment=name))
             diffs.append(diff.assign(experiment=name))
             runs.append(run.assign(experiment=name))
+            all_curves.append(curves.assign(experiment=name))
             primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
             primaries[name], groups[name] = primary, split_groups(splits)
             png = plots.learning_curve_plot(curves[curves["split"].notna()], splits["splits"], config.curve_metric)
@@ -239,11 +184,12 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
             metadata[name] = dg.MetadataValue.md(
                 f"**{experiment.description}** — primary metric: "
                 f"{correspondence.METRICS[correspondence.PRIMARY_METRIC]} ({len(run)} runs, seeds "
-                f"{sorted(run['seed'].unique().tolist())})\n\n" + markdown_table(_format_table(primary))
+                f"{sorted(run['seed'].unique().tolist())})\n\n" + markdown_table(writeup.summary_display(primary))
             )
             metadata[f"{name}__secondary_metrics"] = dg.MetadataValue.md(
                 "\n\n".join(
-                    f"**{correspondence.METRICS[m]}**\n\n{markdown_table(_format_table(table[table['metric'] == m]))}"
+                    f"**{correspondence.METRICS[m]}**\n\n"
+                    + markdown_table(writeup.summary_display(table[table["metric"] == m]))
                     for m in correspondence.METRICS
                     if m != correspondence.PRIMARY_METRIC
                 )
@@ -261,7 +207,9 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
             (reports / "comparison.png").write_bytes(png)
             metadata["comparison_plot"] = dg.MetadataValue.md(plots.markdown_image(png, "comparison"))
         metadata["comparison"] = dg.MetadataValue.md(
-            _comparison_markdown(comparison) if not comparison.empty else "no split is shared by two experiments"
+            markdown_table(writeup.comparison_display(comparison))
+            if not comparison.empty
+            else "no split is shared by two experiments"
         )
         all_runs = pd.concat(runs, ignore_index=True)
         metadata["num_runs"] = len(all_runs)
@@ -276,6 +224,138 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
             "seed_differences": pd.concat(diffs, ignore_index=True),
             "runs": all_runs,
             "comparison": comparison,
+            "curves": pd.concat(all_curves, ignore_index=True),
         }
 
     return correspondence_table
+
+
+REPORT_FILES = {"markdown": "report.md", "html": "report.html", "figures": "figures"}
+
+
+def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
+    """`research_report`: the write-up of every experiment (`writeup`), as markdown and self-contained HTML under
+    `reports_dir`. Materialized again only when what it is made of changed (a digest of its inputs)."""
+    ins = {
+        "correspondence_table": dg.AssetIn(),
+        "raw_prism": dg.AssetIn(),
+        "within_model_pairs": dg.AssetIn(),
+        **{f"{e.name}__fit": dg.AssetIn(key=[e.name, "ordered_logit_fit"]) for e in experiments},
+        **{f"{e.name}__splits": dg.AssetIn(key=[e.name, "significant_splits"]) for e in experiments},
+    }
+    code_version = versions.source_version(sys.modules[__name__], writeup, plots, correspondence)
+    described = {
+        e.name: {"settings": e.settings.model_dump(mode="json"), "spec": e.spec.model_dump(mode="json")}
+        for e in experiments
+    }
+    code_version += "-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:8]
+
+    @dg.asset(
+        group_name="report",
+        kinds={"html"},
+        owners=versions.OWNERS,
+        code_version=code_version,
+        ins=ins,
+        output_required=False,  # nothing new to say: no new materialization
+        description="The write-up researchers read, for every experiment: setup, splits, baseline, group comparison, "
+        "a table per split, the correspondence check, the experiments compared and observations. Markdown and a "
+        "self-contained HTML file under storage/reports/.",
+    )
+    def research_report(
+        context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: dpo.DpoStorage, **inputs
+    ):
+        table = inputs["correspondence_table"]
+        pairs, raw = inputs["within_model_pairs"], inputs["raw_prism"]
+        data = {
+            "source": raw["source"],
+            "synthetic": str(raw["source"]).startswith(data_assets.SYNTHETIC),
+            "dropped_rows": int(sum(raw["dropped"].values())),
+            "survey": len(raw["survey"]),
+            "conversations": len(raw["conversations"]),
+            "utterances": len(raw["utterances"]),
+            "pairs": len(pairs),
+            "users_with_pairs": int(pairs["user_id"].nunique()),
+            "median_gap": float(pairs["score_gap"].median()),
+            "mean_gap": float(pairs["score_gap"].mean()),
+        }
+        results = [
+            _experiment_results(e, table, inputs[f"{e.name}__fit"], inputs[f"{e.name}__splits"]["splits"])
+            for e in experiments
+            if (table["table"]["experiment"] == e.name).any()
+        ]
+        digest = _digest(code_version, config.curve_metric, data, table, [r.fit for r in results], results)
+        reports = Path(dpo_storage.reports_dir)
+        paths = {kind: reports / name for kind, name in REPORT_FILES.items()}
+        latest = context.instance.get_latest_materialization_event(context.asset_key)
+        last = (
+            latest.asset_materialization.metadata.get("inputs_digest")
+            if latest and latest.asset_materialization
+            else None
+        )
+        if last is not None and last.value == digest and paths["markdown"].exists() and paths["html"].exists():
+            context.log.info(f"research_report: its inputs are unchanged since {paths['markdown']} was written; kept")
+            return
+        built = writeup.build(data, results, table["comparison"], config.curve_metric)
+        paths["figures"].mkdir(parents=True, exist_ok=True)
+        for name, png in built.document.figures.items():
+            (paths["figures"] / name).write_bytes(png)
+        _write(paths["markdown"], built.document.markdown(REPORT_FILES["figures"]))
+        _write(paths["html"], built.document.html("PRISM DPO splits: the write-up"))
+        context.log.info(f"research_report written: {paths['html']}")
+        yield dg.Output(
+            {**built.tables, "markdown": str(paths["markdown"]), "html": str(paths["html"]), "inputs_digest": digest},
+            data_version=dg.DataVersion(digest),
+            metadata={
+                "html": dg.MetadataValue.path(str(paths["html"])),
+                "markdown": dg.MetadataValue.path(str(paths["markdown"])),
+                "inputs_digest": digest,
+                "experiments": dg.MetadataValue.json([r.name for r in results]),
+                "report": dg.MetadataValue.md(built.document.markdown(None)),
+            },
+        )
+
+    return research_report
+
+
+def _experiment_results(
+    experiment: Experiment, table: dict, fit: dict, splits: pd.DataFrame
+) -> writeup.ExperimentResults:
+    name = experiment.name
+    learns = fields_where(TrainingSettings, LEARNS)
+    settings = experiment.settings.model_dump()
+    return writeup.ExperimentResults(
+        name=name,
+        description=experiment.description,
+        base_model=experiment.settings.base_model,
+        hyperparameters={k: settings[k] for k in learns if k != "base_model"},
+        spec=experiment.spec.model_dump(),
+        fit=fit,
+        splits=splits,
+        table=table["table"][table["table"]["experiment"] == name].reset_index(drop=True),
+        runs=table["runs"][table["runs"]["experiment"] == name].reset_index(drop=True),
+        curves=table["curves"][table["curves"]["experiment"] == name].reset_index(drop=True),
+    )
+
+
+def _digest(*parts) -> str:
+    """A digest of what the write-up is made of: DataFrames by their JSON, everything else by its repr."""
+
+    def canonical(value):
+        if isinstance(value, pd.DataFrame):
+            return value.to_json(orient="split", date_format="iso", default_handler=str)
+        if isinstance(value, dict):
+            return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(value, list | tuple):
+            return [canonical(v) for v in value]
+        if isinstance(value, writeup.ExperimentResults):
+            return canonical(vars(value))
+        return repr(value)
+
+    return hashlib.sha256(json.dumps(canonical(list(parts))).encode()).hexdigest()[:24]
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace `path` whole: a reader (a browser reloading) never sees half a report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
