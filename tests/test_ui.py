@@ -41,7 +41,7 @@ def test_a_dpo_hyperparameter_marks_only_the_dpo_runs_and_the_table_unsynced(mai
     with serve(REPO, {**env, "DPO_LEARNING_RATE": "2e-3"}) as url:
         status = staleness(url, PARTITION)
     # the base model's log-probs do not depend on the learning rate: reference_logps stays synced
-    stale = [*RUNS, "correspondence_table"]
+    stale = [*RUNS, "correspondence_table", "research_report"]
     assert status == {**dict.fromkeys(ASSETS, "FRESH"), **dict.fromkeys(stale, "STALE")}
 
 
@@ -51,7 +51,13 @@ def test_a_setting_of_one_experiment_marks_only_its_own_assets_unsynced(main_job
     edited.write_text((REPO / "experiments.toml").read_text().replace("alpha = 0.1", "alpha = 0.05"))
     with serve(REPO, {**env, "PRISM_EXPERIMENTS_FILE": str(edited)}) as url:
         status = staleness(url, PARTITION)
-    stale = ["v2/ordered_logit_fit", "v2/significant_splits", "v2/group_dpo_run", "correspondence_table"]
+    stale = [
+        "v2/ordered_logit_fit",
+        "v2/significant_splits",
+        "v2/group_dpo_run",
+        "correspondence_table",
+        "research_report",
+    ]
     assert status == {**dict.fromkeys(ASSETS, "FRESH"), **dict.fromkeys(stale, "STALE")}
 
 

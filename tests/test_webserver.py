@@ -7,7 +7,12 @@ from conftest import shipped_asset_keys
 from webserver import serve, wait_for_assets
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GROUPS = {"raw_prism": "data", "within_model_pairs": "data", "correspondence_table": "report"}
+SHARED_GROUPS = {
+    "raw_prism": "data",
+    "within_model_pairs": "data",
+    "correspondence_table": "report",
+    "research_report": "report",
+}
 
 
 def test_webserver_lists_every_asset_in_its_group(tmp_path):
