@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/storage
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast lint ui install benchmark slurm-up slurm-down constraints
+.PHONY: run test test-fast lint ui install benchmark slurm-up slurm-down postgres-up postgres-down constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +27,18 @@ run: install storage/dagster.yaml
 	$(BIN)/python -m prism_assets run
 
 # The SLURM tests need the local single-node cluster (2 fake GPUs, accounting by slurmdbd on MariaDB), the SSH tests Debian's
-# openssh-server and the browser test Debian's chromium (driven by Playwright, which downloads no
-# browser); as root all are installed and the cluster started, elsewhere install them yourself
-# (make slurm-up) or run `make test-fast`.
+# openssh-server, the browser test Debian's chromium (driven by Playwright, which downloads no
+# browser) and the team-deployment test Debian's PostgreSQL (a private cluster on 127.0.0.1:5433);
+# as root all are installed and the cluster and PostgreSQL started, elsewhere install them yourself
+# (make slurm-up, make postgres-up) or run `make test-fast`.
 DEBIAN_TEST_PACKAGES := openssh-server chromium fonts-dejavu-core
 test: lint storage/dagster.yaml
 	@if [ "$$(id -u)" = 0 ]; then \
 	  [ -x /usr/sbin/sshd ] && [ -x /usr/bin/chromium ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(DEBIAN_TEST_PACKAGES) >/dev/null); \
-	  SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh; fi
-	PRISM_REQUIRE_SLURM=1 PRISM_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
+	  SLURM_CI_GPUS=2 SLURM_CI_SHARDS=2 scripts/slurm-dev-cluster.sh; \
+	  scripts/postgres-dev.sh >/dev/null; fi
+	PRISM_REQUIRE_SLURM=1 PRISM_REQUIRE_BROWSER=1 PRISM_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest
 
 test-fast: lint storage/dagster.yaml
 	$(BIN)/python -m pytest -m 'not slow and not slurm'
@@ -57,6 +59,13 @@ slurm-up:
 
 slurm-down:
 	scripts/slurm-dev-cluster-stop.sh
+
+# PostgreSQL for a team's Dagster instance, tried on this machine (README, "Operating it for a team").
+postgres-up:
+	scripts/postgres-dev.sh
+
+postgres-down:
+	scripts/postgres-dev-stop.sh
 
 ui: install storage/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
