@@ -48,6 +48,7 @@ from prism_assets.training.settings import (
     fields_where,
     validation_problems,
 )
+from prism_assets.training.tracking import TRACKING_FILE
 from resources.launcher import COST_FILE, RunLauncher, run_cost
 
 # What a DPO run computes: this module (pairs of a cell, run config), the trainer and every module it imports,
@@ -88,6 +89,16 @@ class DpoStorage(dg.ConfigurableResource):
         description="the interpreter that runs the trainer (on the cluster for "
         "SLURM: a venv where this project is installed)",
     )
+
+    def resolved_tracking(self, settings: TrainingSettings) -> dict[str, str]:
+        """Where a run's trackers write (`report_to`), absolute: the settings' tracking_dir and mlflow_tracking_uri,
+        or beside the runs: <storage>/tracking/tensorboard and sqlite:///<storage>/tracking/mlflow.db."""
+        root = Path(self.runs_dir).resolve().parent / "tracking"
+        tensorboard = Path(settings.tracking_dir).resolve() if settings.tracking_dir else root / "tensorboard"
+        return {
+            "tracking_dir": str(tensorboard),
+            "mlflow_tracking_uri": settings.mlflow_tracking_uri or f"sqlite:///{root / 'mlflow.db'}",
+        }
 
     def resolved_base_model(self, base_model: str) -> str:
         """A tiny model's name built to its directory; any other model as named."""
@@ -501,6 +512,10 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
             experiment,
         )
         identity = run_id(config, settings.base_model, pairs)
+        # Neither changes the run's identity: its id, for the trackers, and where they write.
+        config = config.model_copy(
+            update={"label": {**config.label, "run_id": identity}, **dpo_storage.resolved_tracking(settings)}
+        )
         run_dir = (Path(dpo_storage.runs_dir) / identity / f"seed{seed}").resolve()
         with exclusive(run_dir, f"Dagster run {context.run.run_id} ({experiment} {cell})", context.log.info):
             outputs = finished_run(run_dir, context.log.warning)
@@ -556,7 +571,9 @@ def _train(
     if job is not None:  # its directory is the job's: nothing in it is replaced
         launcher.run(context=context, run_dir=str(run_dir), outputs=outputs, command=[], job=job)
         return read_run_outputs(run_dir)
-    with attempt_dir(run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json", COST_FILE)):
+    with attempt_dir(
+        run_dir, METRICS_FILE, context.log.warning, keep=(CHECKPOINTS_DIR, "config.json", COST_FILE, TRACKING_FILE)
+    ):
         with_references(pairs, reference_logps).to_parquet(run_dir / "pairs.parquet", index=False)
         config_path = run_dir / "config.json"
         keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)

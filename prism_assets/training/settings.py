@@ -9,9 +9,10 @@ reference log-probs depend on it. Imports neither torch nor Dagster.
 """
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 # Field metadata keys (json_schema_extra), read by `fields_where`.
 LEARNS, RESUMABLE, REFERENCE = "learns", "resumable", "reference"
@@ -48,6 +49,31 @@ def fields_where(model: type[BaseModel], key: str, value: bool = True) -> tuple[
         return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
 
     return tuple(name for name, field in model.model_fields.items() if meta(field).get(key, False) is value)
+
+
+# The experiment trackers a run can report to (`report_to`, as TRL's): `prism_assets.training.tracking` has one
+# implementation each; their packages are the `trackers` install extra.
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def tracker_names(value: Any) -> Any:
+    """`report_to` as TRL takes it: a name, comma-separated names or a list of them; 'all' is every tracker, 'none'
+    none. A name that is no tracker is an error naming it and the ones there are."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        return value  # not names: the field's type refuses it
+    chosen: list[str] = []
+    for name in (name.strip().lower() for name in names):
+        if name in ("", "none"):
+            continue
+        if name != "all" and name not in TRACKERS:
+            raise PydanticCustomError(
+                "unknown_tracker",
+                "unknown tracker {name}; report_to takes {known}, 'all' or 'none'",
+                {"name": repr(name), "known": ", ".join(TRACKERS)},
+            )
+        chosen += [t for t in (TRACKERS if name == "all" else (name,)) if t not in chosen]
+    return chosen
 
 
 class TrainingSettings(BaseModel):
@@ -104,6 +130,36 @@ class TrainingSettings(BaseModel):
         allow_inf_nan=False,
     )
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train", learns=False, resumable=True)
+    # Where a run is reported: none of these changes what it learns, and a resumed run may report elsewhere.
+    report_to: Annotated[list[str], BeforeValidator(tracker_names)] = setting(
+        [],
+        "experiment trackers the run reports its settings, curve and summary metrics to, as TRL's report_to: "
+        f"{', '.join(TRACKERS)} (comma-separated; 'all': every one, 'none': none); their packages are the "
+        "trackers extra (pip install -e '.[trackers]')",
+        learns=False,
+        resumable=True,
+    )
+    tracking_dir: str | None = setting(
+        None,
+        "where TensorBoard's event files go, a directory per run (<dir>/<experiment>/<cell>/seed<seed>-<run id>); "
+        "none: <storage>/tracking/tensorboard (a config run by hand: <output_dir>/tracking/tensorboard)",
+        learns=False,
+        resumable=True,
+    )
+    mlflow_tracking_uri: str | None = setting(
+        None,
+        "MLflow's tracking store: a database (sqlite:///<path>.db) or a tracking server (http://host:5000); none: "
+        "sqlite:///<storage>/tracking/mlflow.db (a config run by hand: <output_dir>/tracking/mlflow.db)",
+        learns=False,
+        resumable=True,
+    )
+    mlflow_experiment: str = setting(
+        "prism-dpo",
+        "the MLflow experiment the runs are logged in (each tagged with its experiment, cell, split, group, seed)",
+        learns=False,
+        resumable=True,
+        min_length=1,
+    )
 
     def training_values(self) -> dict[str, Any]:
         """This schema's fields and values (of a subclass too: what reaches the trainer)."""
@@ -176,13 +232,16 @@ class JobConfig(BaseModel):
         except ValidationError as error:
             raise ValueError(f"{path}: {validation_problems(error)}") from None
         here = Path(path).resolve().parent
-        return config.model_copy(update={name: str(here / getattr(config, name)) for name in cls.PATH_FIELDS})
+        paths = {name: getattr(config, name) for name in cls.PATH_FIELDS}
+        return config.model_copy(
+            update={name: str(here / value) for name, value in paths.items() if value is not None}
+        )
 
 
 class RunConfig(JobConfig, TrainingSettings):
     """One DPO run: the settings (base_model resolved to a path or hub id), its pairs, seed and output directory."""
 
-    PATH_FIELDS = ("pairs_path", "output_dir")
+    PATH_FIELDS = ("pairs_path", "output_dir", "tracking_dir")
 
     pairs_path: str = setting(..., "the run's pairs (parquet); relative to the config file", resumable=True)
     output_dir: str = setting(..., "where the run writes its outputs", resumable=True)
@@ -190,7 +249,9 @@ class RunConfig(JobConfig, TrainingSettings):
     user_ids: list[str] | None = setting(None, "train on these users' pairs only (none: every pair in the file)")
     max_train_pairs: int | None = setting(None, "train on at most this many pairs (balance_groups)")
     keep_checkpoints: bool = setting(False, "keep the checkpoints after a finished run", learns=False, resumable=True)
-    label: dict = setting({}, "cell / split / group / seed, for humans", learns=False, resumable=True)
+    label: dict = setting(
+        {}, "experiment / cell / split / group / seed / run id, for humans and trackers", learns=False, resumable=True
+    )
     code_version: str | None = setting(
         None,
         "the trainer code's version the asset recorded (`versions.source_version`): other code refuses to run",

@@ -3,7 +3,8 @@
 Owns one run: its held-out split, the training loop over `engine`'s step, held-out evaluation, checkpoints
 (periodic, and on SLURM's USR1 or SIGTERM: save, exit so the job is requeued) and resuming from the newest
 readable one written under the same settings, and its outputs (`run.json`, `curve.parquet`, `metrics.json`,
-each written atomically). Reports through dagster-pipes; imports nothing else of Dagster.
+each written atomically). Reports through dagster-pipes, and to the experiment trackers of `report_to` (`tracking`);
+imports nothing else of Dagster.
 """
 
 import argparse
@@ -29,7 +30,7 @@ for _sig in (signal.SIGUSR1, signal.SIGTERM):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from prism_assets.training import engine, packing  # noqa: E402
+from prism_assets.training import engine, packing, tracking  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
@@ -231,9 +232,9 @@ class HeldoutEvaluator:
         }
 
 
-def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
+def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: tracking.Trackers) -> dict | None:
     """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint
-    (None)."""
+    (None); `trackers` follow the run (the caller closes them on an error)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     started = time.perf_counter()
@@ -306,6 +307,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
             indent=2,
         ).encode(),
     )
+    trackers.start(rows, step, reporter.info)  # a resumed run continues its trackers' runs
 
     model.train()
     window: list[engine.Step] = []
@@ -339,6 +341,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
         row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
         row[EVALUATED] = evaluated
         rows.append(row)
+        trackers.log(row)  # before the checkpoint that holds it: a resumed run's trackers have every row before it
         reporter.info(
             f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} pref_acc {row['pref_acc']:.3f}"
             + (
@@ -356,6 +359,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
                 f"signal {signal.Signals(stop.signal).name}: checkpoint saved at step {step}; "
                 f"exiting with {stop.exit_code()}"
             )
+            trackers.finish("stopped")
             return None
 
     curve = pd.DataFrame(rows)
@@ -365,15 +369,12 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest) -> dict | None:
     curve_data = curve_bytes(curve)
     usage = {**peak_memory(use_cuda), "attention_kernel": packing.kernels_used()}
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
+    # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
+    summary = {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage}
+    trackers.summary(summary)  # before the outputs: a run whose tracker fails has not finished
     write_atomic(out / CURVE_FILE, curve_data)
-    write_atomic(
-        out / METRICS_FILE,
-        json.dumps(
-            # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
-            {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage},
-            indent=2,
-        ).encode(),
-    )
+    write_atomic(out / METRICS_FILE, json.dumps(summary, indent=2).encode())
+    trackers.finish("finished")
     if not cfg.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     reporter.report({k: v for k, v in {**metrics, **usage}.items() if v is not None}, data_version)
@@ -388,10 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig.from_json(args.config)
     stop = StopRequest()
     reporter = Reporter()
+    trackers = None
     try:
         check_code_version("prism_assets.training.trainer", cfg.code_version)
-        metrics = train(cfg, reporter, stop)
+        trackers = tracking.Trackers(cfg)  # a tracker's package missing: an error now, before anything is loaded
+        metrics = train(cfg, reporter, stop, trackers)
     except BaseException as error:
+        if trackers is not None:
+            trackers.finish("failed")
         reporter.close(error)
         raise
     finally:
