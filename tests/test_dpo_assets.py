@@ -76,6 +76,7 @@ def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
         "split": "S8_region",
         "group": "A",
         "seed": 0,
+        "run_id": metadata["run_id"].value,
     }
     assert config["code_version"] == dpo.JOB_CODE_VERSIONS[dpo.TRAINER_MODULE]  # the trainer checked it
 
@@ -230,21 +231,24 @@ def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
         after = code_versions(*experiments)
         return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
-    # the table covers every experiment: it changes with any of them
+    # the table and the write-up cover every experiment: they change with any of them
+    reports = {"correspondence_table", "research_report"}
     assert changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1}, beta=0.2)) == {
         "v2/group_dpo_run",
-        "correspondence_table",
+        *reports,
     }
     assert changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.05})) == {
         "v2/ordered_logit_fit",
         "v2/significant_splits",
         "v2/group_dpo_run",
-        "correspondence_table",
+        *reports,
     }
     deeper = changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1}, base_model="tiny:4"))
     new_reference = {key for key in deeper if key.startswith("reference_logps/")}
-    assert len(new_reference) == 1 and deeper - new_reference == {"v2/group_dpo_run", "correspondence_table"}
-    assert changed(v3) == {"v2/ordered_logit_fit", "v2/significant_splits", "v2/group_dpo_run", "correspondence_table"}
+    assert len(new_reference) == 1 and deeper - new_reference == {"v2/group_dpo_run", *reports}
+    assert changed(v3) == {"v2/ordered_logit_fit", "v2/significant_splits", "v2/group_dpo_run", *reports}
+    # where a run reports to is no part of what it learns, nor of what the write-up shows
+    assert changed(experiment("v3", "v3", report_to="tensorboard"), v2) == set()
     # settings of where runs live are not what a run learns
     assert dpo.fingerprint(experiment(beta=0.2).settings) != dpo.fingerprint(experiment().settings)
     assert dpo.fingerprint(experiment(device="cpu").settings) == dpo.fingerprint(experiment().settings)
@@ -383,6 +387,10 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
         "checkpoint_steps": 8,
         "checkpoint_minutes": 5.0,
         "device": "cpu",
+        "report_to": ["tensorboard", "mlflow"],
+        "tracking_dir": str(tmp_path / "tensorboard"),
+        "mlflow_tracking_uri": "http://mlflow.example:5000",
+        "mlflow_experiment": "other",
     }
     assert set(changed) == set(TrainingSettings.model_fields)  # a new setting must be listed here, and is checked
     defaults = TrainingSettings()

@@ -244,8 +244,12 @@ def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
         **{f"{e.name}__splits": dg.AssetIn(key=[e.name, "significant_splits"]) for e in experiments},
     }
     code_version = versions.source_version(sys.modules[__name__], writeup, plots, correspondence)
+    shown = fields_where(TrainingSettings, LEARNS)  # the settings the write-up shows, not where runs report to
     described = {
-        e.name: {"settings": e.settings.model_dump(mode="json"), "spec": e.spec.model_dump(mode="json")}
+        e.name: {
+            "settings": e.settings.model_dump(mode="json", include=set(shown)),
+            "spec": e.spec.model_dump(mode="json"),
+        }
         for e in experiments
     }
     code_version += "-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:8]
