@@ -436,7 +436,7 @@ def correspondence_check(table: pd.DataFrame) -> pd.DataFrame:
     )
     wide = cells.pivot(index="split", columns="metric", values="cell")
     wide = wide.reindex(index=list(dict.fromkeys(shown["split"])), columns=list(correspondence.METRICS))
-    wide.columns = [correspondence.METRICS[m].split(",")[0] for m in wide.columns]
+    wide.columns = [re.sub(", (primary|the original metric)$", "", correspondence.METRICS[m]) for m in wide.columns]
     return wide.reset_index()
 
 
