@@ -24,21 +24,34 @@ def _splits(k: int) -> pd.DataFrame:
     )
 
 
-def _experiment(rng, splits, seeds, effects, train_sd, heldout_sd, reported_se) -> pd.DataFrame:
-    """One experiment's seed differences: d = effect + the split's fixed held-out error + training noise per seed;
-    every run reports `reported_se` as its held-out standard error (the truth is `heldout_sd`)."""
-    rows = []
-    for split in splits["split"]:
-        fixed = rng.normal(0, heldout_sd)  # the groups' held-out sets are the same for every seed
-        for seed in range(seeds):
-            d = effects.get(split, 0.0) + fixed + rng.normal(0, train_sd)
-            rows.append({"split": split, "metric": METRIC, "seed": seed, "d": d, "eval_se": reported_se})
-    return pd.DataFrame(rows)
+def _experiments(rng, splits, trials, seeds, effects, train_sd, heldout_sd, reported_se) -> pd.DataFrame:
+    """Seed differences of `trials` simulated experiments, each under a metric of its own (the statistics pool,
+    calibrate and correct per metric, so one call judges them all, independently): d = effect + the split's fixed
+    held-out error + training noise per seed; every run reports `reported_se` as its held-out standard error (the
+    truth is `heldout_sd`)."""
+    names = splits["split"].to_numpy()
+    effect = np.array([effects.get(name, 0.0) for name in names])
+    fixed = rng.normal(0, heldout_sd, (trials, len(names), 1))  # the groups' held-out sets: the same every seed
+    d = effect[None, :, None] + fixed + rng.normal(0, train_sd, (trials, len(names), seeds))
+    return pd.DataFrame(
+        {
+            "split": np.tile(np.repeat(names, seeds), trials),
+            "metric": np.repeat([f"{METRIC}#{trial}" for trial in range(trials)], len(names) * seeds),
+            "seed": np.tile(np.arange(seeds), trials * len(names)),
+            "d": d.ravel(),
+            "eval_se": reported_se,
+        }
+    )
 
 
-def _verdicts(diffs, splits, alpha=0.05):
-    table = calibration.calibrated_verdicts(calibration.split_statistics(diffs), splits, alpha)
-    return table.set_index("split")
+def _verdicts(diffs, splits, alpha=0.05) -> pd.DataFrame:
+    """The calibrated verdicts, one row per (trial's) metric and split."""
+    return calibration.calibrated_verdicts(calibration.split_statistics(diffs), splits, alpha)
+
+
+def _by_trial(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One row per simulated experiment, one column per split."""
+    return table.pivot(index="metric", columns="split", values=column)
 
 
 def _rate(hits: int, n: int) -> tuple[float, float, float]:
@@ -55,13 +68,14 @@ def _rate(hits: int, n: int) -> tuple[float, float, float]:
 )
 def test_under_the_null_the_rate_of_match_or_mismatch_is_at_most_alpha(k, reported_se):
     rng = np.random.default_rng(k * 1000 + int(reported_se * 1000))
-    splits, trials, flagged, null_flagged = _splits(k), 1500, 0, 0
-    for _ in range(trials):
-        table = _verdicts(
-            _experiment(rng, splits, 3, {}, train_sd=0.02, heldout_sd=0.03, reported_se=reported_se), splits
-        )
-        flagged += table.loc[PREDICTED, "verdict"].isin([calibration.MATCH, calibration.MISMATCH]).any()
-        null_flagged += table.loc["NULL", "verdict"] == calibration.NULL_NOT_OK
+    splits, trials = _splits(k), 4000
+    table = _verdicts(
+        _experiments(rng, splits, trials, 3, {}, train_sd=0.02, heldout_sd=0.03, reported_se=reported_se), splits
+    )
+    verdicts = _by_trial(table, "verdict")
+    assert len(verdicts) == trials
+    flagged = int(verdicts[PREDICTED].isin([calibration.MATCH, calibration.MISMATCH]).any(axis=1).sum())
+    null_flagged = int((verdicts["NULL"] == calibration.NULL_NOT_OK).sum())
     rate, low, high = _rate(flagged, trials)
     print(f"K={k}, reported se {reported_se}: any MATCH/MISMATCH in {rate:.3f} [{low:.3f}, {high:.3f}] of {trials}")
     assert low <= 0.05  # the family-wise rate is not above α (Holm over seven splits)
@@ -76,14 +90,16 @@ def test_a_planted_effect_of_the_stated_size_is_found_with_the_stated_power():
     # the power line's smallest detectable |A − B| (power 0.8, Holm's strictest level) at the true noise: the noise
     # model is right here, so the null's scale is 1
     truth = {"seed_var": settings["train_sd"] ** 2, "n": seeds, "eval_se": settings["heldout_sd"]}
-    effect = calibration.power_line(truth, calibration.Null(1.0, 8, np.nan), len(PREDICTED), 0.05, np.nan, 64)["mde"]
+    crit = calibration.critical_shift(8, len(PREDICTED), 0.05)
+    effect = float(calibration.power_line(truth, 1.0, crit, np.nan, 64)["mde"])
     # what the table states from each experiment's own estimates is near it
-    mdes = [_verdicts(_experiment(rng, splits, seeds, {}, **settings), splits).loc["S1", "mde"] for _ in range(200)]
+    mdes = _by_trial(_verdicts(_experiments(rng, splits, 200, seeds, {}, **settings), splits), "mde")["S1"]
     assert np.median(mdes) == pytest.approx(effect, rel=0.1)
-    trials, found = 800, 0
-    for _ in range(trials):
-        table = _verdicts(_experiment(rng, splits, seeds, {"S1": effect}, **settings), splits)
-        found += table.loc["S1", "verdict"] == calibration.MATCH
+    trials = 2000
+    verdicts = _by_trial(
+        _verdicts(_experiments(rng, splits, trials, seeds, {"S1": effect}, **settings), splits), "verdict"
+    )
+    found = int((verdicts["S1"] == calibration.MATCH).sum())
     power, low, high = _rate(found, trials)
     print(f"planted effect {effect:.4f}: MATCH in {power:.3f} [{low:.3f}, {high:.3f}] of {trials} (stated 0.8)")
     assert low <= calibration.POWER + 0.05 and high >= calibration.POWER - 0.05
@@ -100,7 +116,7 @@ def test_holm_adjusts_step_down_and_keeps_missing_values_out_of_the_family():
 def test_seeds_cannot_reach_an_effect_below_the_heldout_sets_own_error():
     rng = np.random.default_rng(3)
     splits = _splits(4)
-    diffs = _experiment(rng, splits, 3, {}, train_sd=0.02, heldout_sd=0.05, reported_se=0.05)
+    diffs = _experiments(rng, splits, 1, 3, {}, train_sd=0.02, heldout_sd=0.05, reported_se=0.05)
     table = calibration.calibrated_verdicts(
         calibration.split_statistics(diffs),
         splits,

@@ -8,6 +8,7 @@ statistics and a null split's are exchangeable. Two-sided p-values, Holm-adjuste
 splits, decide the verdicts; the power line says what the seeds can detect and how many would be needed.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,24 +33,27 @@ class Null:
     def calibrated(self) -> bool:
         return self.df >= 2
 
-    def sf(self, z):
-        """P(Z > z) under the null: Student t with K df, or a normal where there are too few random splits."""
-        return stats.t.sf(z, self.df) if self.calibrated else stats.norm.sf(z)
-
     def pdf(self, z):
+        """The null's density: Student t with K df, or a normal where there are too few random splits."""
         return stats.t.pdf(z, self.df) if self.calibrated else stats.norm.pdf(z)
 
     def quantile(self, q: float) -> float:
         return float(stats.t.ppf(q, self.df) if self.calibrated else stats.norm.ppf(q))
 
-    def detectable(self, level: float, power: float) -> float:
-        """The shift of z (in units of the null's scale) that exceeds the `level` quantile with probability
-        `power`: under an effect, z follows a noncentral t with K df (the null's scale is estimated), whose
-        heavier tails need a larger shift than the normal's quantile sum."""
-        critical = self.quantile(level)
-        if not self.calibrated:
-            return critical + float(stats.norm.ppf(power))
-        return float(optimize.brentq(lambda shift: stats.nct.sf(critical, self.df, shift) - power, 0.0, 1e3))
+
+def critical_shift(df: int, family: int, alpha: float) -> float:
+    """The shift of z (in units of the null's scale) that exceeds Holm's strictest level for `family` tests with
+    probability POWER: under an effect, z follows a noncentral t with the null's df (its scale is estimated), whose
+    heavier tails need a larger shift than the normal's quantile sum; a normal where the null is not calibrated."""
+    return _shift(df if df >= 2 else 0, 1 - alpha / (2 * max(family, 1)), POWER)
+
+
+@functools.cache  # a root search per split and metric otherwise; the arguments take few values
+def _shift(df: int, level: float, power: float) -> float:
+    if df == 0:
+        return float(stats.norm.ppf(level) + stats.norm.ppf(power))
+    critical = float(stats.t.ppf(level, df))
+    return float(optimize.brentq(lambda shift: stats.nct.sf(critical, df, shift) - power, 0.0, 1e3))
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -69,11 +73,13 @@ def split_statistics(diffs: pd.DataFrame) -> pd.DataFrame:
     """Per split and metric: n seeds, mean d, the pooled seed variance, se_eval, se and t = mean / se.
 
     `diffs`: one row per split, metric and seed with d and eval_se (correspondence.seed_differences)."""
-    grouped = diffs.groupby(["split", "metric"], sort=False)
-    table = grouped.agg(n=("d", "size"), mean_d=("d", "mean"), eval_se=("eval_se", "mean")).reset_index()
+    keys = ["split", "metric"]
+    squares = (diffs["d"] - diffs.groupby(keys, sort=False)["d"].transform("mean")) ** 2
+    grouped = diffs.assign(ss=squares).groupby(keys, sort=False)
+    table = grouped.agg(
+        n=("d", "size"), mean_d=("d", "mean"), eval_se=("eval_se", "mean"), ss=("ss", "sum")
+    ).reset_index()
     # A split's own few seeds give a variance too noisy to divide by: pool it over the experiment's splits.
-    squares = grouped["d"].agg(lambda d: float(((d - d.mean()) ** 2).sum())).rename("ss").reset_index()
-    table = table.merge(squares, on=["split", "metric"])
     degrees = (table["n"] - 1).groupby(table["metric"]).transform("sum")
     pooled = table["ss"].groupby(table["metric"]).transform("sum") / degrees.where(degrees > 0)
     table["seed_var"] = pooled
@@ -82,37 +88,30 @@ def split_statistics(diffs: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="ss")
 
 
-def null_from(random: pd.DataFrame) -> Null:
-    """The null of one metric from its random splits' rows of split_statistics."""
-    t = random["t"].dropna().to_numpy()
-    if len(t) == 0:
-        return Null(scale=1.0, df=0, typical_abs_d=np.nan)
-    return Null(
-        scale=float(np.sqrt(np.mean(t**2))),
-        df=len(t),
-        typical_abs_d=float(np.sqrt(np.mean(random["mean_d"].dropna().to_numpy() ** 2))),
-    )
-
-
-def power_line(row, null: Null, family: int, alpha: float, effect: float, heldout_pairs: float) -> dict:
+def power_line(rows, scale, crit, effect, heldout_pairs) -> dict[str, np.ndarray]:
     """The smallest |A − B| the split's seeds detect with POWER at Holm's strictest level, the seeds needed for
-    `effect`, or why seeds cannot reach it and the held-out pairs per group that would be needed."""
-    crit = null.detectable(1 - alpha / (2 * max(family, 1)), POWER)
-    seed_var, n, eval_se = row["seed_var"], row["n"], row["eval_se"]
-    if not np.isfinite(seed_var) or n == 0:
-        return {"mde": np.nan, "seeds_needed": np.nan, "heldout_needed": np.nan}
-    mde = crit * null.scale * np.sqrt(seed_var / n + eval_se**2)
-    limit = effect / (crit * null.scale) if np.isfinite(effect) and effect > 0 else np.nan
-    if not np.isfinite(limit):
-        return {"mde": mde, "seeds_needed": np.nan, "heldout_needed": np.nan}
-    room = limit**2 - eval_se**2
-    if room <= 0:  # the fixed held-out sets' own error is above what the effect allows: seeds cannot help
+    `effect`, or why seeds cannot reach it (inf) and the held-out pairs per group that would be needed.
+
+    `rows`: seed_var, n and eval_se of one split (a dict) or of many (a table's columns); `scale`: the null's σ₀;
+    `crit`: critical_shift; each argument one split's or an array of them."""
+    columns = (rows["seed_var"], rows["n"], rows["eval_se"], heldout_pairs, scale, crit, effect)
+    seed_var, n, eval_se, heldout, scale, crit, effect = np.broadcast_arrays(
+        *(np.asarray(x, dtype=float) for x in columns)
+    )
+    trained = np.isfinite(seed_var) & (n > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = crit * scale
+        mde = np.where(trained, unit * np.sqrt(seed_var / n + eval_se**2), np.nan)
+        limit = np.where(np.isfinite(effect) & (effect > 0), effect / unit, np.nan)
+        room = limit**2 - eval_se**2
+        # room ≤ 0: the fixed held-out sets' own error is above what the effect allows, seeds cannot help
+        blocked = trained & (room <= 0)
+        seeds = np.where(trained & (room > 0), np.maximum(2, np.ceil(seed_var / room)), np.nan)
         return {
             "mde": mde,
-            "seeds_needed": np.inf,
-            "heldout_needed": float(np.ceil(heldout_pairs * (eval_se / limit) ** 2)),
+            "seeds_needed": np.where(blocked, np.inf, seeds),
+            "heldout_needed": np.where(blocked, np.ceil(heldout * (eval_se / limit) ** 2), np.nan),
         }
-    return {"mde": mde, "seeds_needed": float(max(2, np.ceil(seed_var / room))), "heldout_needed": np.nan}
 
 
 def calibrated_verdicts(
@@ -125,46 +124,59 @@ def calibrated_verdicts(
     """statistics (split_statistics) with σ₀, z, one- and two-sided p, Holm-adjusted p, verdict and power line per
     split and metric. `splits`: split, predicted ("A>B", "A<B", "A≈B"), null_control, random; `heldout_pairs`:
     split → held-out pairs per group; `effect`: the |A − B| the seeds-needed line is for (default: the null's
-    typical |A − B|)."""
+    typical |A − B|). Each metric is a family of its own: its own null, its own Holm correction."""
+    if statistics.empty:
+        return statistics.assign(verdict=[])
+    table = statistics.reset_index(drop=True)
     kinds = splits.set_index("split")
-    frames = []
-    for _, table in statistics.groupby("metric", sort=False):
-        table = table.copy()
-        random = table[table["split"].map(kinds["random"]).fillna(False).astype(bool)]
-        null = null_from(random)
-        sign = table["split"].map(kinds["predicted"]).map({"A>B": 1.0, "A<B": -1.0})
-        table["null_scale"], table["null_df"] = null.scale, null.df
-        table["z"] = table["t"] / null.scale
-        table["p_two"] = 2 * null.sf(table["z"].abs())
-        table["p_predicted"] = np.where(sign.notna(), null.sf(sign.fillna(1) * table["z"]), np.nan)
-        predicted = sign.notna() & table["p_two"].notna()
-        table["p_adjusted"] = np.nan
-        table.loc[predicted, "p_adjusted"] = holm(table.loc[predicted, "p_two"].to_numpy())
-        family = int(predicted.sum())
-        goal = null.typical_abs_d if effect is None else effect
-        lines = [
-            power_line(row, null, family, alpha, goal, (heldout_pairs or {}).get(row["split"], np.nan))
-            for _, row in table.iterrows()
-        ]
-        table = pd.concat([table.reset_index(drop=True), pd.DataFrame(lines)], axis=1)
-        table["effect_for_seeds"] = goal
-        table["verdict"] = [
-            _verdict(kinds.loc[s], z, p, p_adj, alpha)
-            for s, z, p, p_adj in zip(table["split"], table["z"], table["p_two"], table["p_adjusted"])
-        ]
-        frames.append(table)
-    return pd.concat(frames, ignore_index=True) if frames else statistics.assign(verdict=[])
+    metric = table["metric"]
+    random = table["split"].map(kinds["random"]).fillna(False).astype(bool).to_numpy()
+    control = table["split"].map(kinds["null_control"]).fillna(False).astype(bool).to_numpy()
+    sign = table["split"].map(kinds["predicted"]).map({"A>B": 1.0, "A<B": -1.0}).to_numpy(dtype=float)
+    # The null of each metric from its random splits: σ₀² = mean t_r², K = how many, typical |A − B|.
+    t_random = table["t"].where(random)
+    by_metric = pd.DataFrame({"t2": t_random**2, "d2": (table["mean_d"].where(t_random.notna())) ** 2}).groupby(
+        metric, sort=False
+    )
+    df = by_metric["t2"].transform("count").to_numpy()
+    scale = np.where(df > 0, np.sqrt(by_metric["t2"].transform("mean").to_numpy()), 1.0)
+    typical = np.where(df > 0, np.sqrt(by_metric["d2"].transform("mean").to_numpy()), np.nan)
+    calibrated = df >= 2
 
+    def sf(z):  # P(Z > z) under each row's null: Student t with K df, a normal where K is too small
+        return np.where(calibrated, stats.t.sf(z, np.maximum(df, 1)), stats.norm.sf(z))
 
-def _verdict(split, z: float, p_two: float, p_adjusted: float, alpha: float) -> str:
-    if bool(split["random"]):
-        return RANDOM
-    if bool(split["null_control"]):
-        return INCONCLUSIVE if np.isnan(p_two) else (NULL_NOT_OK if p_two < alpha else NULL_OK)
-    if np.isnan(p_adjusted) or p_adjusted >= alpha:
-        return INCONCLUSIVE
-    predicted = 1 if split["predicted"] == "A>B" else -1
-    return MATCH if np.sign(z) == predicted else MISMATCH
+    z = table["t"].to_numpy(dtype=float) / scale
+    p_two = 2 * sf(np.abs(z))
+    predicted = ~np.isnan(sign) & ~np.isnan(p_two)
+    p_adjusted = pd.Series(np.where(predicted, p_two, np.nan)).groupby(metric, sort=False).transform(holm).to_numpy()
+    family = pd.Series(predicted).groupby(metric, sort=False).transform("sum").to_numpy()
+    crit = [critical_shift(int(k), int(f), alpha) for k, f in zip(df, family)]
+    goal = typical if effect is None else np.full(len(table), effect, dtype=float)
+    held_out = table["split"].map(heldout_pairs or {}).to_numpy(dtype=float)
+    table = table.assign(
+        null_scale=scale,
+        null_df=df,
+        z=z,
+        p_two=p_two,
+        p_predicted=np.where(np.isnan(sign), np.nan, sf(np.nan_to_num(sign, nan=1.0) * z)),
+        p_adjusted=p_adjusted,
+        **power_line(table, scale, crit, goal, held_out),
+        effect_for_seeds=goal,
+    )
+    table["verdict"] = np.select(
+        [
+            random,
+            control & np.isnan(p_two),
+            control & (p_two < alpha),
+            control,
+            ~(p_adjusted < alpha),  # NaN: not significant
+            np.sign(z) == sign,
+        ],
+        [RANDOM, INCONCLUSIVE, NULL_NOT_OK, NULL_OK, INCONCLUSIVE, MATCH],
+        default=MISMATCH,
+    )
+    return table
 
 
 def projected_power(
@@ -184,7 +196,8 @@ def projected_power(
         family = int(table["p_adjusted"].notna().sum())
         for split, pairs in planned.items():
             row = {"seed_var": first["seed_var"], "n": seeds, "eval_se": np.sqrt(per_pair / max(pairs, 1.0))}
-            line = power_line(row, null, family, alpha, null.typical_abs_d, pairs)
+            crit = critical_shift(null.df, family, alpha)
+            line = {k: float(v) for k, v in power_line(row, null.scale, crit, null.typical_abs_d, pairs).items()}
             rows.append(
                 {"split": split, "metric": metric, **row, **line, "effect_for_seeds": null.typical_abs_d}
                 | {"planned_seeds": seeds}
