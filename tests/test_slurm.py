@@ -6,6 +6,7 @@ Dagster run, its process killed or interrupted (the job runs on and is followed 
 before anything is submitted.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -405,16 +406,16 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster_instance):
         cluster_instance,
         cell,
         _launcher(time_limit="1", signal_before_end_s=45),
-        max_steps=1000,
+        max_steps=500,
         logging_steps=20,
         checkpoint_steps=100,
-    )  # > 15 s of training: ≥ 1 warning
+    )  # tens of seconds of training: ≥ 1 warning
     stop.set()
     assert result.success, _failure(result)
     job_id = result.get_asset_materialization_events()[0].materialization.metadata["slurm_job_id"].value
     log = (run_dir / f"slurm-{job_id}.out").read_text()
     assert int(_job(job_id)["Restarts"]) >= 1 and "signal SIGUSR1: checkpoint saved" in log
-    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(20, 1020, 20))
+    assert list(pd.read_parquet(run_dir / "curve.parquet")["step"]) == list(range(20, 520, 20))
 
 
 @pytest.mark.slow
@@ -465,6 +466,16 @@ def _running_job(root: Path, cell: str) -> tuple[str, Path]:
     return job_id, run_dir
 
 
+def _followed_by(process: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
+    """Wait until `process` follows the run directory's job: its record names that process (follow() writes it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((run_dir / "slurm_job.json").read_text()).get("pid") == process.pid:
+                return
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "job_meanwhile"),
@@ -473,17 +484,19 @@ def _running_job(root: Path, cell: str) -> tuple[str, Path]:
 )
 def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_path, how, job_meanwhile):
     """The Dagster process dies (kill -9) or is interrupted (a restart) mid-job: the job goes on, and launching the
-    partition again follows that job (still running, or finished meanwhile) instead of submitting another."""
-    cell, steps = "baseline", 2000 if job_meanwhile == "running" else 60  # tens of seconds of training, or a few
+    partition again follows that job (still running, or finished meanwhile) instead of submitting another. A job
+    that is to outlive both processes is held mid-run by `scontrol suspend` until the second one follows it."""
+    cell, steps = "baseline", 100 if job_meanwhile == "running" else 60
     first = _partition_process(tmp_path, cell, steps)
     job_id, run_dir = _running_job(tmp_path, cell)
+    if job_meanwhile == "running":
+        subprocess.run(["scontrol", "suspend", job_id], check=True)
     first.send_signal(how)
     output = first.communicate(timeout=60)[0].decode()
     if how == signal.SIGINT:
         assert f"SLURM job {job_id} keeps running" in output, output[-2000:]
     if job_meanwhile == "running":
-        time.sleep(2)
-        assert _job(job_id)["JobState"] == "RUNNING", output[-2000:]
+        assert _job(job_id)["JobState"] == "SUSPENDED", output[-2000:]  # alive, neither cancelled nor ended
         # Meanwhile the job is an orphan: listed with its run directory and why, not cancelled without a grace.
         with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
             [orphan] = _launcher().orphans(instance, tmp_path / "runs")
@@ -494,14 +507,18 @@ def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_p
         # kill -9 leaves the Dagster run STARTED: its process, gone, tells; an interrupted run ends FAILURE.
         assert ("is gone" if how == signal.SIGKILL else "ended FAILURE") in orphan["why"], orphan
         assert job_id in tick.skip_message and "cancelled" not in tick.skip_message
+        second = _partition_process(tmp_path, cell, steps)
+        _followed_by(second, run_dir)
+        subprocess.run(["scontrol", "resume", job_id], check=True)
     else:
         assert _wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", output[-2000:]
+        second = _partition_process(tmp_path, cell, steps)
 
-    report, output = _report(_partition_process(tmp_path, cell, steps))
+    report, output = _report(second)
     assert report["success"], report.get("failure", output[-3000:])
     if job_meanwhile == "running":  # followed to its end
         assert report["metadata"]["slurm_job_id"] == job_id, output[-3000:]
-        assert f"SLURM job {job_id} of {run_dir} is RUNNING: following it" in output
+        assert f"SLURM job {job_id} of {run_dir} is SUSPENDED: following it" in output
     else:  # its outputs are there: adopted
         assert report["metadata"]["trained"] is False, output[-3000:]
     assert [p.name for p in run_dir.glob("slurm-*.out")] == [f"slurm-{job_id}.out"]  # one job in all
