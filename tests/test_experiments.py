@@ -100,7 +100,7 @@ def test_v2_after_v3_trains_only_what_v3_did_not_and_the_comparison_pairs_their_
     v2 = experiment(
         "v2", "v2", spec={"boundaries": [14], "alpha": 0.1, "random_splits": 1}, max_steps=4, logging_steps=2
     )
-    assets, resources = dagster_definitions(tmp_path, [v3, v2])
+    assets, resources = dagster_definitions(tmp_path, [v3, v2], warm=True)
     assert len([a for a in assets if a.key.path[0] == "reference_logps"]) == 1
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
@@ -133,7 +133,7 @@ def test_two_model_sizes_on_the_same_splits_are_compared(tmp_path):
     (all of them) side by side."""
     small = experiment("v3", "v3", spec={"random_splits": 0}, max_steps=4, logging_steps=2)
     deep = experiment("v3_tiny4", "v3", spec={"random_splits": 0}, base_model="tiny:4", max_steps=4, logging_steps=2)
-    assets, resources = dagster_definitions(tmp_path, [small, deep])
+    assets, resources = dagster_definitions(tmp_path, [small, deep], warm=True)
     assert len([a for a in assets if a.key.path[0] == "reference_logps"]) == 2
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
