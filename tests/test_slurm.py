@@ -474,6 +474,20 @@ def _followed_by(process: subprocess.Popen, run_dir: Path, timeout: float = 240)
             if json.loads((run_dir / "slurm_job.json").read_text()).get("pid") == process.pid:
                 return
         time.sleep(0.3)
+    raise AssertionError(f"process {process.pid} (exit code {process.poll()}) never followed the job of {run_dir}")
+
+
+@contextlib.contextmanager
+def _suspended(job_id: str):
+    """The job held (SIGSTOP) inside the block and resumed after it; cancelled if the block fails, since a suspended
+    job keeps its GPU and its time limit stands still."""
+    subprocess.run(["scontrol", "suspend", job_id], check=True)
+    try:
+        yield
+    except BaseException:
+        subprocess.run(["scancel", job_id], check=False)
+        raise
+    subprocess.run(["scontrol", "resume", job_id], check=True)
 
 
 @pytest.mark.slow
@@ -489,28 +503,26 @@ def test_a_job_outlives_its_dagster_process_and_the_next_launch_follows_it(tmp_p
     cell, steps = "baseline", 100 if job_meanwhile == "running" else 60
     first = _partition_process(tmp_path, cell, steps)
     job_id, run_dir = _running_job(tmp_path, cell)
-    if job_meanwhile == "running":
-        subprocess.run(["scontrol", "suspend", job_id], check=True)
-    first.send_signal(how)
-    output = first.communicate(timeout=60)[0].decode()
-    if how == signal.SIGINT:
-        assert f"SLURM job {job_id} keeps running" in output, output[-2000:]
-    if job_meanwhile == "running":
-        assert _job(job_id)["JobState"] == "SUSPENDED", output[-2000:]  # alive, neither cancelled nor ended
-        # Meanwhile the job is an orphan: listed with its run directory and why, not cancelled without a grace.
-        with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
-            [orphan] = _launcher().orphans(instance, tmp_path / "runs")
-            tick = automation.build_orphans_sensor(str(tmp_path / "runs"))(
-                dg.build_sensor_context(instance=instance, resources={"launcher": _launcher()})
-            )
-        assert (orphan["job_id"], orphan["run_dir"]) == (job_id, run_dir)
-        # kill -9 leaves the Dagster run STARTED: its process, gone, tells; an interrupted run ends FAILURE.
-        assert ("is gone" if how == signal.SIGKILL else "ended FAILURE") in orphan["why"], orphan
-        assert job_id in tick.skip_message and "cancelled" not in tick.skip_message
-        second = _partition_process(tmp_path, cell, steps)
-        _followed_by(second, run_dir)
-        subprocess.run(["scontrol", "resume", job_id], check=True)
-    else:
+    with _suspended(job_id) if job_meanwhile == "running" else contextlib.nullcontext():
+        first.send_signal(how)
+        output = first.communicate(timeout=60)[0].decode()
+        if how == signal.SIGINT:
+            assert f"SLURM job {job_id} keeps running" in output, output[-2000:]
+        if job_meanwhile == "running":
+            assert _job(job_id)["JobState"] == "SUSPENDED", output[-2000:]  # alive, neither cancelled nor ended
+            # Meanwhile the job is an orphan: listed with its run directory and why, not cancelled without a grace.
+            with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+                [orphan] = _launcher().orphans(instance, tmp_path / "runs")
+                tick = automation.build_orphans_sensor(str(tmp_path / "runs"))(
+                    dg.build_sensor_context(instance=instance, resources={"launcher": _launcher()})
+                )
+            assert (orphan["job_id"], orphan["run_dir"]) == (job_id, run_dir)
+            # kill -9 leaves the Dagster run STARTED: its process, gone, tells; an interrupted run ends FAILURE.
+            assert ("is gone" if how == signal.SIGKILL else "ended FAILURE") in orphan["why"], orphan
+            assert job_id in tick.skip_message and "cancelled" not in tick.skip_message
+            second = _partition_process(tmp_path, cell, steps)
+            _followed_by(second, run_dir)
+    if job_meanwhile == "finished":
         assert _wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", output[-2000:]
         second = _partition_process(tmp_path, cell, steps)
 
