@@ -52,7 +52,7 @@ from prism_assets.experiments import ExperimentSpec  # noqa: E402
 from prism_assets.training import engine, packing, tiny_model  # noqa: E402
 from prism_assets.training.logps import sequences_of, tokenize_pairs  # noqa: E402
 from prism_assets.training.reference import reference_logps  # noqa: E402
-from prism_assets.training.run_files import REFERENCE_COLUMNS  # noqa: E402
+from prism_assets.training.run_folder import REFERENCE_COLUMNS  # noqa: E402
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"

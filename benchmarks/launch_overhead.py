@@ -25,9 +25,9 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from prism_assets.training.run_files import METRICS_FILE, REFERENCE_COLUMNS, TOKEN_COLUMNS
+from prism_assets.training.run_folder import METRICS_FILE, PIPES_MESSAGES_FILE, REFERENCE_COLUMNS, TOKEN_COLUMNS
 from prism_assets.training.settings import RECIPES, ReferenceConfig, RunConfig
-from resources.launcher import PIPES_MESSAGES_FILE, LocalLauncher
+from resources.launcher import LocalLauncher
 
 TRAINER, REFERENCE = "prism_assets.training.trainer", "prism_assets.training.reference"
 # The trainer, and what it imports only inside train(): transformers' auto classes and the Qwen2 model and tokenizer.

@@ -20,6 +20,7 @@ from prism_assets.dataset import loading, pairs, synthetic
 from prism_assets.experiments import ExperimentSpec, resolve
 from prism_assets.statistics import ordered_logit, splits
 from resources.io_managers import ParquetIOManager
+from resources.prism_source import PrismSource
 
 AUTO = resolve("auto", ExperimentSpec(preset="auto"), {}, "tiny", "benchmark")
 
@@ -66,7 +67,7 @@ def main():
         print(f"pairs: {len(result.pairs)}, users: {result.pairs['user_id'].nunique()}, boundaries: {fit.boundaries}")
 
         resources = {
-            "prism_source": data.PrismSource(synthetic_users=args.users, synthetic_dir=str(tmp / "dagster_prism")),
+            "prism_source": PrismSource(synthetic_users=args.users, synthetic_dir=str(tmp / "dagster_prism")),
             "io_manager": ParquetIOManager(base_dir=str(tmp / "assets")),
         }
         with dg.instance_for_test() as instance:

@@ -19,12 +19,10 @@ from typing import Any
 
 import dagster as dg
 
-from prism_assets import partitions
+from prism_assets import keys, partitions
 from resources.launcher import RunLauncher
 from resources.slurm import SlurmLauncher
 
-TABLE_ASSET = dg.AssetKey("correspondence_table")
-REPORT_ASSET = dg.AssetKey("research_report")
 NOT_FINISHED_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -35,15 +33,11 @@ NOT_FINISHED_STATUSES = [
 ]
 
 
-def dpo_asset(experiment: str) -> dg.AssetKey:
-    return dg.AssetKey([experiment, "group_dpo_run"])
-
-
 @functools.cache  # one definition per name: the schedules, the sensor and Definitions share it
 def dpo_job(experiment: str):
     return dg.define_asset_job(
         f"{experiment}_dpo_runs",
-        selection=[dpo_asset(experiment)],
+        selection=[keys.group_dpo_run(experiment)],
         description=f"{experiment}'s group_dpo_run partitions (cell × seed), one run each.",
         tags={"experiment": experiment},
     )
@@ -51,7 +45,7 @@ def dpo_job(experiment: str):
 
 report_job = dg.define_asset_job(
     "correspondence_report",
-    selection=[TABLE_ASSET, REPORT_ASSET],
+    selection=[keys.CORRESPONDENCE_TABLE, keys.RESEARCH_REPORT],
     description="correspondence_table from every finished DPO partition, and the write-up when it changed.",
 )
 SEED_TICK_KEY = "prism_assets/add_seeds/{tick}"
@@ -71,7 +65,7 @@ def missing_partitions(
     instance: dg.DagsterInstance, experiment: str, cells: Sequence[str], seeds: Sequence[str]
 ) -> list[tuple[str, str]]:
     """(cell, seed) pairs of the experiment's group_dpo_run neither materialized nor in a queued or running run."""
-    asset = dpo_asset(experiment)
+    asset = keys.group_dpo_run(experiment)
     done = instance.get_materialized_partitions(asset)
     busy = {run.tags.get("dagster/partition") for run in in_flight(instance, [asset])}
     return [(cell, seed) for cell in cells for seed in seeds if partition_key(cell, seed) not in done | busy]
@@ -204,7 +198,7 @@ def build_report_sensor(dpo_assets: Sequence[dg.AssetKey], running: bool = False
         latest = newest_materialization(instance, dpo_assets)
         if latest is None:
             return dg.SkipReason("no group_dpo_run partition has materialized yet")
-        table = newest_materialization(instance, [TABLE_ASSET])
+        table = newest_materialization(instance, [keys.CORRESPONDENCE_TABLE])
         if table is not None and table.storage_id > latest.storage_id:
             return dg.SkipReason("correspondence_table is newer than every DPO run")
         busy = in_flight(instance, dpo_assets)

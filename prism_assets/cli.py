@@ -1,11 +1,12 @@
-"""The project CLI. `python -m prism_assets run`: materialize the whole pipeline, every DPO partition included.
+"""The project CLI: `python -m prism_assets run | orphans | settings`.
 
-Dagster's CLI refuses partitioned assets without `--partition`, so the main job has this entry point. It
+`run` is the main job. Dagster's CLI refuses partitioned assets without `--partition`, so it has this entry point: it
 materializes the data and every experiment's statistics, registers the seeds, materializes every experiment's
-`group_dpo_run` partitions (cell × seed; `--parallel` at a time, each its own Dagster run; experiment after
-experiment, so a run two experiments share is trained by the first and adopted by the second), then
-`correspondence_table` — all through Dagster's API into the instance at DAGSTER_HOME, so `dagster dev` shows every
-run.
+`group_dpo_run` partitions (cell × seed; `--parallel` at a time, each its own Dagster run, in worker processes that get
+the settings as an argument; experiment after experiment, so a run two experiments share is trained by the first and
+adopted by the second), then `correspondence_table` and `research_report` — all through Dagster's API into the
+instance at DAGSTER_HOME, so `dagster dev` shows every run. `settings` prints every setting with its value and where
+it came from; `orphans` lists (and cancels) SLURM jobs no Dagster run follows.
 """
 
 import argparse
@@ -18,19 +19,30 @@ from pathlib import Path
 
 import dagster as dg
 
+from prism_assets.platform import Configuration
+
+_WORKER: dict = {}  # the code location of a worker process, built once from its parent's configuration
+
+
+def start_worker(configuration: Configuration) -> None:
+    """A worker's initializer: its code location from the configuration the main job read (not the environment)."""
+    from prism_assets.location import build
+
+    _WORKER["location"] = build(configuration)
+
 
 def materialize_partition(experiment: str, cell: str, seed: str) -> tuple[str, bool, bool]:
     """One group_dpo_run partition as its own Dagster run (in a worker process: Dagster's in-process execution is
     not thread-safe, and a worker imports the project once for all its partitions): (key, success, trained)."""
-    from prism_assets import partitions
-    from prism_assets.definitions import ASSETS, RESOURCES
+    from prism_assets import keys, partitions
 
+    location = _WORKER["location"]
     result = dg.materialize(
-        ASSETS,
-        selection=[dg.AssetKey([experiment, "group_dpo_run"])],
+        location.assets,
+        selection=[keys.group_dpo_run(experiment)],
         partition_key=partitions.partition_key(cell, seed),
         instance=dg.DagsterInstance.get(),
-        resources=RESOURCES,
+        resources=location.resources,
         raise_on_error=False,
         tags={"experiment": experiment},  # the UI's runs list shows whose run it is
     )
@@ -63,32 +75,34 @@ def _print_tables(output: dict) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def for_run(args: argparse.Namespace, configuration: Configuration) -> Configuration:
+    """The main job's configuration: its flags over the environment's."""
     # Runs side by side share the cores: one run's torch threads must not oversubscribe them.
-    os.environ.setdefault("DPO_THREADS_PER_RUN", str(max(1, (os.cpu_count() or 1) // args.parallel)))
+    changes: dict = {"threads_per_run": configuration.platform.threads_per_run or max(1, cpu_count() // args.parallel)}
     if args.experiments:
-        os.environ["PRISM_EXPERIMENTS"] = args.experiments  # the worker processes read it too
-    from prism_assets import partitions
-    from prism_assets.assets import report
+        changes["experiments"] = args.experiments
+    return configuration.with_platform(**changes)
 
-    try:
-        from prism_assets.definitions import ASSETS, CHECKS, EXPERIMENTS, RESOURCES, UNPARTITIONED
-    except ValueError as error:  # a setting in the environment or the experiments file: one line, not a traceback
-        print(f"prism_assets: {error}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace, location) -> int:
+    from prism_assets import keys, partitions
+    from prism_assets.assets import report
+    from prism_assets.location import CHECKS
     from resources.launcher import LocalLauncher
 
+    configuration = location.configuration
     instance = dg.DagsterInstance.get()
     started = time.perf_counter()
     # The reference precompute runs alone in this phase: a local one may use every core.
-    alone = (
-        {**RESOURCES, "launcher": LocalLauncher()} if isinstance(RESOURCES["launcher"], LocalLauncher) else RESOURCES
-    )
-    result = dg.materialize([*UNPARTITIONED, *CHECKS], instance=instance, resources=alone, raise_on_error=False)
+    resources = location.resources
+    local = isinstance(resources["launcher"], LocalLauncher)
+    alone = {**resources, "launcher": LocalLauncher()} if local else resources
+    upstream = [*location.unpartitioned, *CHECKS]
+    result = dg.materialize(upstream, instance=instance, resources=alone, raise_on_error=False)
     if not result.success:
         print(f"run {result.run_id} failed; see `dagster dev` or the log above", file=sys.stderr)
         return 1
-    for experiment in EXPERIMENTS:
+    for experiment in location.experiments:
         splits = result.output_for_node(f"{experiment.name}__significant_splits")["splits"]
         print(f"\n{experiment.description}")
         print(splits[["split", "predicted", "users_a", "users_b", "pairs_a", "pairs_b"]].to_string(index=False))
@@ -97,21 +111,25 @@ def run(args: argparse.Namespace) -> int:
     seeds = [partitions.seed_key(s) for s in range(args.seeds)]
     known = set(instance.get_dynamic_partitions(partitions.SEED))
     instance.add_dynamic_partitions(partitions.SEED, [s for s in seeds if s not in known])
-    keys = [
+    todo = [
         (experiment.name, cell, seed)
-        for experiment in EXPERIMENTS
+        for experiment in location.experiments
         for cell in instance.get_dynamic_partitions(partitions.cells_name(experiment.name))
         for seed in seeds
     ]
-    storage = RESOURCES["dpo_storage"]
-    for experiment in EXPERIMENTS:  # build the tiny models once, before runs start in parallel
-        storage.resolved_base_model(experiment.settings.base_model)
+    for experiment in location.experiments:  # build the tiny models once, before runs start in parallel
+        location.storage.resolved_base_model(experiment.settings.base_model)
     failed, trained = [], 0
-    with ProcessPoolExecutor(max_workers=args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done, (key, success, was_trained) in enumerate(pool.map(materialize_partition, *zip(*keys)), start=1):
+    with ProcessPoolExecutor(
+        max_workers=args.parallel,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_worker,
+        initargs=(configuration,),
+    ) as pool:
+        for done, (key, success, was_trained) in enumerate(pool.map(materialize_partition, *zip(*todo)), start=1):
             trained += was_trained
             print(
-                f"[{done}/{len(keys)}] group_dpo_run {key}: "
+                f"[{done}/{len(todo)}] group_dpo_run {key}: "
                 f"{('trained' if was_trained else 'shared') if success else 'FAILED'} "
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
@@ -119,41 +137,67 @@ def run(args: argparse.Namespace) -> int:
             if not success:
                 failed.append(key)
     table = dg.materialize(
-        ASSETS,
-        selection=[dg.AssetKey("correspondence_table"), dg.AssetKey("research_report")],
+        location.assets,
+        selection=[keys.CORRESPONDENCE_TABLE, keys.RESEARCH_REPORT],
         instance=instance,
-        resources=RESOURCES,
+        resources=resources,
         raise_on_error=False,
     )
     if not table.success:
         print("correspondence_table or research_report failed", file=sys.stderr)
         return 1
     _print_tables(table.output_for_node("correspondence_table"))
+    html = Path(location.storage.reports_dir, report.REPORT_FILES["html"]).resolve()
+    print(f"\nthe write-up: {html} (and report.md beside it)")
     print(
-        f"\nthe write-up: {Path(storage.reports_dir, report.REPORT_FILES['html']).resolve()} (and report.md beside it)"
-    )
-    print(
-        f"\nmain job finished in {time.perf_counter() - started:.0f} s: {len(keys)} DPO partitions, {trained} trained "
-        f"here, {len(keys) - trained - len(failed)} shared or already done; {len(failed)} failed {failed or ''}"
+        f"\nmain job finished in {time.perf_counter() - started:.0f} s: {len(todo)} DPO partitions, {trained} trained "
+        f"here, {len(todo) - trained - len(failed)} shared or already done; {len(failed)} failed {failed or ''}"
     )
     return 1 if failed else 0
 
 
-def orphans(args: argparse.Namespace) -> int:
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def orphans(args: argparse.Namespace, location) -> int:
     from prism_assets import automation
-    from prism_assets.definitions import RESOURCES
     from resources.slurm import SlurmLauncher
 
-    launcher = RESOURCES["launcher"]
+    launcher = location.resources["launcher"]
     if not isinstance(launcher, SlurmLauncher):
         print("prism_assets: orphans are SLURM jobs; set DPO_LAUNCHER=slurm (and PRISM_SLURM_*)", file=sys.stderr)
         return 2
-    found = launcher.orphans(dg.DagsterInstance.get(), Path(RESOURCES["dpo_storage"].runs_dir))
+    found = launcher.orphans(dg.DagsterInstance.get(), Path(location.storage.runs_dir))
     cancelled = [orphan["job_id"] for orphan in found] if args.cancel else []
     for job in cancelled:
         launcher.commands.run(["scancel", job], check=False)
     print(automation.orphans_report(found, cancelled))
     return 0
+
+
+def settings(args: argparse.Namespace, configuration: Configuration) -> int:
+    """Every setting: its variable, value and where the value came from; with --help-text, what it means."""
+    rows = configuration.rows()
+    width = max(len(row["variable"]) for row in rows)
+    value_width = min(40, max(len(row["value"]) for row in rows))
+    for row in rows:
+        line = f"{row['variable']:<{width}}  {row['value']:<{value_width}}  {row['source']}"
+        print(line + (f"\n    {row['help']}" if args.help_text and row["help"] else ""))
+    home = os.environ.get("DAGSTER_HOME")
+    print(f"{'DAGSTER_HOME':<{width}}  {home or '(unset)'}  {'environment' if home else 'Dagster needs it set'}")
+    return 0
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,11 +207,33 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument(
         "--experiments", default=None, help="comma-separated experiments of experiments.toml (default: the enabled)"
     )
-    run_parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every DPO cell (default 3)")
-    run_parser.add_argument("--parallel", type=int, default=2, help="DPO partitions run at once (default 2)")
+    run_parser.add_argument("--seeds", type=positive, default=3, help="seeds 0..N-1 of every DPO cell (default 3)")
+    run_parser.add_argument("--parallel", type=positive, default=2, help="DPO partitions run at once (default 2)")
     orphans_parser = commands.add_parser(
         "orphans", help="list the SLURM jobs no Dagster run follows (DPO_LAUNCHER=slurm); --cancel: scancel them"
     )
     orphans_parser.add_argument("--cancel", action="store_true", help="cancel every orphan now, whatever its grace")
+    settings_parser = commands.add_parser("settings", help="print every setting, its value and where it came from")
+    settings_parser.add_argument("--help-text", action="store_true", help="also print what each setting means")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else orphans(args)
+    try:  # a setting of the environment or the experiments file: one line, not a traceback
+        configuration = Configuration.from_environ(os.environ)
+        if args.command == "settings":
+            return settings(args, configuration)
+        from prism_assets.location import build
+
+        location = build(for_run(args, configuration) if args.command == "run" else configuration)
+        check_dagster_home()
+    except ValueError as error:
+        print(f"prism_assets: {error}", file=sys.stderr)
+        return 2
+    return run(args, location) if args.command == "run" else orphans(args, location)
+
+
+def check_dagster_home() -> None:
+    """DAGSTER_HOME names an existing directory: Dagster's own error otherwise is a traceback."""
+    home = os.environ.get("DAGSTER_HOME", "")
+    if not home:
+        raise ValueError("DAGSTER_HOME is not set: set it to the instance's directory (the Makefile uses ./storage)")
+    if not Path(home).is_dir():
+        raise ValueError(f"DAGSTER_HOME={home!r} is not a directory: create it (with a dagster.yaml) or fix the path")

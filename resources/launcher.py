@@ -9,7 +9,8 @@ whose jobs outlive the Dagster process (SLURM) names a run directory's `live_job
 follows that job again instead of starting one.
 `LocalLauncher` runs the command as a subprocess of the Dagster run, or, for `python -m <module>` of this
 interpreter when `warm_modules` is set, in a fork of the Dagster process with those modules already imported
-(stdout/stderr into the run directory, their tail in the failure). Never imports prism_assets.
+(stdout/stderr into the run directory, their tail in the failure). Of the project it imports only the run folder's
+names (`prism_assets.training.run_folder`).
 """
 
 import atexit
@@ -37,11 +38,8 @@ import dagster as dg
 from dagster_pipes import PipesDefaultMessageWriter
 from pydantic import Field
 
-PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE = "pipes_context.json", "pipes_messages.jsonl"
-# What each job of a run directory cost, a JSON line per job, where the backend knows it (SLURM's accounting).
-# Kept across the attempts of one run: a job that failed half-way cost GPU time too.
-COST_FILE = "job_cost.jsonl"
-STDOUT_FILE, STDERR_FILE = "stdout.log", "stderr.log"
+from prism_assets.training.run_folder import PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE, STDERR_FILE, STDOUT_FILE
+
 PR_SET_PDEATHSIG = 1
 _prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None  # looked up before any fork
 
@@ -51,22 +49,6 @@ def die_with_parent() -> None:
     process: killed with it, rather than left writing into a run directory the next launch resumes from."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def run_cost(run_dir: Path) -> dict[str, float] | None:
-    """The summed cost of every job the run directory records (COST_FILE), or None where none is recorded."""
-    path = run_dir / COST_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    jobs = list({job["job_id"]: job for job in map(json.loads, filter(str.strip, lines))}.values())  # once each
-    if not jobs:
-        return None
-    elapsed = sum(job["elapsed_s"] for job in jobs)
-    return {
-        "jobs": len(jobs),
-        **{name: sum(job[name] for job in jobs) for name in ("elapsed_s", "queue_wait_s", "gpu_hours")},
-        "max_rss_mb": max(job["max_rss_mb"] for job in jobs),
-        "cpu_efficiency": sum(job["cpu_efficiency"] * job["elapsed_s"] for job in jobs) / elapsed if elapsed else 0.0,
-    }
 
 
 def tail(path: Path, lines: int = 30) -> str:

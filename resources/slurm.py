@@ -21,10 +21,18 @@ from pathlib import Path, PurePosixPath
 
 import dagster as dg
 from dagster_pipes import decode_env_var, encode_env_var
+from pydantic import Field
 
-from resources.launcher import COST_FILE, PIPES_MESSAGES_FILE, RunLauncher, tail
+from prism_assets.training.run_folder import (
+    JOB_RECORD,
+    JOB_SCRIPT,
+    PIPES_MESSAGES_FILE,
+    job_stderr,
+    job_stdout,
+    record_cost,
+)
+from resources.launcher import RunLauncher, tail
 
-JOB_SCRIPT, JOB_RECORD = "job.sbatch", "slurm_job.json"
 REQUEUE_EXIT_CODE = 99  # the trainer saved a checkpoint on SLURM's warning signal: requeue the job
 TERMINAL_STATES = {
     "COMPLETED",
@@ -260,46 +268,62 @@ class SlurmCommands:
 class SlurmLauncher(RunLauncher):
     """Submits each run as an sbatch job. Every value is validated before anything is submitted."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_limit: str = "02:00:00"
-    cpus_per_task: int = 4
-    mem: str | None = "32G"
-    gpus: int = 1
-    gpu_request: str = "gres"  # "gres" → --gres=gpu[:type]:N, "gpus" → --gpus=[type:]N
-    gpu_type: str | None = None
+    partition: str | None = Field(None, description="sbatch --partition")
+    account: str | None = Field(None, description="sbatch --account")
+    qos: str | None = Field(None, description="sbatch --qos")
+    time_limit: str = Field("02:00:00", description="sbatch --time (M, H:M:S, D-H:M:S)")
+    cpus_per_task: int = Field(4, ge=1, description="sbatch --cpus-per-task")
+    mem: str | None = Field("32G", description="sbatch --mem (empty: the partition's default)")
+    gpus: int = Field(1, ge=0, description="GPUs per job")
+    gpu_request: str = Field("gres", description="'gres': --gres=gpu[:type]:N; 'gpus': --gpus=[type:]N")
+    gpu_type: str | None = Field(None, description="the GPU type in the request (a100, h100, …)")
     # GPU packing: K runs share one GPU through SLURM's gres/shard (the cluster defines `shards_per_gpu`
     # shards on each GPU; a run then requests shards_per_gpu / runs_per_gpu of them). 1: a whole GPU each.
-    runs_per_gpu: int = 1
-    shards_per_gpu: int | None = None
-    constraint: str | None = None
-    extra_sbatch_args: list[str] = []  # e.g. ["--reservation=ml", "--exclusive"]
-    setup_lines: list[str] = []  # shell lines before the trainer: module load …, source venv/bin/activate
-    job_name_prefix: str = "prism-dpo"
-    requeue: bool = True  # False: --no-requeue, a node failure ends the job and the partition's retry resumes it
-    signal_before_end_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
-    poll_initial_s: float = 1.0
-    poll_max_s: float = 30.0
-    queue_wait_budget_s: float = 7 * 86400
-    time_budget_factor: float = 3.0  # watch at most factor × time_limit (+ queue budget) per job
-    unreachable_budget_s: float = 600.0  # ask again this long while SLURM gives no answer (controller, SSH)
-    preempted_grace_s: float = 300.0  # with requeue: how long a PREEMPTED job may take to be PENDING again
-    accounting_wait_s: float = 30.0  # how long a finished job's accounting record may take to reach sacct
+    runs_per_gpu: int = Field(1, ge=1, description="runs packed onto one GPU through gres/shard (1: a GPU each)")
+    shards_per_gpu: int | None = Field(None, ge=1, description="the gres/shard count the cluster defines per GPU")
+    constraint: str | None = Field(None, description="sbatch --constraint")
+    extra_sbatch_args: list[str] = Field([], description="more --long-options, space-separated")
+    setup_lines: list[str] = Field(
+        [], description="shell lines before the trainer, ';;'-separated (module load …;;source venv/bin/activate)"
+    )
+    job_name_prefix: str = Field("prism-dpo", description="the jobs' names begin with this (how orphans are found)")
+    requeue: bool = Field(
+        True, description="--requeue and a checkpoint on the warning signal; false: a node failure ends the job"
+    )
+    signal_before_end_s: int = Field(120, ge=1, description="SIGUSR1 this long before the time limit: checkpoint")
+    poll_initial_s: float = Field(1.0, gt=0, description="the first wait between two looks at a job")
+    poll_max_s: float = Field(30.0, gt=0, description="the longest wait between two looks (×1.5 each time)")
+    queue_wait_budget_s: float = Field(7 * 86400, gt=0, description="how long a job may wait in the queue")
+    time_budget_factor: float = Field(3.0, gt=0, description="a job is watched at most factor × time_limit")
+    unreachable_budget_s: float = Field(
+        600.0, gt=0, description="how long to ask again while SLURM gives no answer (controller, SSH)"
+    )
+    preempted_grace_s: float = Field(
+        300.0, ge=0, description="with requeue: how long a PREEMPTED job may take to be PENDING again"
+    )
+    accounting_wait_s: float = Field(
+        30.0, ge=0, description="how long a finished job's accounting record may take to reach sacct"
+    )
     # A job no Dagster run follows (its process went away) is adopted when its partition is launched again; once
     # the `slurm_orphans` sensor has seen it unwatched this many seconds, it cancels it. None: only listed.
-    orphan_grace_s: float | None = None
-    ssh_host: str | None = None  # submit on this login node over SSH (None: SLURM's CLI is local)
-    ssh_user: str | None = None
-    ssh_port: int = 22
-    ssh_identity_file: str | None = None  # a key file; credentials come only from configuration or ssh-agent
-    ssh_known_hosts_file: str | None = None
-    ssh_strict_host_keys: bool = True
-    ssh_control_dir: str = "/tmp/prism-ssh"
+    orphan_grace_s: float | None = Field(
+        None, ge=0, description="cancel a job no Dagster run follows after this long (unset: only list it)"
+    )
+    ssh_host: str | None = Field(None, description="submit on this login node over SSH (unset: SLURM is local)")
+    ssh_user: str | None = Field(None, description="the SSH user")
+    ssh_port: int = Field(22, ge=1, le=65535, description="the SSH port")
+    ssh_identity_file: str | None = Field(
+        None, description="an SSH key file (credentials come only from settings or ssh-agent)"
+    )
+    ssh_known_hosts_file: str | None = Field(None, description="the known_hosts file for the login node")
+    ssh_strict_host_keys: bool = Field(True, description="refuse a login node whose host key is unknown")
+    ssh_control_dir: str = Field("/tmp/prism-ssh", description="where the multiplexed SSH connection's socket lives")
     # Where run directories live on the cluster when the Dagster host does not see its filesystem (SSH mode):
     # inputs are copied there, the Pipes messages and the job's stdout/stderr are tailed over SSH, outputs
     # copied back. Unset: the run directory is on a filesystem both sides share, at the same path.
-    remote_runs_dir: str | None = None
+    remote_runs_dir: str | None = Field(
+        None, description="SSH mode without a shared filesystem: run folders live here on the cluster, mirrored"
+    )
 
     @property
     def commands(self) -> SlurmCommands:
@@ -334,8 +358,8 @@ class SlurmLauncher(RunLauncher):
             raise ValueError(f"SLURM setting gpu_request={self.gpu_request!r}: expected 'gres' or 'gpus'")
         options = [
             f"--job-name={_validated('job_name', job_name)}",
-            f"--output={run_dir}/slurm-%j.out",
-            f"--error={run_dir}/slurm-%j.err",
+            f"--output={run_dir}/{job_stdout('%j')}",
+            f"--error={run_dir}/{job_stderr('%j')}",
             "--open-mode=append",
             f"--time={_validated('time_limit', self.time_limit, TIME_LIMIT)}",
             f"--cpus-per-task={int(self.cpus_per_task)}",
@@ -461,8 +485,7 @@ class SlurmLauncher(RunLauncher):
             context.log.warning(f"SLURM accounting has no finished record of job {job_id}: no cost recorded")
             return None
         cost = job_cost(rows, self.shards_per_gpu)
-        with open(run_dir / COST_FILE, "a") as handle:
-            handle.write(json.dumps({"job_id": job_id, **cost}) + "\n")
+        record_cost(run_dir, {"job_id": job_id, **cost})
         return cost
 
     def context_injector(self, run_dir: Path) -> dg.PipesContextInjector:
@@ -576,7 +599,7 @@ class SlurmLauncher(RunLauncher):
         state, exit_code = final["JobState"], final.get("ExitCode", "?")
         if state == "COMPLETED" and exit_code.startswith("0:"):
             return
-        stderr = tail(run_dir / f"slurm-{job}.err")
+        stderr = tail(run_dir / job_stderr(job))
         raise dg.Failure(
             description=f"SLURM job {job} ended {state} (exit code {exit_code}, "
             f"reason {final.get('Reason', '?')}). "
@@ -631,7 +654,7 @@ class SlurmLauncher(RunLauncher):
 
     def fetch(self, remote: str, run_dir: Path, job_id: str, outputs: tuple[str, ...]) -> None:
         """The job's final output and the outputs the caller named, copied back from the cluster."""
-        self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
+        self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, job_stdout(job_id), job_stderr(job_id)])
         for name in outputs:
             (run_dir / name).unlink(missing_ok=True)
         self.mirror(remote, run_dir, list(outputs))
@@ -644,7 +667,7 @@ class SlurmLauncher(RunLauncher):
             try:
                 info = self.job_state(job_id)
                 if remote:
-                    self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, f"slurm-{job_id}.out", f"slurm-{job_id}.err"])
+                    self.mirror(remote, run_dir, [PIPES_MESSAGES_FILE, job_stdout(job_id), job_stderr(job_id)])
             except SlurmUnreachable as error:
                 unanswered_since = unanswered_since or time.monotonic()
                 if time.monotonic() - unanswered_since > self.unreachable_budget_s:
@@ -658,7 +681,7 @@ class SlurmLauncher(RunLauncher):
                 continue
             unanswered_since = None
             state = info["JobState"]
-            streamed = self._stream(context, run_dir / f"slurm-{job_id}.out", streamed)
+            streamed = self._stream(context, run_dir / job_stdout(job_id), streamed)
             if state != last_state:
                 context.log.info(
                     f"SLURM job {job_id}: {state} (reason {info.get('Reason', '-')}, "

@@ -171,16 +171,16 @@ def dagster_definitions(
 ):
     """(assets, resources) of these experiments on a synthetic PRISM of `users` users, storage under tmp_path;
     `warm`: the local launcher forks the jobs from this process, as the main job does."""
-    from prism_assets.assets import asset_graph, data, dpo
+    from prism_assets.assets import asset_graph, dpo
     from resources.io_managers import ParquetIOManager
     from resources.launcher import LocalLauncher
+    from resources.prism_source import PrismSource
+    from resources.storage import DpoStorage
 
     resources = {
-        "prism_source": data.PrismSource(
-            synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")
-        ),
+        "prism_source": PrismSource(synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")),
         "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
-        "dpo_storage": dpo.DpoStorage(
+        "dpo_storage": DpoStorage(
             models_dir=str(tmp_path / "models"),
             runs_dir=str(tmp_path / "runs"),
             reports_dir=str(tmp_path / "reports"),
@@ -199,11 +199,11 @@ def upstream_of_runs(assets: list) -> list:
 def materialize_partition(assets, resources, instance, experiment: str, cell: str, seed, **kwargs):
     import dagster as dg
 
-    from prism_assets import partitions
+    from prism_assets import keys, partitions
 
     return dg.materialize(
         assets,
-        selection=[dg.AssetKey([experiment, "group_dpo_run"])],
+        selection=[keys.group_dpo_run(experiment)],
         partition_key=partitions.partition_key(cell, str(seed)),
         instance=instance,
         resources=resources,

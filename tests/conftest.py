@@ -48,9 +48,9 @@ def shipped_asset_keys() -> list[str]:
     """The asset keys of the shipped experiments (v3, v2) on the tiny model, as the UI names them."""
     from builders import experiment
 
-    from prism_assets.assets import dpo
+    from prism_assets import keys
 
-    reference = dpo.reference_key(experiment().settings).to_user_string()
+    reference = keys.reference_logps(experiment().settings).to_user_string()
     per_experiment = [f"{e}/{name}" for name in ("ordered_logit_fit", "significant_splits") for e in ("v3", "v2")]
     runs = ["v3/group_dpo_run", "v2/group_dpo_run"]
     reports = ["correspondence_table", "research_report"]

@@ -7,6 +7,7 @@ from builders import V3_SPLITS, experiment
 from prism_assets import definitions
 from prism_assets.assets import data, stats
 from resources.io_managers import ParquetIOManager, read_bundle
+from resources.prism_source import PrismSource
 
 DATA = [data.raw_prism, data.within_model_pairs]
 ASSETS = [*DATA, *stats.build_statistics(experiment("auto", "auto"))]
@@ -15,7 +16,7 @@ CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no
 
 def _resources(tmp_path, source):
     return {
-        "prism_source": data.PrismSource(
+        "prism_source": PrismSource(
             source=source, synthetic_users=300, synthetic_seed=3, synthetic_dir=str(tmp_path / "synthetic")
         ),
         "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from prism_assets import automation, partitions
+from prism_assets import automation, keys, partitions
 from prism_assets.definitions import ASSETS, RESOURCES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _queue(instance, repository, request, experiment="v3"):
         run_config={},
         tags=request.tags,
         status=dg.DagsterRunStatus.NOT_STARTED,
-        asset_selection=frozenset({automation.dpo_asset(experiment)}),
+        asset_selection=frozenset({keys.group_dpo_run(experiment)}),
     )
 
 
@@ -151,7 +151,7 @@ def test_new_cells_sensor_requests_only_cells_it_has_not_seen(instance):
 
 
 def test_report_sensor_waits_for_runs_and_requests_one_table_per_batch(instance):
-    sensor = automation.build_report_sensor([automation.dpo_asset("v3"), automation.dpo_asset("v2")])
+    sensor = automation.build_report_sensor([keys.group_dpo_run("v3"), keys.group_dpo_run("v2")])
     repository = _repository(sensor, automation.build_add_seeds_schedule("v3", "0 2 * * 0", 1))
 
     def evaluate():

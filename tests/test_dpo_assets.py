@@ -18,8 +18,10 @@ from builders import (
     upstream_of_runs,
 )
 
-from prism_assets import partitions
+from prism_assets import cells, partitions
 from prism_assets.assets import dpo, report
+from prism_assets.training import run_folder as folder
+from prism_assets.training.settings import fingerprint
 
 
 def _definitions(tmp_path, users=300, python=None, warm=False, **settings):
@@ -206,17 +208,25 @@ def test_a_relaunch_resumes_from_the_checkpoints_of_an_interrupted_attempt(v3_in
 
 
 def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
-    with pytest.raises(dg.Failure, match="left no metrics.json"):
-        dpo.read_run_outputs(tmp_path)
+    with pytest.raises(folder.RunFolderError, match="left no metrics.json"):
+        folder.read_outputs(tmp_path)
     (tmp_path / "metrics.json").write_text('{"final_heldout_acc": 0.5,')
     (tmp_path / "curve.parquet").write_bytes(b"not parquet")
-    with pytest.raises(dg.Failure, match=r"metrics.json is not valid JSON"):
-        dpo.read_run_outputs(tmp_path)
+    (tmp_path / "run.json").write_text('{"seed": 0')  # truncated: a node that died while writing it
+    with pytest.raises(folder.RunFolderError, match=rf"{tmp_path / 'metrics.json'} is not valid JSON"):
+        folder.read_outputs(tmp_path)
     (tmp_path / "metrics.json").write_text(
         '{"final_heldout_acc": 0.5, "mean_heldout_acc_tail": 0.5, "data_version": "x"}'
     )
-    with pytest.raises(dg.Failure, match=r"curve.parquet cannot be read as parquet"):
-        dpo.read_run_outputs(tmp_path)
+    with pytest.raises(folder.RunFolderError, match=rf"{tmp_path / 'run.json'} is not valid JSON"):
+        folder.read_outputs(tmp_path)
+    (tmp_path / "run.json").write_text('{"seed": 0}')
+    with pytest.raises(folder.RunFolderError, match=r"curve.parquet cannot be read as parquet"):
+        folder.read_outputs(tmp_path)
+    # a finished run that cannot be read is trained again, saying why
+    said = []
+    assert folder.finished_outputs(tmp_path, said.append) is None
+    assert said and "training" in said[0] and "curve.parquet cannot be read" in said[0]
 
 
 def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
@@ -250,8 +260,8 @@ def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
     # where a run reports to is no part of what it learns, nor of what the write-up shows
     assert changed(experiment("v3", "v3", report_to="tensorboard"), v2) == set()
     # settings of where runs live are not what a run learns
-    assert dpo.fingerprint(experiment(beta=0.2).settings) != dpo.fingerprint(experiment().settings)
-    assert dpo.fingerprint(experiment(device="cpu").settings) == dpo.fingerprint(experiment().settings)
+    assert fingerprint(experiment(beta=0.2).settings) != fingerprint(experiment().settings)
+    assert fingerprint(experiment(device="cpu").settings) == fingerprint(experiment().settings)
 
 
 @pytest.mark.slow
@@ -288,7 +298,12 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
     import numpy as np
     import pandas as pd
 
-    from prism_assets.training.run_files import REFERENCE_COLUMNS, TEXT_DIGEST_COLUMN, TOKEN_COLUMNS, pair_text_digests
+    from prism_assets.training.run_folder import (
+        REFERENCE_COLUMNS,
+        TEXT_DIGEST_COLUMN,
+        TOKEN_COLUMNS,
+        pair_text_digests,
+    )
 
     def texts(ids, answer="yes"):
         return pd.DataFrame(
@@ -311,21 +326,25 @@ def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_lo
             TEXT_DIGEST_COLUMN: pair_text_digests(computed_from),
         }
     )
-    merged = dpo.with_references(pairs, references)
+    merged = cells.with_references(pairs, references)
     assert list(merged[REFERENCE_COLUMNS[0]]) == [-2.0, -1.0] and [list(ids) for ids in merged[TOKEN_COLUMNS[0]]] == [
         [1, 7],
         [0, 7],
     ]
     assert list(merged.columns) == [*pairs.columns, *REFERENCE_COLUMNS, *TOKEN_COLUMNS]  # the digest stays behind
-    with pytest.raises(dg.Failure, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"):
-        dpo.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
+    with pytest.raises(
+        cells.CellError, match="1 of 3 pairs have no reference log-probs: rematerialize reference_logps"
+    ):
+        cells.with_references(pd.concat([pairs, texts(["z"]).assign(user_id=["u3"])]), references)
     # the same pair ids with other text (another PRISM release or synthetic configuration): every pair is compared
     edited = pairs.assign(chosen=["yes", "yes!"])
-    with pytest.raises(dg.Failure, match=r"1 of 2 pairs \(first: 'b'\) have other text than reference_logps computed"):
-        dpo.with_references(edited, references)
+    with pytest.raises(
+        cells.CellError, match=r"1 of 2 pairs \(first: 'b'\) have other text than reference_logps computed"
+    ):
+        cells.with_references(edited, references)
     prompt_edited = pairs.assign(prompt=[[{"role": "user", "content": "q a"}], [{"role": "system", "content": "q b"}]])
-    with pytest.raises(dg.Failure, match=r"1 of 2 pairs \(first: 'b'\)"):
-        dpo.with_references(prompt_edited, references)
+    with pytest.raises(cells.CellError, match=r"1 of 2 pairs \(first: 'b'\)"):
+        cells.with_references(prompt_edited, references)
 
 
 def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
@@ -339,7 +358,7 @@ def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
         }
     )
     splits = {"splits": pd.DataFrame({"split": ["S1", "S2"]}), "membership": membership}
-    digest = dpo.membership_digest
+    digest = cells.membership_digest
     # S1's group B as a split of the same name made otherwise (another preset, α or fit) held it.
     older_b = digest({"membership": membership.replace({"u4": "u5"})}, "S1", "B")
     rows = [
@@ -397,7 +416,7 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     assert all(getattr(defaults, name) != value for name, value in changed.items())
     settings = experiment(**changed).settings
     path = tmp_path / "config.json"
-    config = dpo.run_config(settings, settings.base_model, "S1_age.A", 3, max_train_pairs=None, experiment="v3")
+    config = cells.run_config(settings, settings.base_model, "S1_age.A", 3, None, "v3", code_version=None)
     path.write_text(config.model_dump_json())
     config = RunConfig.from_json(path)
     assert {name: getattr(config, name) for name in changed} == changed

@@ -12,7 +12,7 @@ from trl_reference import make_trainer
 from prism_assets.training import engine
 from prism_assets.training.logps import tokenize_pairs
 from prism_assets.training.reference import reference_logps
-from prism_assets.training.run_files import REFERENCE_COLUMNS
+from prism_assets.training.run_folder import REFERENCE_COLUMNS
 from prism_assets.training.settings import RunConfig
 
 STEPS, BATCH, MAX_LENGTH = 4, 8, 96

@@ -11,7 +11,7 @@ from builders import run_job
 
 from prism_assets.training.logps import messages, sequences_of, token_columns, tokenize_pairs
 from prism_assets.training.reference import reference_logps
-from prism_assets.training.run_files import REFERENCE_COLUMNS, TOKEN_COLUMNS
+from prism_assets.training.run_folder import REFERENCE_COLUMNS, TOKEN_COLUMNS
 
 # Stated tolerance: 2e-4 relative (at most 0.05 nats on these sums of 10–300 token log-probs). Same token ids,
 # fp32 on CPU, but TRL computes the LM head in chunks and pads batches differently: the float rounding of

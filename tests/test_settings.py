@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,9 @@ from conftest import REPO
 from pydantic import ValidationError
 
 from prism_assets.assets import report
-from prism_assets.definitions import experiments_from_env, int_from_env
 from prism_assets.experiments import ExperimentSpec
-from prism_assets.training.settings import RunConfig
+from prism_assets.platform import Configuration
+from prism_assets.training.settings import RunConfig, TrainingSettings
 
 # (settings, what is wrong, as the environment's reader says it: DPO_<FIELD>='value': rule)
 BAD_SETTINGS = [
@@ -35,6 +36,10 @@ BAD_RELATIONS = [
     ({"logging_steps": 2, "checkpoint_steps": 5}, "checkpoint_steps 5 must be a multiple of logging_steps 2"),
     ({"max_steps": 3}, "max_steps 3 must be at least logging_steps 5"),
 ]
+
+
+def experiments_from_env():
+    return Configuration.from_environ(os.environ).experiments()
 
 
 def _set_env(monkeypatch, settings: dict) -> None:
@@ -74,8 +79,8 @@ def test_a_blank_base_model_is_refused(monkeypatch):
 
 def test_counts_from_the_environment_must_be_positive(monkeypatch):
     monkeypatch.setenv("PRISM_SYNTHETIC_USERS", "0")
-    with pytest.raises(ValueError, match="^PRISM_SYNTHETIC_USERS='0': must be at least 1$"):
-        int_from_env("PRISM_SYNTHETIC_USERS", 1500, minimum=1)
+    with pytest.raises(ValueError, match="^PRISM_SYNTHETIC_USERS='0': Input should be greater than or equal to 1$"):
+        experiments_from_env()
 
 
 def test_the_main_job_stops_on_a_bad_setting_with_one_line_and_no_traceback(tmp_path):
@@ -98,3 +103,73 @@ def test_the_main_job_stops_on_a_bad_setting_with_one_line_and_no_traceback(tmp_
 def test_per_asset_run_config_out_of_range_names_the_field_and_rule(config, values, message):
     with pytest.raises(ValidationError, match=message):
         config(**values)
+
+
+def test_the_environment_s_settings_are_converted_and_a_misspelt_one_is_named():
+    environ = {"DPO_LEARNING_RATE": "2e-5", "DPO_BALANCE_GROUPS": "true", "DPO_RECIPE": "original"}
+    configuration = Configuration.from_environ(environ)
+    assert configuration.dpo == {"learning_rate": 2e-5, "balance_groups": True}  # DPO_RECIPE is the platform's
+    assert configuration.platform.recipe == "original"
+    with pytest.raises(ValueError, match="DPO_LERNING_RATE: TrainingSettings has no setting 'lerning_rate'"):
+        Configuration.from_environ({**environ, "DPO_LERNING_RATE": "1"})
+    # empty: an optional setting back to None (no periodic checkpoints); a required one is an error
+    assert Configuration.from_environ({"DPO_CHECKPOINT_MINUTES": ""}).dpo["checkpoint_minutes"] is None
+    with pytest.raises(ValueError, match="DPO_MAX_STEPS=''"):
+        Configuration.from_environ({"DPO_MAX_STEPS": ""})
+    with pytest.raises(ValueError, match="DPO_MAX_STEPS='many'"):
+        Configuration.from_environ({"DPO_MAX_STEPS": "many"})
+    with pytest.raises(ValueError, match="PRISM_SLURM_CPUS_PER_TAS: SlurmLauncher has no setting 'cpus_per_tas'"):
+        Configuration.from_environ({"PRISM_SLURM_CPUS_PER_TAS": "2"})
+    assert Configuration.from_environ({"PRISM_SLURM_SETUP_LINES": "module load x;;source v"}).slurm == {
+        "setup_lines": ["module load x", "source v"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PRISM_SEEDS_PER_TICK", "two", "Input should be a valid integer, unable to parse string as an integer"),
+        ("PRISM_SYNTHETIC_SEED", "-1", "Input should be greater than or equal to 0"),
+        ("PRISM_SYNTHETIC_EFFECTS", "some", "Input should be 'planted' or 'none'"),
+        ("DPO_LAUNCHER", "kubernetes", "Input should be 'local' or 'slurm'"),
+        ("DPO_RECIPE", "huge", r"expected one of \['original', 'tiny'\]"),
+        ("DPO_THREADS_PER_RUN", "0", "Input should be greater than or equal to 1"),
+        ("PRISM_SEED_SCHEDULE_CRON", "daily", "expected a cron string of five fields"),
+        ("PRISM_AUTOMATION", "on", "Input should be 'stopped' or 'running'"),
+    ],
+)
+def test_a_platform_setting_out_of_range_is_one_line_naming_it(variable, value, message):
+    with pytest.raises(ValueError, match=f"^{variable}={value!r}: {message}"):
+        Configuration.from_environ({variable: value})
+
+
+def test_platform_settings_are_read_with_where_they_came_from():
+    configuration = Configuration.from_environ({"PRISM_SEEDS_PER_TICK": " 3 ", "PRISM_EXPERIMENTS": "v3, v2"})
+    assert configuration.platform.seeds_per_tick == 3 and configuration.platform.experiments == ["v3", "v2"]
+    rows = {row["variable"]: row for row in configuration.rows()}
+    assert rows["PRISM_SEEDS_PER_TICK"]["source"] == "environment" and rows["PRISM_SOURCE"]["source"] == "default"
+    assert rows["DPO_LEARNING_RATE"]["source"].startswith("recipe tiny")
+    # every setting of the three schemas is listed, once, with its help
+    from prism_assets.platform import PlatformSettings
+    from resources.slurm import SlurmLauncher
+
+    expected = (
+        len(PlatformSettings.model_fields) + len(TrainingSettings.model_fields) + len(SlurmLauncher.model_fields)
+    )
+    assert len(rows) == expected
+    assert all(row["help"] for row in rows.values()), [v for v, row in rows.items() if not row["help"]]
+
+
+def test_the_settings_command_lists_every_setting(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets", "settings", "--help-text"],
+        cwd=REPO,
+        env={**os.environ, "PRISM_SYNTHETIC_SEED": "7"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^PRISM_SYNTHETIC_SEED +7 +environment$", done.stdout, re.M)
+    assert re.search(r"^DPO_BETA +0.1 +recipe tiny", done.stdout, re.M)
+    assert re.search(r"^PRISM_SLURM_TIME_LIMIT +02:00:00 +default$", done.stdout, re.M)

@@ -2,6 +2,7 @@
 read back through the trackers' own readers."""
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from prism_assets.platform import Configuration
 from prism_assets.training import tracking
 from prism_assets.training.reporting import Reporter
 from prism_assets.training.settings import TRACKERS, RunConfig, TrainingSettings
@@ -233,24 +235,20 @@ def test_a_stopped_and_resumed_run_continues_its_tracker_runs_with_each_step_onc
     ],
 )
 def test_report_to_from_the_environment(monkeypatch, value, trackers):
-    from prism_assets.definitions import experiments_from_env
-
     monkeypatch.setenv("DPO_REPORT_TO", value)
     monkeypatch.setenv("DPO_MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    [*_, settings] = [e.settings for e in experiments_from_env()]
+    [*_, settings] = [e.settings for e in Configuration.from_environ(os.environ).experiments()]
     assert settings.report_to == trackers and settings.mlflow_tracking_uri == "http://mlflow.example:5000"
 
 
 def test_an_unknown_tracker_is_named_with_the_ones_there_are(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
-    from prism_assets.definitions import experiments_from_env
-
     assert list(tracking.IMPLEMENTATIONS) == list(TRACKERS)  # every name report_to takes has its tracker
     message = "unknown tracker 'wandb'; report_to takes tensorboard, mlflow, 'all' or 'none'"
     monkeypatch.setenv("DPO_REPORT_TO", "tensorboard,wandb")
     with pytest.raises(ValueError, match=f"^DPO_REPORT_TO='tensorboard,wandb': {message}$"):
-        experiments_from_env()
+        Configuration.from_environ(os.environ)
     with pytest.raises(ValidationError, match=message):
         TrainingSettings(report_to=["wandb"])
     config = {"base_model": "m", "pairs_path": "p", "output_dir": "o", "seed": 0, "report_to": ["mlflow", "wandb"]}

@@ -10,7 +10,7 @@ import pytest
 from builders import run_job
 
 from prism_assets.training.metrics import summarize_curve
-from prism_assets.training.run_files import split_heldout
+from prism_assets.training.run_folder import split_heldout
 from prism_assets.training.settings import RunConfig
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
 from prism_assets.training.trainer import HeldoutEvaluator

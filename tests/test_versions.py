@@ -1,11 +1,9 @@
-"""Code versions from source, and environment settings for the resources."""
+"""Code versions from source."""
 
 import pytest
 
 from prism_assets import versions
 from prism_assets.assets import dpo
-from prism_assets.definitions import int_from_env, settings_from_env
-from prism_assets.training.settings import TrainingSettings
 
 
 def test_source_version_ignores_comments_layout_and_docstrings_but_not_code(tmp_path, monkeypatch):
@@ -41,35 +39,3 @@ def test_code_versions_follow_the_logic_modules_imports(tmp_path, monkeypatch):
     before = versions.source_version("prism_assets.training.entry")
     (package / "helper.py").write_text("def f():\n    return 2\n")
     assert versions.source_version("prism_assets.training.entry") != before
-
-
-def test_settings_from_env_converts_types_and_names_unknown_variables(monkeypatch):
-    monkeypatch.setenv("DPO_LEARNING_RATE", "2e-5")
-    monkeypatch.setenv("DPO_BALANCE_GROUPS", "true")
-    monkeypatch.setenv("DPO_RECIPE", "original")  # not a setting: ignored when listed
-    assert settings_from_env("DPO_", TrainingSettings, ignore=("DPO_RECIPE",)) == {
-        "learning_rate": 2e-5,
-        "balance_groups": True,
-    }
-    monkeypatch.setenv("DPO_LERNING_RATE", "1")
-    with pytest.raises(ValueError, match="DPO_LERNING_RATE: TrainingSettings has no setting 'lerning_rate'"):
-        settings_from_env("DPO_", TrainingSettings, ignore=("DPO_RECIPE",))
-    monkeypatch.delenv("DPO_LERNING_RATE")
-    monkeypatch.setenv("DPO_CHECKPOINT_MINUTES", "")  # empty: back to None (no periodic checkpoints)
-    assert settings_from_env("DPO_", TrainingSettings, ignore=("DPO_RECIPE",))["checkpoint_minutes"] is None
-    monkeypatch.setenv("DPO_MAX_STEPS", "")  # not optional: an empty value is an error
-    with pytest.raises(ValueError, match="DPO_MAX_STEPS=''"):
-        settings_from_env("DPO_", TrainingSettings, ignore=("DPO_RECIPE",))
-    monkeypatch.setenv("DPO_MAX_STEPS", "many")
-    with pytest.raises(ValueError, match="DPO_MAX_STEPS='many'"):
-        settings_from_env("DPO_", TrainingSettings, ignore=("DPO_RECIPE",))
-
-
-def test_an_integer_variable_that_is_no_integer_is_named(monkeypatch):
-    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", "two")
-    with pytest.raises(ValueError, match="PRISM_SEEDS_PER_TICK='two': expected an integer"):
-        int_from_env("PRISM_SEEDS_PER_TICK", 2)
-    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", " 3 ")
-    assert int_from_env("PRISM_SEEDS_PER_TICK", 2) == 3
-    monkeypatch.setenv("PRISM_SEEDS_PER_TICK", "")
-    assert int_from_env("PRISM_SEEDS_PER_TICK", 2) == 2

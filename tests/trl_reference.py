@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from prism_assets.training.logps import messages
-from prism_assets.training.run_files import REFERENCE_COLUMNS
+from prism_assets.training.run_folder import REFERENCE_COLUMNS
 from prism_assets.training.settings import RunConfig
 
 

@@ -3,14 +3,14 @@ statistics and DPO runs, and the table over all of them."""
 
 import dagster as dg
 
-from prism_assets import versions
+from prism_assets import keys, versions
 from prism_assets.assets import data, dpo, report, stats
 from prism_assets.experiments import Experiment
 
 
 def asset_graph(experiments: list[Experiment]) -> list[dg.AssetsDefinition]:
     """Every asset of these experiments, code versions folding in their upstream code's."""
-    references = {dpo.reference_key(e.settings): dpo.build_reference_logps(e.settings) for e in experiments}
+    references = {keys.reference_logps(e.settings): dpo.build_reference_logps(e.settings) for e in experiments}
     return versions.with_upstream_code_versions(
         [
             data.raw_prism,

@@ -1,58 +1,19 @@
 """Data assets: `raw_prism` (the three PRISM tables) and `within_model_pairs`, with the pairs' checks.
 
-Owns where PRISM comes from (`PrismSource`: synthetic, a local directory, or the Hub — one setting,
-never a silent fallback) and the metadata a researcher reads in the UI: the source, row counts, and
-every dropped row counted by reason. The logic lives in `prism_assets.dataset`; these assets wire it.
+Owns the metadata a researcher reads in the UI: the source (`resources.prism_source`), row counts, and every dropped
+row counted by reason. The logic lives in `prism_assets.dataset`; these assets wire it.
 """
 
 import sys
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
 
 from prism_assets import versions
 from prism_assets.dataset import loading, schema, synthetic
 from prism_assets.dataset import pairs as pairs_lib
-
-SYNTHETIC, HUB = "synthetic", "hf"
-
-
-class PrismSource(dg.ConfigurableResource):
-    """Where raw_prism reads PRISM: "synthetic" (default), "hf" (the Hub), or a directory of jsonl files."""
-
-    source: str = SYNTHETIC
-    synthetic_seed: int = Field(0, ge=0)
-    synthetic_users: int = Field(1500, ge=1)
-    synthetic_dir: str = "storage/synthetic_prism"
-    hub_dataset_id: str = schema.HUB_DATASET_ID
-    hub_revision: str | None = None
-
-    def load(self) -> tuple[loading.PrismTables, dict]:
-        """The tables and metadata naming the source (and, for synthetic data, the planted truth's file)."""
-        if self.source == SYNTHETIC:
-            directory = Path(self.synthetic_dir) / f"seed{self.synthetic_seed}_users{self.synthetic_users}"
-            synthetic.write_synthetic_prism(
-                directory, synthetic.SyntheticConfig(seed=self.synthetic_seed, num_users=self.synthetic_users)
-            )
-            tables = loading.load_prism_directory(
-                directory, source=f"synthetic (seed {self.synthetic_seed}, {self.synthetic_users} users)"
-            )
-            return tables, {
-                "synthetic": True,
-                "synthetic_note": synthetic.SYNTHETIC_NOTE,
-                "planted_truth": dg.MetadataValue.path(str(directory / "truth.json")),
-            }
-        if self.source == HUB:
-            return loading.load_prism_hub(self.hub_dataset_id, self.hub_revision), {"synthetic": False}
-        directory = Path(self.source)
-        if not directory.is_dir():
-            raise ValueError(
-                f"PRISM source {self.source!r} is neither 'synthetic', 'hf' nor an existing directory of PRISM "
-                "jsonl files"
-            )
-        return loading.load_prism_directory(directory), {"synthetic": False}
+from resources import prism_source as source_module
+from resources.prism_source import PrismSource
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
@@ -63,7 +24,7 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
     group_name="data",
     kinds={"parquet"},
     owners=versions.OWNERS,
-    code_version=versions.source_version(sys.modules[__name__], loading, schema, synthetic),
+    code_version=versions.source_version(sys.modules[__name__], source_module, loading, schema, synthetic),
     description="PRISM survey, conversations and utterances as typed tables (the embedded default is SYNTHETIC: "
     "generated in the real schema with planted effects). Metadata names the source and counts dropped rows.",
 )

@@ -15,13 +15,14 @@ from typing import Literal
 import dagster as dg
 import pandas as pd
 
-from prism_assets import partitions, plots, versions, writeup
-from prism_assets.assets import data as data_assets
-from prism_assets.assets import dpo
+from prism_assets import cells, keys, partitions, plots, versions, writeup
 from prism_assets.assets.data import markdown_table
 from prism_assets.experiments import Experiment
 from prism_assets.statistics import correspondence
-from prism_assets.training.settings import LEARNS, TrainingSettings, fields_where
+from prism_assets.training.run_folder import write_atomic
+from prism_assets.training.settings import LEARNS, TrainingSettings, fields_where, fingerprint
+from resources.prism_source import SYNTHETIC
+from resources.storage import DpoStorage
 
 
 class ReportConfig(dg.Config):
@@ -59,7 +60,7 @@ def current_runs(runs: pd.DataFrame, splits: dict, settings_fingerprint: str) ->
     name is reused by another preset, α or fit), and one trained under other DPO settings than the code location's
     — each would be scored against a prediction or averaged with runs it was not made for."""
     names = set(splits["splits"]["split"])
-    expected = {(s, g): dpo.membership_digest(splits, s, g) for s in names for g in partitions.GROUPS}
+    expected = {(s, g): cells.membership_digest(splits, s, g) for s in names for g in partitions.GROUPS}
     reasons = pd.Series(None, index=runs.index, dtype="object")
     gone = runs["split"].notna() & ~runs["split"].isin(names)
     reasons[gone] = "split no longer in significant_splits"
@@ -88,7 +89,7 @@ def experiment_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """One experiment's (correspondence rows, seed differences, runs, curves, runs left out by reason)."""
     runs, left_out = (
-        current_runs(runs_table(group_dpo_run), significant_splits, dpo.fingerprint(experiment.settings))
+        current_runs(runs_table(group_dpo_run), significant_splits, fingerprint(experiment.settings))
         if group_dpo_run
         else (pd.DataFrame(), {})
     )
@@ -130,7 +131,7 @@ def split_groups(splits: dict) -> dict[str, tuple]:
     table = splits["splits"]
     predicted = table["split"] if "random" not in table else table.loc[~table["random"], "split"]
     return {
-        split: tuple(dpo.membership_digest(splits, split, group) for group in partitions.GROUPS)
+        split: tuple(cells.membership_digest(splits, split, group) for group in partitions.GROUPS)
         for split in predicted  # random splits are draws of the null: nothing to compare
     }
 
@@ -139,10 +140,10 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
     """`correspondence_table`: every experiment's table, and the splits experiments share compared side by side."""
     ins = {
         **{
-            f"{e.name}__runs": dg.AssetIn(key=[e.name, "group_dpo_run"], metadata={"allow_missing_partitions": True})
+            f"{e.name}__runs": dg.AssetIn(key=keys.group_dpo_run(e.name), metadata={"allow_missing_partitions": True})
             for e in experiments
         },
-        **{f"{e.name}__splits": dg.AssetIn(key=[e.name, "significant_splits"]) for e in experiments},
+        **{f"{e.name}__splits": dg.AssetIn(key=keys.significant_splits(e.name)) for e in experiments},
     }
 
     @dg.asset(
@@ -160,7 +161,7 @@ def build_correspondence_table(experiments: list[Experiment]) -> dg.AssetsDefini
         "stable or flipped. Markdown tables, parquet and plots.",
     )
     def correspondence_table(
-        context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: dpo.DpoStorage, **inputs
+        context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: DpoStorage, **inputs
     ) -> dict:
         reports = Path(dpo_storage.reports_dir)
         metadata: dict = {}
@@ -240,8 +241,8 @@ def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
         "correspondence_table": dg.AssetIn(),
         "raw_prism": dg.AssetIn(),
         "within_model_pairs": dg.AssetIn(),
-        **{f"{e.name}__fit": dg.AssetIn(key=[e.name, "ordered_logit_fit"]) for e in experiments},
-        **{f"{e.name}__splits": dg.AssetIn(key=[e.name, "significant_splits"]) for e in experiments},
+        **{f"{e.name}__fit": dg.AssetIn(key=keys.ordered_logit_fit(e.name)) for e in experiments},
+        **{f"{e.name}__splits": dg.AssetIn(key=keys.significant_splits(e.name)) for e in experiments},
     }
     code_version = versions.source_version(sys.modules[__name__], writeup, plots, correspondence)
     shown = fields_where(TrainingSettings, LEARNS)  # the settings the write-up shows, not where runs report to
@@ -265,14 +266,12 @@ def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
         "a table per split, the correspondence check, the experiments compared and observations. Markdown and a "
         "self-contained HTML file under storage/reports/.",
     )
-    def research_report(
-        context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: dpo.DpoStorage, **inputs
-    ):
+    def research_report(context: dg.AssetExecutionContext, config: ReportConfig, dpo_storage: DpoStorage, **inputs):
         table = inputs["correspondence_table"]
         pairs, raw = inputs["within_model_pairs"], inputs["raw_prism"]
         data = {
             "source": raw["source"],
-            "synthetic": str(raw["source"]).startswith(data_assets.SYNTHETIC),
+            "synthetic": str(raw["source"]).startswith(SYNTHETIC),
             "dropped_rows": int(sum(raw["dropped"].values())),
             "survey": len(raw["survey"]),
             "conversations": len(raw["conversations"]),
@@ -303,8 +302,8 @@ def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
         paths["figures"].mkdir(parents=True, exist_ok=True)
         for name, png in built.document.figures.items():
             (paths["figures"] / name).write_bytes(png)
-        _write(paths["markdown"], built.document.markdown(REPORT_FILES["figures"]))
-        _write(paths["html"], built.document.html("PRISM DPO splits: the write-up"))
+        write_atomic(paths["markdown"], built.document.markdown(REPORT_FILES["figures"]))
+        write_atomic(paths["html"], built.document.html("PRISM DPO splits: the write-up"))
         context.log.info(f"research_report written: {paths['html']}")
         yield dg.Output(
             {**built.tables, "markdown": str(paths["markdown"]), "html": str(paths["html"]), "inputs_digest": digest},
@@ -356,10 +355,3 @@ def _digest(*parts) -> str:
         return repr(value)
 
     return hashlib.sha256(json.dumps(canonical(list(parts))).encode()).hexdigest()[:24]
-
-
-def _write(path: Path, text: str) -> None:
-    """Replace `path` whole: a reader (a browser reloading) never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -12,7 +12,7 @@ import sys
 import dagster as dg
 import pandas as pd
 
-from prism_assets import partitions, plots, versions
+from prism_assets import keys, partitions, plots, versions
 from prism_assets.assets.data import markdown_table
 from prism_assets.experiments import Experiment, ExperimentSpec
 from prism_assets.statistics import ordered_logit
@@ -30,7 +30,7 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
     bins = "quartile bin (Y ∈ 1..4)" if spec.boundaries == "quartiles" else f"bin at gaps {spec.boundaries}"
 
     @dg.asset(
-        key=[name, "ordered_logit_fit"],
+        key=keys.ordered_logit_fit(name),
         group_name=name,
         kinds={"statsmodels"},
         owners=versions.OWNERS,
@@ -50,13 +50,13 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         return _fit_output(context, fit, within_model_pairs, raw_prism["source"])
 
     @dg.asset(
-        key=[name, "significant_splits"],
+        key=keys.significant_splits(name),
         group_name=name,
         kinds={"pandas"},
         owners=versions.OWNERS,
         tags={"experiment": name},
         code_version=f"{SPLITS_CODE_VERSION}-{fields}",
-        ins={"ordered_logit_fit": dg.AssetIn(key=[name, "ordered_logit_fit"])},
+        ins={"ordered_logit_fit": dg.AssetIn(key=keys.ordered_logit_fit(name))},
         description=f"{experiment.description}. Two-group user splits (preset {spec.preset}, α = {spec.alpha}), "
         f"each with its predicted direction, the Europe-vs-Americas null control and {spec.random_splits} random "
         "splits (the calibrated null); registers the experiment's DPO cells (splits too small to learn from are "

@@ -211,6 +211,18 @@ class SyntheticConfig:
     planted_effects: dict[str, float] = field(default_factory=default_planted_effects)
     taste: PlantedTaste = field(default_factory=PlantedTaste)
 
+    @classmethod
+    def of(cls, seed: int, num_users: int, effects: str = "planted") -> SyntheticConfig:
+        """The embedded default's world (`planted`), or one with no effect at all (`none`): no covariate moves the
+        score gap, and every participant has the same taste (casual, 80% of the time), so no split of users differs
+        in what DPO can learn from them."""
+        if effects == "planted":
+            return cls(seed=seed, num_users=num_users)
+        if effects == "none":
+            everyone = PlantedTaste(group_a_levels=schema.AGE_LEVELS, group_a_consistency=0.8, group_b_consistency=0.8)
+            return cls(seed=seed, num_users=num_users, planted_effects={}, taste=everyone)
+        raise ValueError(f"synthetic effects {effects!r}: expected 'planted' or 'none'")
+
 
 def _choice(rng: np.random.Generator, counts: dict[str, int], size: int) -> np.ndarray:
     levels = list(counts)

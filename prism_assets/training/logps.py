@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from prism_assets.training import packing
-from prism_assets.training.run_files import TOKEN_COLUMNS
+from prism_assets.training.run_folder import TOKEN_COLUMNS
 
 LOGITS_CHUNK = 1024  # positions whose logits exist at once (fp32, 152k tokens: 0.6 GiB; a chunk's peak ≈ 1.2 GiB)
 CHECKED_PAIRS = 8  # stored ids checked against the tokenizer: the longest pairs (truncated, if any are) and the first

@@ -20,7 +20,7 @@ import torch
 
 from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
-from prism_assets.training.run_files import (
+from prism_assets.training.run_folder import (
     REFERENCE_COLUMNS,
     TEXT_DIGEST_COLUMN,
     check_code_version,

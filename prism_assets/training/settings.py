@@ -8,6 +8,8 @@ log-probs depend on. Each field says in its metadata whether it is part of the s
 reference log-probs depend on it. Imports neither torch nor Dagster.
 """
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -164,6 +166,16 @@ class TrainingSettings(BaseModel):
     def training_values(self) -> dict[str, Any]:
         """This schema's fields and values (of a subclass too: what reaches the trainer)."""
         return {name: getattr(self, name) for name in TrainingSettings.model_fields}
+
+
+LEARNING_FIELDS = fields_where(TrainingSettings, LEARNS)  # what a run learns depends on
+REFERENCE_FIELDS = fields_where(TrainingSettings, REFERENCE)  # what the base model's log-probs of a pair depend on
+
+
+def fingerprint(settings: TrainingSettings, fields: tuple[str, ...] = LEARNING_FIELDS) -> str:
+    """Hash of the settings that change what a run learns (not where it runs), or of `fields`."""
+    values = {name: getattr(settings, name) for name in fields}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.

@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -35,9 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS
+from prism_assets.training.run_folder import TRACKING_FILE, write_atomic
 from prism_assets.training.settings import RunConfig
 
-TRACKING_FILE = "tracking.json"  # in the run directory: the trackers' runs, for a resumed attempt to continue
 INSTALL = "pip install -e '.[trackers]'"
 HELDOUT_COLUMNS = (*HELDOUT_METRICS, *SAMPLING_ERRORS)
 LABEL_TAGS = ("experiment", "cell", "split", "group", "seed", "run_id")
@@ -323,7 +322,7 @@ class Trackers:
             with self._failing(tracker, "start"):
                 records[tracker.name] = tracker.start(records.get(tracker.name), rows, step)
             self.started.append(tracker)
-            _write_json(path, records)
+            write_atomic(path, json.dumps(records, indent=2))
             log(f"report_to {tracker.name}: {tracker.where}")
 
     def log(self, row: dict) -> None:
@@ -379,13 +378,6 @@ def _read_records(path: Path, log: Callable[[str], None]) -> dict:
     except (OSError, ValueError) as error:
         log(f"{path} cannot be read ({error}): the trackers start new runs")
         return {}
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """`value` at `path`, which holds the old contents or the new, never part of them (as the trainer's outputs)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

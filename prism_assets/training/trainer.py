@@ -18,7 +18,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 # SLURM's warning signal can come while torch and TRL are still importing (seconds): remember it from
@@ -34,14 +33,20 @@ from prism_assets.training import engine, packing, tracking  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
 from prism_assets.training.reporting import Reporter  # noqa: E402
-from prism_assets.training.run_files import (  # noqa: E402
+from prism_assets.training.run_folder import (  # noqa: E402
+    CHECKPOINT_CURVE,
+    CHECKPOINT_STATE,
     CHECKPOINTS_DIR,
     CURVE_FILE,
     METRICS_FILE,
     REFERENCE_COLUMNS,
-    RUN_CONFIG_FILE,
+    RUN_FILE,
     check_code_version,
+    checkpoint_dir,
+    complete_checkpoints,
+    prune_checkpoints,
     split_heldout,
+    write_atomic,
 )
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
@@ -57,7 +62,6 @@ TRL_LOG_COLUMNS = {
 
 
 REQUEUE_EXIT_CODE = 99
-CHECKPOINT_CURVE, CHECKPOINT_STATE = "curve_rows.json", "state.pt"
 
 
 class StopRequest:
@@ -83,16 +87,6 @@ def peak_memory(use_cuda: bool) -> dict:
     if use_cuda:
         peak["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return peak
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """The checkpoints written completely (training state and curve both present), newest first."""
-    complete = [
-        p
-        for p in directory.glob("checkpoint-*")
-        if (p / CHECKPOINT_STATE).exists() and (p / CHECKPOINT_CURVE).exists()
-    ]
-    return sorted(complete, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
 
 
 def load_checkpoint(
@@ -130,7 +124,7 @@ def save_checkpoint(
     """Model, optimizer and schedule state, the run's settings and the curve so far; the curve is written last
     (completeness mark). Keeps the newest `keep` complete checkpoints and removes the rest, incomplete ones of an
     earlier attempt included."""
-    target = directory / f"checkpoint-{step}"
+    target = checkpoint_dir(directory, step)
     target.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -141,10 +135,7 @@ def save_checkpoint(
     }
     write_atomic(target / CHECKPOINT_STATE, lambda file: torch.save(state, file))  # 5.5 GB at 0.5B: no copy in memory
     write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
-    kept = set(complete_checkpoints(directory)[:keep])
-    for old in directory.glob("checkpoint-*"):
-        if old not in kept:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(directory, keep)
     return target
 
 
@@ -155,17 +146,6 @@ def checkpoint_due(cfg: RunConfig, step: int, last_checkpoint: float) -> bool:
         (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)
         or (cfg.checkpoint_minutes and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes)
     )
-
-
-def write_atomic(path: Path, data: bytes | Callable[[Path], None]) -> None:
-    """`data` (bytes, or a function writing the file it is given) at `path`, which holds the old contents or the
-    new, never part of them."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        data(tmp)
-    os.replace(tmp, path)
 
 
 def curve_bytes(curve: pd.DataFrame) -> bytes:
@@ -289,7 +269,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
         reporter.info(f"resuming from {resume_from} at step {step} ({len(rows)} logged steps so far)")
     # What this attempt ran with and started from: the record tests and people read, not the log.
     write_atomic(
-        out / RUN_CONFIG_FILE,
+        out / RUN_FILE,
         json.dumps(
             {
                 **cfg.model_dump(),
