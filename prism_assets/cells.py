@@ -1,10 +1,10 @@
-"""What one DPO partition trains on: a cell's users and pairs, the pairs' reference log-probs, and its run config.
+"""What one DPO partition trains on and evaluates: a cell's users and pairs, their reference log-probs, its config.
 
 A cell is the baseline (every pair) or one group of a split (`partitions.parse_cell`). Owns reading a group's users
 from `significant_splits`, the digest of those users a run records (so a table can tell a run of today's group from
-one of a split of the same name made otherwise), the balanced training size, joining the pairs with their
-`reference_logps`, and the trainer's config of a partition. Imports no Dagster: a problem is a `CellError`, which the
-asset turns into a failure that is not retried.
+one of a split of the same name made otherwise), the pairs a run reads (its own, and the other users' held-out pairs
+of its seed), the balanced training size, joining the pairs with their `reference_logps`, and the trainer's config.
+Imports no Dagster: a problem is a `CellError`, which the asset turns into a failure that is not retried.
 """
 
 import hashlib
@@ -15,14 +15,17 @@ from pydantic import ValidationError
 
 from prism_assets import partitions
 from prism_assets.training.run_folder import (
+    OWN_COLUMN,
     PAIRS_FILE,
     REFERENCE_COLUMNS,
     TEXT_DIGEST_COLUMN,
     TOKEN_COLUMNS,
-    pair_text_digests,
-    split_heldout,
+    heldout_users,
+    text_digests,
 )
 from prism_assets.training.settings import RunConfig, TrainingSettings, validation_problems
+
+REFERENCE_DIGEST = "reference_text_digest"  # the digest of the text the reference log-probs were computed from
 
 
 class CellError(ValueError):
@@ -57,14 +60,25 @@ def membership_digest(splits: dict, split: str | None, group: str | None) -> str
     return hashlib.sha256("\n".join(users).encode()).hexdigest()[:16]
 
 
-def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: TrainingSettings) -> int:
-    """Training pairs of the split's smaller group (after its held-out pairs are set aside)."""
+def run_pairs(
+    pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None, share: float, seed: int
+) -> pd.DataFrame:
+    """The pairs a run reads: its cell's (`own`: what it trains on, but for its seed's held-out users) and the other
+    users' pairs of the seed's fold (`heldout_users`), which it evaluates and never trains on — so that each group's
+    models are also read on the other group's held-out pairs, and the baseline on every group's."""
+    if splits.get("dpo_users") is not None:  # honest mode: the confirmation users only, baseline and held-out included
+        pairs = pairs[pairs["user_id"].isin(set(splits["dpo_users"]))]
+    own = pairs.index.isin(group_pairs(pairs, splits, split, group).index)
+    evaluated_only = ~own & heldout_users(pairs["user_id"], share, seed).to_numpy()
+    return pairs[own | evaluated_only].assign(**{OWN_COLUMN: own[own | evaluated_only]})
+
+
+def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: TrainingSettings, seed: int) -> int:
+    """Training pairs of the split's smaller group in this seed (its held-out users set aside)."""
     sizes = []
     for group in partitions.GROUPS:
-        train, _ = split_heldout(
-            group_pairs(pairs, splits, split, group), settings.heldout_fraction, settings.heldout_max_pairs
-        )
-        sizes.append(len(train))
+        mine = group_pairs(pairs, splits, split, group)
+        sizes.append(int((~heldout_users(mine["user_id"], settings.heldout_share, seed)).sum()))
     return min(sizes)
 
 
@@ -72,18 +86,20 @@ def with_references(pairs: pd.DataFrame, references: pd.DataFrame) -> pd.DataFra
     """The pairs with their base-model log-probs and token ids. A stale reference_logps is an error: a pair without
     log-probs, or one whose text is not what they were computed from (pair ids alone cannot tell: another PRISM
     release or synthetic configuration reuses them for other text)."""
-    carried = [*REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]
-    merged = pairs.merge(references[["pair_id", *carried]], on="pair_id", how="left", validate="one_to_one")
+    computed_from = references[["pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS, TEXT_DIGEST_COLUMN]].rename(
+        columns={TEXT_DIGEST_COLUMN: REFERENCE_DIGEST}
+    )
+    merged = pairs.merge(computed_from, on="pair_id", how="left", validate="one_to_one")
     missing = int(merged[REFERENCE_COLUMNS[0]].isna().sum())
     if missing:
         raise CellError(f"{missing} of {len(pairs)} pairs have no reference log-probs: rematerialize reference_logps")
-    changed = merged[TEXT_DIGEST_COLUMN].to_numpy() != np.asarray(pair_text_digests(pairs), dtype=object)
+    changed = merged[REFERENCE_DIGEST].to_numpy() != np.asarray(text_digests(pairs), dtype=object)
     if changed.any():
         raise CellError(
             f"{int(changed.sum())} of {len(pairs)} pairs (first: {merged['pair_id'][changed].iloc[0]!r}) have other "
             "text than reference_logps computed its log-probs from: rematerialize reference_logps"
         )
-    return merged.drop(columns=TEXT_DIGEST_COLUMN)
+    return merged.drop(columns=REFERENCE_DIGEST)
 
 
 def run_config(

@@ -52,16 +52,20 @@ def materialize_partition(experiment: str, cell: str, seed: str) -> tuple[str, b
 
 
 def _print_tables(output: dict) -> None:
+    from prism_assets.assets.table import basis_line
     from prism_assets.statistics import correspondence
 
     table = output["table"]
     primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
+    bases = output["basis"].set_index("experiment")
     for experiment, rows in primary.groupby("experiment", sort=False):
         print(f"\n{experiment}: {correspondence.METRICS[correspondence.PRIMARY_METRIC]}")
+        print(f"  rests on {basis_line(bases.loc[experiment].to_dict()).replace('**', '')}")
+        rows = rows.rename(columns={"null_df": "K"})
         print(
             rows[
-                ["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "p_predicted", "p_adjusted"]
-                + ["verdict", "mde", "seeds_needed", "heldout_needed"]
+                ["split", "predicted", "n_seeds", "mean_d", "ci_low", "ci_high", "boot_low", "boot_high"]
+                + ["p_adjusted", "verdict", "K", "mde", "seeds_needed"]
             ].to_string(index=False, float_format=lambda v: f"{v:.3g}")
         )
     comparison = output["comparison"]

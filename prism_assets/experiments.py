@@ -44,10 +44,28 @@ class ExperimentSpec(BaseModel):
     continuous: list[str] = Field(list(ordered_logit.DEFAULT_CONTINUOUS), description="continuous covariates")
     min_level_users: int = Field(10, ge=1, description="a categorical level held by fewer users is left out")
     random_splits: int = Field(
-        4, ge=0, le=99, description="random halves of the users, trained like any split: the calibrated null"
+        12,
+        ge=0,
+        le=199,
+        description="K random splits of the users (group sizes spanning the predicted splits'), trained like any "
+        "split: the calibrated null; fewer than 2 give no verdict, 19 or more also a rank p-value",
     )
     verdict_alpha: float = Field(
         0.05, gt=0, lt=1, description="a split is MATCH / MISMATCH when its Holm-adjusted p is below this"
+    )
+    min_effect: float = Field(
+        0.03,
+        gt=0,
+        lt=1,
+        description="the |A − B| of held-out accuracy that matters (the research's differences are 0.01–0.06): "
+        "the power line says what would detect it",
+    )
+    discovery_share: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="honest mode: the ordered logit is fitted on this share of the users (discovery) and DPO trains "
+        "and is evaluated on the rest (confirmation), so no split's direction is chosen from the pairs that test it",
     )
     min_group_users: int = Field(20, ge=1, description="a split with a smaller group is reported, not trained")
     min_group_pairs: int = Field(200, ge=1, description="a split with a group of fewer pairs is reported, not trained")
@@ -76,11 +94,26 @@ class ExperimentSpec(BaseModel):
             raise ValueError("base_model is the experiment's own field: set it next to preset, not under dpo")
         return dpo
 
-    def statistics(self) -> dict[str, Any]:
-        """The fields the statistics assets depend on (their code versions hash them)."""
-        return self.model_dump(
-            include={"boundaries", "alpha", "preset", "categorical", "continuous", "min_level_users"}
-        )
+    def fields(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """These fields and their values: what an asset's code version hashes (FIT_FIELDS, SPLIT_FIELDS, ...)."""
+        return self.model_dump(include=set(names))
+
+
+# Which of an experiment's fields each of its assets' outputs depends on: each asset's code version hashes its own
+# (and, through its upstream assets' code versions, theirs), so changing a field marks exactly those assets unsynced.
+FIT_FIELDS = ("boundaries", "categorical", "continuous", "min_level_users", "discovery_share")
+SPLIT_FIELDS = (
+    *FIT_FIELDS,
+    "alpha",
+    "preset",
+    "random_splits",
+    "min_group_users",
+    "min_group_pairs",
+    "train_small_splits",
+)
+VERDICT_FIELDS = ("verdict_alpha", "min_effect")  # correspondence_table's
+# The DPO runs' fields are their settings (`training.settings.fingerprint`): `recipe`, `base_model` and `dpo` reach
+# them there; `description` and `enabled` reach only the write-up and which experiments are built.
 
 
 @dataclass(frozen=True)

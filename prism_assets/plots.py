@@ -122,7 +122,7 @@ def comparison_plot(comparison: pd.DataFrame, metric: str) -> bytes:
         )
     ax.axvline(0, color="black", linewidth=0.8)
     labels = [
-        f"{r.experiment_1}:{r.split_1} / {r.experiment_2}:{r.split_2}" + ("" if r.direction == "stable" else "  FLIP")
+        f"{r.experiment_1}:{r.split_1} / {r.experiment_2}:{r.split_2}" + ("  FLIP" if r.direction == "flip" else "")
         for r in table.itertuples()
     ]
     ax.set_yticks(y, labels, fontsize=7)
@@ -134,29 +134,29 @@ def comparison_plot(comparison: pd.DataFrame, metric: str) -> bytes:
 VERDICT_COLORS = {"MATCH": "tab:green", "MISMATCH": "tab:red", "null OK": "tab:blue", "null NOT OK": "tab:purple"}
 
 
-def null_plot(table: pd.DataFrame, metrics: dict[str, str], alpha: float) -> bytes:
-    """Per metric, each split's z against the null: the random splits' z (gray dots) and the null's Student t
-    density, with its two-sided α band; a split is colored by its verdict."""
-    from prism_assets.statistics.calibration import Null
+def null_plot(table: pd.DataFrame, label: str, alpha: float) -> bytes:
+    """Each split's z on the primary metric against the null: the random splits' z (gray dots) and the null's Student
+    t density (K df), with its two-sided α band; a split is colored by its verdict."""
+    from scipy import stats
 
-    figure, axes = plt.subplots(len(metrics), 1, figsize=(9, 1.3 * len(metrics) + 0.8), sharex=True, squeeze=False)
-    for ax, (metric, label) in zip(axes[:, 0], metrics.items()):
-        rows = table[(table["metric"] == metric) & table["z"].notna()]
-        random = rows[rows["random"]]
-        ax.scatter(random["z"], np.zeros(len(random)), color="tab:gray", s=18, label="random splits")
-        for row in rows[~rows["random"]].itertuples():
-            color = VERDICT_COLORS.get(row.verdict, "black")
-            ax.scatter([row.z], [0.0], color=color, s=30, marker="D")
-            ax.annotate(row.split, (row.z, 0.0), xytext=(0, 6), textcoords="offset points", fontsize=6, rotation=45)
-        if len(rows):
-            null = Null(1.0, int(rows["null_df"].iloc[0]), np.nan)
-            reach = max(4.0, float(rows["z"].abs().max()) + 0.5)
-            grid = np.linspace(-reach, reach, 200)
-            ax.plot(grid, null.pdf(grid), color="tab:gray", linewidth=0.8)
-            for x in (-null.quantile(1 - alpha / 2), null.quantile(1 - alpha / 2)):
-                ax.axvline(x, color="tab:red", linestyle="--", linewidth=0.8)
-        ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_yticks([])
-        ax.set_title(label, loc="left", fontsize=8)
-    axes[-1, 0].set_xlabel(f"z = t / σ₀ against the null's t (dashed: two-sided α = {alpha:g} before Holm)")
+    figure, ax = plt.subplots(figsize=(9, 2.1))
+    rows = table[table["z"].notna()]
+    random = rows[rows["random"]]
+    ax.scatter(random["z"], np.zeros(len(random)), color="tab:gray", s=18, label="random splits")
+    for row in rows[~rows["random"]].itertuples():
+        color = VERDICT_COLORS.get(row.verdict, "black")
+        ax.scatter([row.z], [0.0], color=color, s=30, marker="D")
+        ax.annotate(row.split, (row.z, 0.0), xytext=(0, 6), textcoords="offset points", fontsize=6, rotation=45)
+    if len(rows):
+        df = int(rows["null_df"].iloc[0])
+        null = stats.t(df) if df >= 2 else stats.norm()
+        reach = max(4.0, float(rows["z"].abs().max()) + 0.5)
+        grid = np.linspace(-reach, reach, 200)
+        ax.plot(grid, null.pdf(grid), color="tab:gray", linewidth=0.8)
+        for x in (-null.ppf(1 - alpha / 2), null.ppf(1 - alpha / 2)):
+            ax.axvline(x, color="tab:red", linestyle="--", linewidth=0.8)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_yticks([])
+    ax.set_title(label, loc="left", fontsize=8)
+    ax.set_xlabel(f"z = t / σ₀ against the null's t (dashed: two-sided α = {alpha:g} before Holm)")
     return png_bytes(figure)

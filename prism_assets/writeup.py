@@ -7,6 +7,7 @@ and one self-contained HTML file with the figures inline. No Dagster: `assets/re
 
 import base64
 import html
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -178,13 +179,16 @@ def split_detail(runs: pd.DataFrame, split: str, metrics: dict[str, str]) -> pd.
 
 @dataclass
 class ExperimentResults:
-    """One experiment's inputs to the write-up: its settings and every table the assets computed for it."""
+    """One experiment's inputs to the write-up: its settings as its runs had them and every table the assets computed
+    for it, with what those rest on."""
 
     name: str
     description: str
     base_model: str
-    hyperparameters: dict
-    spec: dict  # boundaries, alpha, preset, verdict_alpha, random_splits, min group sizes
+    hyperparameters: dict  # the runs' own (run.json), not today's environment's
+    spec: dict  # boundaries, alpha, preset, random_splits, min group sizes (today's experiments file)
+    basis: dict  # correspondence_table's basis: runs, seeds, random splits, completeness, data, α and min_effect used
+    current_settings: bool  # whether the runs' settings are the code location's today
     fit: dict  # ordered_logit_fit's value
     splits: pd.DataFrame  # significant_splits' split table
     table: pd.DataFrame  # correspondence_table's rows of this experiment (every metric)
@@ -202,22 +206,35 @@ def build(
     data: dict,
     experiments: list[ExperimentResults],
     comparison: pd.DataFrame,
-    curve_metric: str = "heldout_acc",
+    curve_metric: str = "pref_acc",
+    complete: bool = True,
 ) -> Writeup:
     """The whole write-up. `data`: counts of the PRISM data and its pairs (`source`, `synthetic`, `survey`,
-    `conversations`, `utterances`, `pairs`, `users_with_pairs`)."""
+    `conversations`, `utterances`, `pairs`, `users_with_pairs`, `digest`); `complete`: every experiment's grid is."""
     doc = Document()
-    tables: dict[str, list[pd.DataFrame]] = {"baseline": [], "detail": [], "summary": [], "correspondence": []}
+    tables: dict[str, list[pd.DataFrame]] = {
+        "baseline": [],
+        "detail": [],
+        "summary": [],
+        "mechanism": [],
+        "secondary": [],
+    }
     doc.heading(1, "Do groups that prefer more strongly also differ in how DPO learns from them?")
+    if not complete:
+        partial = [f"{e.name}: {e.basis['reason']}" for e in experiments if not e.basis["complete"]]
+        doc.paragraph(
+            "**A partial grid: no verdicts.** " + "; ".join(partial) + ". The runs missing (failed, or not yet "
+            "run) are listed under each experiment; the last complete write-up, if any, is report.md beside this file."
+        )
     doc.paragraph(
         "Within-model preference pairs of PRISM; an ordered logit of the score gap on user covariates; splits of "
         "users from its significant covariates, a null-control split (region) and random splits (the calibrated "
-        "null); DPO on each group's pairs over several seeds; does the groups' DPO difference follow the "
-        "predicted direction? Every number below comes from the platform's assets; numbers over seeds are the "
-        "mean with a 95% interval."
+        "null); DPO on each group's pairs over several seeds, each seed holding out its own users; does the groups' "
+        "DPO difference follow the predicted direction? Every number below comes from the platform's assets; "
+        "numbers over seeds are the mean with a 95% interval."
     )
     doc.heading(2, "Data")
-    doc.bullets(_data_lines(data))
+    doc.bullets(_data_lines(data, experiments))
     observations = []
     for experiment in experiments:
         observations += _experiment_sections(doc, tables, experiment, curve_metric)
@@ -228,7 +245,9 @@ def build(
         doc.paragraph(
             "Every split two experiments share by definition (the same users in group A and in group B, whatever "
             f"each calls it), on the primary metric ({correspondence.METRICS[correspondence.PRIMARY_METRIC]}): "
-            "each one's mean A − B with its calibrated 95% CI and verdict, whether the direction is stable."
+            "each one's mean A − B with its calibrated 95% CI and verdict. Where both rest on the very same runs the "
+            'numbers are one measurement ("same runs": only the predictions differ); otherwise whether the '
+            "direction is stable or flips."
         )
         doc.table(comparison_display(comparison))
         doc.figure(
@@ -244,15 +263,49 @@ def build(
     return Writeup(doc, frames)
 
 
-def _data_lines(data: dict) -> list[str]:
+def _data_lines(data: dict, experiments: list[ExperimentResults]) -> list[str]:
     lines = [
         f"Source: `{data['source']}`" + (" — **synthetic**, with planted effects" if data.get("synthetic") else ""),
         f"{data['survey']:,} participants, {data['conversations']:,} conversations, "
         f"{data['utterances']:,} scored responses ({data['dropped_rows']:,} rows dropped on loading, by reason in "
         "`raw_prism`'s metadata)",
         f"{data['pairs']:,} within-model preference pairs from {data['users_with_pairs']:,} participants "
-        f"(score gap: median {data['median_gap']:.0f}, mean {data['mean_gap']:.1f})",
+        f"(score gap: median {data['median_gap']:.0f}, mean {data['mean_gap']:.1f}); pairs version "
+        f"`{data['digest'][:12]}`",
     ]
+    stale = [e.name for e in experiments if e.basis["data_digest"] != data["digest"]]
+    if stale:
+        lines.append(
+            f"**The tables of {', '.join(stale)} rest on other pairs than these** (version "
+            f"`{experiments[0].basis['data_digest'][:12]}`): rematerialize correspondence_table (and the runs)."
+        )
+    return lines
+
+
+def _basis_lines(e: ExperimentResults) -> list[str]:
+    """What the experiment's numbers rest on, and what is missing or left out."""
+    basis = e.basis
+    seeds = json.loads(basis["seeds"])
+    lines = [
+        f"{basis['runs']} runs, seeds {', '.join(map(str, seeds)) or 'none'}: {basis['splits_done']} of "
+        f"{basis['splits_expected']} splits (the predicted ones and the null control) and {basis['random_done']} of "
+        f"{basis['random_expected']} random splits with every seed; pairs version `{basis['data_digest'][:12]}`",
+        f"Verdicts at Holm-adjusted p < {basis['verdict_alpha']:g}; the power line is for |A − B| = "
+        f"{basis['min_effect']:g}; each seed holds out {basis['heldout_share']:.0%} of the users",
+    ]
+    if basis["reason"]:
+        lines.append(f"**{basis['reason']}: no verdicts** (estimates and intervals are still shown)")
+    missing = json.loads(basis["missing"])
+    if missing:
+        shown = ", ".join(missing[:30]) + (f" and {len(missing) - 30} more" if len(missing) > 30 else "")
+        lines.append(f"Missing runs (failed, or not yet run): {shown}")
+    for reason, which in json.loads(basis["left_out"]).items():
+        lines.append(f"Left out, {reason}: {', '.join(which[:20])}" + (" …" if len(which) > 20 else ""))
+    if not e.current_settings:
+        lines.append(
+            "**These runs' DPO settings are not the code location's today** (its settings changed since the table "
+            "was built): rematerialize correspondence_table and the runs it leaves out"
+        )
     return lines
 
 
@@ -263,16 +316,28 @@ def _experiment_sections(doc: Document, tables: dict, e: ExperimentResults, curv
     if e.description != e.name:
         doc.paragraph(e.description)
 
+    doc.heading(3, "What the numbers rest on")
+    doc.bullets(_basis_lines(e))
+
     doc.heading(3, "Setup")
     boundaries = ", ".join(f"{b:g}" for b in e.fit["boundaries"])
+    honest = e.spec.get("discovery_share")
     doc.bullets(
         [
             f"Split model: ordered logit of the score gap binned at {boundaries} "
             f"({len(e.fit['boundaries']) + 1} outcome levels; clustered by user), on {e.fit['num_pairs']:,} pairs "
             f"of {e.fit['num_users']:,} users; {'converged' if e.fit['converged'] else '**did not converge**'}",
             f"Splits: preset `{e.spec['preset']}`, α {e.spec['alpha']:g} for a covariate; "
-            f"{e.spec['random_splits']} random splits; verdicts at Holm-adjusted p < {e.spec['verdict_alpha']:g}",
-            f"Model: `{e.base_model}`",
+            f"{e.basis['random_expected']} random splits",
+            *(
+                [
+                    f"Honest mode: the logit is fitted on {honest:.0%} of the users (discovery); DPO trains and is "
+                    "evaluated on the others (confirmation) only"
+                ]
+                if honest
+                else []
+            ),
+            f"Model: `{e.base_model}` (the runs' own settings, from their run.json)",
             f"Seeds: {', '.join(map(str, seeds)) or 'none yet'} ({len(e.runs)} runs)",
         ]
     )
@@ -314,7 +379,7 @@ def _experiment_sections(doc: Document, tables: dict, e: ExperimentResults, curv
     doc.heading(3, "Baseline")
     baseline = metric_summary(e.runs[e.runs["cell"] == "baseline"], DETAIL_METRICS).assign(experiment=e.name)
     tables["baseline"].append(baseline)
-    doc.paragraph("DPO on every pair, the runs every split's groups are read against:")
+    doc.paragraph("DPO on every pair but its seed's held-out users', the runs every split's groups are read against:")
     doc.table(
         pd.DataFrame(
             {
@@ -331,34 +396,49 @@ def _experiment_sections(doc: Document, tables: dict, e: ExperimentResults, curv
     doc.heading(3, "Group comparison summary")
     tables["summary"].append(primary.assign(experiment=e.name))
     doc.paragraph(
-        f"Primary metric, {correspondence.METRICS[correspondence.PRIMARY_METRIC]}: each split's mean A − B with "
-        "its 95% CI on the calibrated null's scale, its p on the predicted side, Holm-adjusted over the "
-        "experiment's predicted splits, the verdict and the power line (README, \"Reading the correspondence "
-        'table").'
+        f"Primary metric, {correspondence.METRICS[correspondence.PRIMARY_METRIC]}: each group's models on the pairs "
+        "of its own held-out users, A − B per seed and its mean, with the 95% CI on the calibrated null's scale and a "
+        "bootstrap interval over seeds and held-out users that assumes no distribution; z against the K random "
+        "splits, p Holm-adjusted over the experiment's predicted splits (and the rank p where K ≥ 19), the verdict, "
+        "the K and seeds it rests on, and the power line (docs/statistics.md)."
     )
     doc.table(summary_display(primary))
 
     doc.heading(3, "Per split")
     doc.paragraph(
-        "Each group's mean over seeds and A − B over the seeds both groups have (paired), with 95% t-intervals "
-        "over seeds (steps to 60%: over the seeds that reached it). Random splits are in the summary only."
+        "Each group's mean over seeds and A − B over the seeds both groups have (paired), with 95% t-intervals over "
+        "seeds (steps to 60%: over the seeds that reached it); then the 2×2 of models × held-out pairs: where A − B "
+        "lies in the pairs (every model finds one group's pairs easier) and where in what each group's models "
+        "learned. Random splits are in the summary only."
     )
     detailed = e.splits[~e.splits["random"]] if "random" in e.splits else e.splits
     for split in detailed.itertuples():
         detail = split_detail(e.runs, split.split, DETAIL_METRICS).assign(experiment=e.name)
         tables["detail"].append(detail)
-        verdict = primary.loc[primary["split"] == split.split, "verdict"]
+        found = primary[primary["split"] == split.split]
         doc.heading(4, f"{split.split} (predicted {split.predicted})")
-        doc.paragraph(
-            f"A: {split.group_a}; B: {split.group_b}. Verdict: **{verdict.iloc[0] if len(verdict) else 'no runs'}**."
-        )
+        row = found.iloc[0] if len(found) else None
+        verdict = row["verdict"] if row is not None else "no runs"
+        rests = f" ({_rests_on(row)})" if row is not None and row["n_seeds"] else ""
+        doc.paragraph(f"A: {split.group_a}; B: {split.group_b}. Verdict: **{verdict}**{rests}.")
         doc.table(detail_display(detail))
+        if row is not None and not pd.isna(row.get("acc_aa")):
+            mech = mechanism_display(row)
+            tables["mechanism"].append(mech.assign(experiment=e.name, split=split.split))
+            doc.table(mech)
+            doc.paragraph(mechanism_sentence(row))
+        if row is not None:
+            doc.paragraph(f"Power: {power_line(row)}.")
 
-    doc.heading(3, "Correspondence check")
-    doc.paragraph("The verdict on every metric (mean A − B):")
-    check = correspondence_check(e.table)
-    tables["correspondence"].append(check.assign(experiment=e.name))
-    doc.table(check)
+    doc.heading(3, "Secondary metrics (exploratory)")
+    doc.paragraph(
+        "Other readings of the same runs, as estimates with 95% t-intervals over seeds and no verdict: they are "
+        "correlated with the primary metric and with each other, and counting them as support would count one "
+        "result several times."
+    )
+    secondary = e.table[e.table["metric"].isin(correspondence.SECONDARY) & ~e.table["random"]]
+    tables["secondary"].append(secondary.assign(experiment=e.name))
+    doc.table(secondary_display(secondary))
     curves = e.curves[e.curves["split"].notna()] if len(e.curves) else e.curves
     if len(curves):
         doc.figure(
@@ -369,17 +449,24 @@ def _experiment_sections(doc: Document, tables: dict, e: ExperimentResults, curv
     if len(primary) and primary["z"].notna().any():
         doc.figure(
             f"{e.name}_null.png",
-            plots.null_plot(e.table, correspondence.METRICS, e.spec["verdict_alpha"]),
+            plots.null_plot(
+                primary, correspondence.METRICS[correspondence.PRIMARY_METRIC], float(e.basis["verdict_alpha"])
+            ),
             f"{e.name}: each split's z against the random splits'",
         )
-    return experiment_observations(e.name, e.table, len(seeds))
+    return experiment_observations(e.name, e.table, e.basis)
+
+
+def _rests_on(row) -> str:
+    k = "—" if pd.isna(row.get("null_df")) else f"{int(row['null_df'])}"
+    return f"{int(row['n_seeds'])} seeds, K = {k} random splits"
 
 
 def summary_display(primary: pd.DataFrame) -> pd.DataFrame:
     def p(value):
         return "—" if pd.isna(value) else f"{value:.3g}"
 
-    return pd.DataFrame(
+    display = pd.DataFrame(
         {
             "split": primary["split"],
             "predicted": primary["predicted"],
@@ -388,26 +475,93 @@ def summary_display(primary: pd.DataFrame) -> pd.DataFrame:
                 format_interval(mean, low, high, signed=True) if n else "no runs"
                 for mean, low, high, n in primary[["mean_d", "ci_low", "ci_high", "n_seeds"]].values
             ],
-            "sign k/n": primary["sign_consistency"],
+            "bootstrap 95%": [
+                "—" if pd.isna(low) else f"[{low:+.3f}, {high:+.3f}]"
+                for low, high in primary[["boot_low", "boot_high"]].values
+            ],
             "z": primary["z"].map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
-            "p (predicted side)": primary["p_predicted"].map(p),
             "p (Holm)": primary["p_adjusted"].map(p),
             "verdict": primary["verdict"],
+            "seeds / K": [f"{n} / {'—' if pd.isna(k) else int(k)}" for n, k in primary[["n_seeds", "null_df"]].values],
             "power": [power_line(row) for _, row in primary.iterrows()],
+        }
+    )
+    if primary["p_rank"].notna().any():
+        display.insert(7, "p (rank)", primary["p_rank"].map(p))
+    return display
+
+
+def estimate_display(rows: pd.DataFrame) -> pd.DataFrame:
+    """A secondary metric's rows: per-seed A − B and the mean with its t-interval over seeds."""
+    return pd.DataFrame(
+        {
+            "split": rows["split"],
+            "per-seed A−B": rows["per_seed_d"].map(lambda v: ", ".join(f"{x:+.3f}" for x in v)),
+            "mean A−B [95% CI]": [
+                format_interval(mean, low, high, signed=True) if n else "no runs"
+                for mean, low, high, n in rows[["mean_d", "ci_low", "ci_high", "n_seeds"]].values
+            ],
         }
     )
 
 
+def secondary_display(rows: pd.DataFrame) -> pd.DataFrame:
+    """split × secondary metric: mean A − B [95% CI over seeds]."""
+    cells = rows.assign(
+        cell=[
+            format_interval(mean, low, high, signed=True) if n else "—"
+            for mean, low, high, n in rows[["mean_d", "ci_low", "ci_high", "n_seeds"]].values
+        ]
+    )
+    wide = cells.pivot(index="split", columns="metric", values="cell")
+    wide = wide.reindex(index=list(dict.fromkeys(rows["split"])), columns=correspondence.SECONDARY)
+    wide.columns = [re.sub(", the original metric$", "", correspondence.METRICS[m]) for m in wide.columns]
+    return wide.reset_index()
+
+
+def mechanism_display(row) -> pd.DataFrame:
+    """The 2×2 of models × held-out pairs (mean over seeds), the baseline's reading of both, and the two parts."""
+
+    def f(value) -> str:
+        return "—" if pd.isna(value) else f"{value:.3f}"
+
+    return pd.DataFrame(
+        {
+            "models": ["A's", "B's", "the baseline's"],
+            "on A's held-out pairs": [f(row["acc_aa"]), f(row["acc_ba"]), f(row["acc_0a"])],
+            "on B's held-out pairs": [f(row["acc_ab"]), f(row["acc_bb"]), f(row["acc_0b"])],
+        }
+    )
+
+
+def mechanism_sentence(row) -> str:
+    return (
+        f"A − B {row['mean_d']:+.3f} = {row['pairs_part']:+.3f} in the pairs (every model's accuracy on A's pairs "
+        f"minus on B's, averaged over A's and B's models) {row['model_part']:+.3f} in what the models learned "
+        f"(A's models minus B's, on both groups' pairs); the baseline finds A's pairs "
+        f"{row['acc_0a'] - row['acc_0b']:+.3f} easier."
+    )
+
+
 def power_line(row) -> str:
-    if pd.isna(row["mde"]):
+    if pd.isna(row.get("mde")):
         return "—"
-    line = f"MDE {row['mde']:.3f}" + (f" with {row['planned_seeds']:.0f} seeds" if row["n_seeds"] == 0 else "")
-    if pd.isna(row["effect_for_seeds"]) or pd.isna(row["seeds_needed"]):
+    seeds = row["n_seeds"] or row.get("planned_seeds")
+    line = f"MDE {row['mde']:.3f} with {seeds:.0f} seeds" + (" (not trained)" if row["n_seeds"] == 0 else "")
+    effect = row.get("min_effect")
+    if pd.isna(effect):
         return line
-    if row["seeds_needed"] == float("inf"):
-        needed = f"{row['heldout_needed']:.0f} held-out pairs per group"
-        return f"{line}; {row['effect_for_seeds']:.3f}: not reachable by seeds (needs {needed})"
-    return f"{line}; {row['effect_for_seeds']:.3f} needs {row['seeds_needed']:.0f} seeds"
+    if np.isinf(row["seeds_needed"]):
+        return (
+            f"{line}; {effect:.2f} is beyond seeds: with every user held out once the users' own variety leaves an "
+            f"MDE of {row['heldout_floor']:.3f}"
+        )
+    needs = [f"{row['seeds_needed']:.0f} seeds"]
+    if not pd.isna(row.get("heldout_share_needed")):
+        needs.append(f"a held-out share of {row['heldout_share_needed']:.2f} at these seeds")
+    if not np.isinf(row.get("random_splits_needed", np.inf)):
+        needs.append(f"K = {row['random_splits_needed']:.0f} random splits at these seeds")
+    return f"{line}; {effect:.2f} needs " + ", or ".join(needs)
 
 
 def detail_display(detail: pd.DataFrame) -> pd.DataFrame:
@@ -423,21 +577,6 @@ def detail_display(detail: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {"metric": detail["label"], "A": column("a"), "B": column("b"), "A − B": column("d", signed=True)}
     )
-
-
-def correspondence_check(table: pd.DataFrame) -> pd.DataFrame:
-    """split × metric: the verdict with the mean A − B, predicted and null-control splits (not the random ones)."""
-    shown = table[~table["random"]] if "random" in table else table
-    cells = shown.assign(
-        cell=[
-            f"{verdict} ({mean:+.3f})" if not pd.isna(mean) else str(verdict)
-            for verdict, mean in zip(shown["verdict"], shown["mean_d"])
-        ]
-    )
-    wide = cells.pivot(index="split", columns="metric", values="cell")
-    wide = wide.reindex(index=list(dict.fromkeys(shown["split"])), columns=list(correspondence.METRICS))
-    wide.columns = [re.sub(", (primary|the original metric)$", "", correspondence.METRICS[m]) for m in wide.columns]
-    return wide.reset_index()
 
 
 def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
@@ -464,27 +603,26 @@ def comparison_display(comparison: pd.DataFrame) -> pd.DataFrame:
 # ---- observations, by rule ----
 
 
-def experiment_observations(name: str, table: pd.DataFrame, n_seeds: int) -> list[str]:
-    """What the table says, in sentences: the verdicts on the primary metric, the null control, how many metrics
-    agree with each MATCH, and which splits need more seeds or larger held-out sets."""
+def experiment_observations(name: str, table: pd.DataFrame, basis: dict) -> list[str]:
+    """What the table says, in sentences: the verdicts on the primary metric (or why there are none), the null
+    control, and what it would take to detect `min_effect`."""
     primary = table[table["metric"] == correspondence.PRIMARY_METRIC]
     predicted = primary[~primary["random"] & ~primary["null_control"]]
     lines = []
+    if basis["reason"]:
+        lines.append(f"{name}: **{basis['reason']}** — no verdicts; the estimates stand as estimates.")
     for verdict in (correspondence.MATCH, correspondence.MISMATCH):
         rows = predicted[predicted["verdict"] == verdict]
         if len(rows):
-            agree = {
-                split: int((table[(table["split"] == split)]["verdict"] == verdict).sum()) for split in rows["split"]
-            }
             lines.append(
                 f"{name}: **{verdict}** on the primary metric: "
                 + "; ".join(
-                    f"{r.split} (mean A − B {r.mean_d:+.3f}, Holm p {r.p_adjusted:.3g}; {verdict} on "
-                    f"{agree[r.split]} of {len(correspondence.METRICS)} metrics)"
+                    f"{r.split} (mean A − B {r.mean_d:+.3f}, Holm p {r.p_adjusted:.3g}; {_rests_on(r._asdict())})"
                     for r in rows.itertuples()
                 )
             )
-    if not (predicted["verdict"].isin([correspondence.MATCH, correspondence.MISMATCH])).any():
+    decided = predicted["verdict"].isin([correspondence.MATCH, correspondence.MISMATCH])
+    if not basis["reason"] and not decided.any():
         lines.append(f"{name}: no predicted split is MATCH or MISMATCH on the primary metric.")
     for row in primary[primary["null_control"]].itertuples():
         if row.verdict == correspondence.NULL_OK:
@@ -492,7 +630,7 @@ def experiment_observations(name: str, table: pd.DataFrame, n_seeds: int) -> lis
                 f"{name}: the null control {row.split} looks like a random split (two-sided p {row.p_two:.3g}): "
                 "the null holds."
             )
-        else:
+        elif row.verdict == correspondence.NULL_NOT_OK:
             lines.append(
                 f"{name}: the null control {row.split} is **{row.verdict}** (two-sided p {row.p_two:.3g}): it "
                 "stands out from the random splits, so every other verdict deserves suspicion."
@@ -500,23 +638,21 @@ def experiment_observations(name: str, table: pd.DataFrame, n_seeds: int) -> lis
     untrained = predicted[predicted["verdict"] == correspondence.calibration.NOT_TRAINED]
     if len(untrained):
         lines.append(f"{name}: not trained, a group too small: {', '.join(untrained['split'])}.")
-    open_splits = predicted[predicted["verdict"] == correspondence.INCONCLUSIVE]
-    more_seeds = open_splits[np.isfinite(open_splits["seeds_needed"].astype(float))]
-    unreachable = open_splits[np.isinf(open_splits["seeds_needed"].astype(float))]
-    if len(more_seeds):
+    undecided = predicted[~decided & (predicted["n_seeds"] > 0) & predicted["mde"].notna()]
+    effect = basis["min_effect"]
+    reachable = undecided[np.isfinite(undecided["seeds_needed"].astype(float))]
+    beyond = undecided[np.isinf(undecided["seeds_needed"].astype(float))]
+    if len(reachable):
         lines.append(
-            f"{name}: INCONCLUSIVE, more seeds would decide (to detect the null's typical |A − B|): "
-            + ", ".join(f"{r.split} {r.seeds_needed:.0f} seeds" for r in more_seeds.itertuples())
-            + f" (now {n_seeds})."
-        )
-    if len(unreachable):
-        lines.append(
-            f"{name}: INCONCLUSIVE and not reachable by seeds — the held-out sets' own sampling error is above the "
-            "null's typical |A − B|: "
-            + ", ".join(
-                f"{r.split} needs {r.heldout_needed:.0f} held-out pairs per group" for r in unreachable.itertuples()
-            )
+            f"{name}: to detect |A − B| = {effect:g} with 80% power: "
+            + ", ".join(f"{r.split} {r.seeds_needed:.0f} seeds (MDE now {r.mde:.3f})" for r in reachable.itertuples())
             + "."
+        )
+    if len(beyond):
+        lines.append(
+            f"{name}: |A − B| = {effect:g} is beyond any number of seeds for "
+            + ", ".join(f"{r.split} (floor {r.heldout_floor:.3f})" for r in beyond.itertuples())
+            + ": with every user held out once, the users' own variety sets the floor; more users would."
         )
     return lines
 
@@ -526,22 +662,30 @@ def _comparison_observations(comparison: pd.DataFrame) -> list[str]:
         return []
     lines = []
     for (first, second), rows in comparison.groupby(["experiment_1", "experiment_2"], sort=False):
-        flips = rows[rows["direction"] == "flip"]
+        same = rows[rows["direction"] == "same runs"]
+        measured = rows[rows["direction"] != "same runs"]
+        flips = measured[measured["direction"] == "flip"]
+        parts = [f"{first} and {second} share {len(rows)} splits"]
+        if len(same):
+            parts.append(
+                f"{len(same)} on the very same runs ({', '.join(same['split_1'])}: one measurement, read against "
+                "each experiment's prediction)"
+            )
+        if len(measured):
+            parts.append(
+                f"of the {len(measured)} measured apart, "
+                + (
+                    "every direction is stable"
+                    if flips.empty
+                    else "the direction flips on "
+                    + ", ".join(f"{a}/{b}" for a, b in zip(flips["split_1"], flips["split_2"]))
+                )
+            )
         disagree = rows[~rows["verdicts_agree"].astype(bool)]
-        lines.append(
-            f"{first} and {second} share {len(rows)} splits: "
-            + (
-                "every direction is stable"
-                if flips.empty
-                else "the direction flips on "
-                + ", ".join(f"{a}/{b}" for a, b in zip(flips["split_1"], flips["split_2"]))
-            )
-            + (
-                "; the verdicts agree on all."
-                if disagree.empty
-                else "; the verdicts differ on "
+        if len(disagree):
+            parts.append(
+                "the verdicts differ on "
                 + ", ".join(f"{r.split_1}/{r.split_2} ({r.verdict_1} / {r.verdict_2})" for r in disagree.itertuples())
-                + "."
             )
-        )
+        lines.append("; ".join(parts) + ".")
     return lines

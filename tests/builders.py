@@ -163,6 +163,8 @@ def experiment(name: str = "v3", preset: str = "v3", spec: dict | None = None, *
     recipe."""
     from prism_assets.experiments import ExperimentSpec, resolve
 
+    if "logging_steps" in dpo:  # the tiny recipe's eval_steps (10) fits its own logging_steps only
+        dpo = {"eval_steps": None, **dpo}
     return resolve(name, ExperimentSpec(preset=preset, **(spec or {})), dpo, "tiny", "test")
 
 

@@ -6,11 +6,13 @@ from builders import V3_SPLITS, experiment
 
 from prism_assets import definitions
 from prism_assets.assets import data, stats
+from prism_assets.experiments import ExperimentSpec
 from resources.io_managers import ParquetIOManager, read_bundle
 from resources.prism_source import PrismSource
 
 DATA = [data.raw_prism, data.within_model_pairs]
 ASSETS = [*DATA, *stats.build_statistics(experiment("auto", "auto"))]
+RANDOM = [f"R{k}" for k in range(1, ExperimentSpec().random_splits + 1)]  # the random splits, by default
 CHECKS = [data.chosen_scored_higher, data.both_responses_from_one_model, data.no_duplicated_interaction]
 
 
@@ -58,7 +60,7 @@ def test_pipeline_materializes_with_counts_and_passing_checks(synthetic_run):
     assert "| term" in fit_meta["coefficients"].value and len(fit_meta["boundaries"].value) == 3
     stored = read_bundle(tmp_path / "assets" / "auto" / "significant_splits")
     splits = stored["splits"]
-    assert list(splits.loc[splits["random"], "split"]) == ["R1", "R2", "R3", "R4"]  # after the predicted ones
+    assert list(splits.loc[splits["random"], "split"]) == RANDOM  # after the predicted ones
     predicted = splits[~splits["random"]]
     assert predicted["split"].iloc[-1].endswith("_region") and predicted["null_control"].iloc[-1]
     assert set(stored["membership"]["group"]) == {"A", "B"}
@@ -73,9 +75,9 @@ def test_the_presets_of_the_research_through_their_experiments(synthetic_run):
             instance=instance,
             resources=_resources(tmp_path, "synthetic"),
         )
-        assert instance.get_dynamic_partitions("v2_cell")[-3:] == ["R3.B", "R4.A", "R4.B"]  # the random splits
+        assert instance.get_dynamic_partitions("v2_cell")[-2:] == [f"{RANDOM[-1]}.A", f"{RANDOM[-1]}.B"]
     splits = result.output_for_node("v3__significant_splits")["splits"]
-    assert list(splits["split"]) == [*V3_SPLITS, "R1", "R2", "R3", "R4"]
+    assert list(splits["split"]) == [*V3_SPLITS, *RANDOM]
     assert (splits["pairs_a"] > 0).all() and (splits["users_b"] > 0).all()
     v2_splits = result.output_for_node("v2__significant_splits")["splits"]
     assert list(v2_splits["split"]) == [
@@ -85,7 +87,7 @@ def test_the_presets_of_the_research_through_their_experiments(synthetic_run):
         "S4_familiarity",
         "S5_behavioral",
         "S6_region",
-        *["R1", "R2", "R3", "R4"],
+        *RANDOM,
     ]
     assert _metadata(result, "v2/ordered_logit_fit")["boundaries"].value == [14.0]
     assert set(_metadata(result, "v2/ordered_logit_fit")["outcome_counts"].value) == {"1", "2"}  # a binary logit

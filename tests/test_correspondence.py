@@ -1,34 +1,12 @@
-"""The correspondence table's statistics and verdict rule, on runs whose numbers are known."""
+"""The correspondence table's statistics and verdict rule, on held-out results whose numbers are known."""
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
+from prism_assets.statistics import calibration
 from prism_assets.statistics import correspondence as corr
-
-
-def _runs(per_split: dict[str, list[tuple[float, float]]], se: float | dict[str, float] = 0.0) -> pd.DataFrame:
-    """Runs with every metric equal to the given (A, B) value per seed; `se`: each group's held-out standard error,
-    for every split or per split."""
-    rows = []
-    for split, seeds in per_split.items():
-        split_se = se.get(split, 0.0) if isinstance(se, dict) else se
-        for seed, (a, b) in enumerate(seeds):
-            for group, value in (("A", a), ("B", b)):
-                rows.append(
-                    {
-                        "split": split,
-                        "group": group,
-                        "seed": seed,
-                        **dict.fromkeys(corr.METRICS, value),
-                        "heldout_acc_se": split_se,
-                        "heldout_margin_se": split_se,
-                    }
-                )
-    rows.append({"split": None, "group": None, "seed": 0, **dict.fromkeys(corr.METRICS, 0.5)})  # baseline
-    return pd.DataFrame(rows)
-
 
 SPLITS = pd.DataFrame(
     {
@@ -36,8 +14,33 @@ SPLITS = pd.DataFrame(
         "predicted": ["A>B", "A<B", "A>B", "A>B", "A≈B", "A≈B", "A≈B", "A≈B", "A≈B"],
         "null_control": [False, False, False, False, True, False, False, False, False],
         "random": [False] * 5 + [True] * 4,
+        "trained": True,
+        "users_a": 100,
+        "users_b": 100,
     }
 )
+COMPLETE = calibration.Completeness(5, 5, 4, 4, 3)
+
+
+def _users(accuracy: dict[str, list[tuple[float, float]]], users: int = 40, pairs: int = 10, seed: int = 0):
+    """A user table: per split and seed, `users` held-out users in each group with `pairs` pairs each, whose
+    correctness averages the given (A's models on A's pairs, B's models on B's pairs) accuracy; each user's accuracy
+    spread around it so that the clustered variance is not zero. The cross readings (A's models on B's pairs, …) and
+    the baseline's are 0.5."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, per_seed in accuracy.items():
+        for seed_index, own in enumerate(per_seed):
+            for model in calibration.MODELS:
+                for pairs_of, target in zip(calibration.GROUPS, own):
+                    level = target if model == pairs_of else 0.5
+                    spread = rng.normal(0, 0.1, users)
+                    spread -= spread.mean()  # the group's accuracy is exactly the target
+                    for user, offset in enumerate(spread):
+                        rows.append((split, seed_index, model, pairs_of, f"u{user}", (level + offset) * pairs, pairs))
+    return pd.DataFrame(rows, columns=["split", "seed", "model", "pairs_of", "user_id", "correct", "pairs"])
+
+
 RANDOM = {  # four draws of the null: small differences, both signs
     "R1": [(0.61, 0.60), (0.60, 0.61), (0.62, 0.60)],
     "R2": [(0.60, 0.61), (0.61, 0.61), (0.60, 0.62)],
@@ -46,22 +49,36 @@ RANDOM = {  # four draws of the null: small differences, both signs
 }
 
 
-def _primary(table):
-    return table[table["metric"] == corr.PRIMARY_METRIC].set_index("split")
+def _runs(splits: list[str], seeds: int = 3) -> pd.DataFrame:
+    """Run rows with every secondary metric 0.6 for A and 0.5 for B."""
+    rows = [
+        {"split": split, "group": group, "seed": seed, **dict.fromkeys(corr.SECONDARY, 0.6 if group == "A" else 0.5)}
+        for split in splits
+        for group in ("A", "B")
+        for seed in range(seeds)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _table(users, splits=SPLITS, completeness=COMPLETE, min_effect=0.03):
+    table, diffs = corr.correspondence(
+        users, _runs(list(splits["split"])), splits, 0.05, completeness, min_effect, 0.15
+    )
+    return table[table["metric"] == corr.PRIMARY_METRIC].set_index("split"), table, diffs
 
 
 def test_verdicts_follow_the_documented_rule():
-    runs = _runs(
+    users = _users(
         {
             "S1": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],  # clearly A > B, as predicted
             "S2": [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)],  # clearly A > B, predicted A < B
             "S3": [(0.70, 0.60), (0.60, 0.70), (0.66, 0.64)],  # spans 0
-            "S4": [(0.70, 0.69)],  # one seed: tested with the pooled seed variance
+            "S4": [(0.70, 0.69)],  # one seed: tested with the pooled training variance
             "NULL": [(0.60, 0.61), (0.62, 0.60), (0.61, 0.61)],
             **RANDOM,
         }
     )
-    table = _primary(corr.correspondence(corr.seed_differences(runs), SPLITS))
+    table, _, diffs = _table(users)
     assert table.loc["S1", "verdict"] == corr.MATCH
     assert table.loc["S2", "verdict"] == corr.MISMATCH
     assert table.loc["S3", "verdict"] == corr.INCONCLUSIVE
@@ -71,79 +88,94 @@ def test_verdicts_follow_the_documented_rule():
     assert table.loc["S1", "sign_consistency"] == "3/3" and table.loc["S2", "sign_consistency"] == "0/3"
     assert table.loc["NULL", "sign_consistency"] == "—"  # the null control predicts no sign
     assert table.loc["S1", "per_seed_d"] == pytest.approx([0.20, 0.21, 0.17])
-    # the statistic: mean over the pooled se, scaled by the random splits' RMS statistic; t with K = 4 df
+    # the statistic: se² = (τ² + mean v) / n, τ² pooled over every split; scaled by the random splits' RMS t; t_K
+    s1 = diffs[diffs["split"] == "S1"]
+    assert table.loc["S1", "v"] == pytest.approx(s1["v"].mean())
+    squares = diffs.groupby("split")["d"].apply(lambda d: ((d - d.mean()) ** 2).sum()).sum()
+    degrees = (diffs.groupby("split").size() - 1).sum()
+    weighted_v = (diffs.groupby("split")["v"].mean() * (diffs.groupby("split").size() - 1)).sum()
+    assert table.loc["S1", "tau2"] == pytest.approx(max(0, (squares - weighted_v) / degrees))
+    se = np.sqrt((table.loc["S1", "tau2"] + table.loc["S1", "v"]) / 3)
+    assert table.loc["S1", "se"] == pytest.approx(se)
     scale = np.sqrt(np.mean(table.loc[list(RANDOM), "t"] ** 2))
     assert table.loc["S1", "null_scale"] == pytest.approx(scale) and table.loc["S1", "null_df"] == 4
-    z = table.loc["S1", "mean_d"] / table.loc["S1", "se"] / scale
+    z = table.loc["S1", "mean_d"] / se / scale
     assert table.loc["S1", "p_two"] == pytest.approx(2 * stats.t.sf(abs(z), 4))
     assert table.loc["S1", "p_predicted"] == pytest.approx(stats.t.sf(z, 4))
     # Holm over the four predicted splits (S1..S4), the null control and the random splits outside the family
     p = table.loc[["S1", "S2", "S3", "S4"], "p_two"].to_numpy()
-    assert table.loc[["S1", "S2", "S3", "S4"], "p_adjusted"].to_numpy() == pytest.approx(corr.calibration.holm(p))
-    assert np.isnan(table.loc["NULL", "p_adjusted"])
+    assert table.loc[["S1", "S2", "S3", "S4"], "p_adjusted"].to_numpy() == pytest.approx(calibration.holm(p))
+    assert table.loc[["NULL", *RANDOM], "p_adjusted"].isna().all()
+    # the 95% CI on the null's scale, and a bootstrap interval around the mean
+    half = stats.t.ppf(0.975, 4) * scale * se
+    assert table.loc["S1", "ci_low"] == pytest.approx(table.loc["S1", "mean_d"] - half)
+    assert table.loc["S1", "boot_low"] < table.loc["S1", "mean_d"] < table.loc["S1", "boot_high"]
 
 
-def test_a_difference_no_larger_than_the_random_splits_is_not_significant():
-    """The same difference is MATCH against quiet random splits and INCONCLUSIVE against noisy ones: the null's
-    scale comes from the random splits, not from the noise model alone."""
-    seeds = [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)]
-    quiet = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds, **RANDOM}, se=0.005)), SPLITS))
-    noisy_random = {
-        name: [(a + 0.05 * sign, b) for a, b in values] for (name, values), sign in zip(RANDOM.items(), (1, -1, 1, -1))
-    }
-    noisy = _primary(
-        corr.correspondence(corr.seed_differences(_runs({"S1": seeds, **noisy_random}, se=0.005)), SPLITS)
-    )
-    assert quiet.loc["S1", "verdict"] == corr.MATCH
-    assert noisy.loc["S1", "null_scale"] > quiet.loc["S1", "null_scale"]
-    assert noisy.loc["S1", "verdict"] == corr.INCONCLUSIVE
+def test_the_mechanism_splits_a_minus_b_into_pairs_and_models():
+    users = _users({"S1": [(0.8, 0.6)] * 2, "NULL": [(0.6, 0.6)] * 2, **RANDOM})
+    table, _, _ = _table(users)
+    row = table.loc["S1"]
+    # A's models on A's pairs 0.8, B's on B's 0.6, every cross reading and the baseline's 0.5
+    assert (row["acc_aa"], row["acc_bb"], row["acc_ab"], row["acc_ba"]) == pytest.approx((0.8, 0.6, 0.5, 0.5))
+    assert row["pairs_part"] + row["model_part"] == pytest.approx(row["mean_d"])
+    assert row["pairs_part"] == pytest.approx(0.1) and row["model_part"] == pytest.approx(0.1)
+    assert row["acc_0a"] == pytest.approx(0.5) and row["baseline_pairs"] == pytest.approx(0.0)
 
 
-def test_heldout_sampling_noise_widens_the_interval():
-    """A split whose held-out sets are smaller than the random splits' (a larger se) gets a wider interval; the same
-    se everywhere changes nothing, as the null's scale absorbs it."""
-    seeds = [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)]
-    same = dict.fromkeys(["S1", *RANDOM], 0.01)
-    narrow = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds, **RANDOM}, se=same)), SPLITS))
-    wide = _primary(
-        corr.correspondence(corr.seed_differences(_runs({"S1": seeds, **RANDOM}, se={**same, "S1": 0.05})), SPLITS)
-    )
-    assert (
-        wide.loc["S1", "ci_high"] - wide.loc["S1", "ci_low"] > narrow.loc["S1", "ci_high"] - narrow.loc["S1", "ci_low"]
-    )
-    assert wide.loc["S1", "eval_se"] == pytest.approx(np.sqrt(2) * 0.05)
-    train_metric = corr.correspondence(corr.seed_differences(_runs({"S1": seeds, **RANDOM}, se=0.05)), SPLITS)
-    train_metric = train_metric[(train_metric["metric"] == "mean_pref_acc_tail") & (train_metric["split"] == "S1")]
-    assert train_metric["eval_se"].iloc[0] == 0  # no held-out noise for training-batch metrics
+def test_secondary_metrics_are_estimates_without_verdicts():
+    users = _users({"S1": [(0.8, 0.6)] * 3, "NULL": [(0.6, 0.6)] * 3, **RANDOM})
+    _, table, _ = _table(users)
+    secondary = table[table["metric"].isin(corr.SECONDARY)]
+    assert set(secondary.loc[~secondary["random"], "verdict"]) == {corr.EXPLORATORY}
+    s1 = secondary[(secondary["split"] == "S1") & (secondary["metric"] == corr.SECONDARY[0])].iloc[0]
+    assert s1["mean_d"] == pytest.approx(0.1) and s1["per_seed_d"] == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_no_verdict_without_the_complete_family():
+    users = _users({"S1": [(0.8, 0.6)] * 3, "NULL": [(0.6, 0.6)] * 3, "R1": RANDOM["R1"]})
+    partial = calibration.Completeness(2, 5, 1, 4, 3)
+    table, _, _ = _table(users, completeness=partial)
+    assert table.loc["S1", "verdict"] == "null not calibrated (1 of 4 random splits)"
+    assert table.loc["S1", "mean_d"] == pytest.approx(0.2)  # the estimate is still there
+    assert table.loc["S2", "verdict"] == "null not calibrated (1 of 4 random splits)"  # no runs: no verdict either
 
 
 def test_a_split_too_small_to_train_gets_the_power_line_it_would_have():
-    seeds = [(0.65, 0.60), (0.66, 0.60), (0.65, 0.61)]
-    runs = _runs({"S1": seeds, **RANDOM}, se=0.02)
-    splits = SPLITS.assign(trained=SPLITS["split"] != "S2")  # S2: too small, no runs
-    heldout = dict.fromkeys(["S1", *RANDOM], 100.0)
-    tables = {
-        size: _primary(corr.correspondence(corr.seed_differences(runs), splits, 0.05, heldout, {"S2": size}))
-        for size in (25.0, 100.0)
-    }
-    small, same = tables[25.0], tables[100.0]
-    assert small.loc["S2", "verdict"] == corr.calibration.NOT_TRAINED and small.loc["S2", "n_seeds"] == 0
-    assert small.loc["S2", "planned_seeds"] == 3 and np.isnan(small.loc["S2", "p_two"])
-    # as large as S1's held-out sets: S1's own line; a quarter of them: twice the held-out se, a larger MDE
-    assert same.loc["S2", "mde"] == pytest.approx(same.loc["S1", "mde"])
-    assert small.loc["S2", "eval_se"] == pytest.approx(2 * same.loc["S1", "eval_se"])
-    assert small.loc["S2", "mde"] > same.loc["S1", "mde"]
-    assert np.isnan(small.loc["S3", "mde"]) and small.loc["S3", "verdict"] == corr.INCONCLUSIVE  # trained, no runs
+    users = _users({"S1": [(0.7, 0.6)] * 3, "NULL": [(0.6, 0.6)] * 3, **RANDOM})
+    splits = SPLITS.assign(trained=SPLITS["split"] != "S2", users_a=[100, 10, 100, 100, 100, 100, 100, 100, 100])
+    table, _, _ = _table(users, splits=splits)
+    assert table.loc["S2", "verdict"] == calibration.NOT_TRAINED and table.loc["S2", "n_seeds"] == 0
+    # a group of a tenth of the users: a larger held-out variance, so a larger MDE than S1's
+    assert table.loc["S2", "mde"] > table.loc["S1", "mde"] > 0
 
 
-def test_without_random_splits_the_test_is_uncalibrated_and_says_so():
-    seeds = [(0.80, 0.60), (0.82, 0.61), (0.79, 0.62)]
-    table = _primary(corr.correspondence(corr.seed_differences(_runs({"S1": seeds})), SPLITS))
-    assert table.loc["S1", "null_df"] == 0 and table.loc["S1", "null_scale"] == 1.0  # a normal reference
-    assert table.loc["S2", "n_seeds"] == 0 and table.loc["S2", "verdict"] == corr.INCONCLUSIVE
+def test_the_power_line_is_for_min_effect():
+    users = _users({"S1": [(0.7, 0.6)] * 3, "NULL": [(0.6, 0.6)] * 3, **RANDOM})
+    table, _, _ = _table(users, min_effect=0.2)
+    row = table.loc["S1"]
+    assert row["min_effect"] == 0.2
+    # seeds needed: (λ σ₀ / δ)² times one seed's variance, at least 2
+    unit = calibration.critical_shift(4, int(row["family_size"]), 0.05) * row["null_scale"]
+    assert row["seeds_needed"] == max(2, np.ceil(row["seed_var"] * (unit / 0.2) ** 2))
+    assert row["mde"] == pytest.approx(unit * row["se"])
 
 
-def test_a_split_missing_one_groups_runs_has_no_differences():
-    runs = _runs({"S1": [(0.8, 0.6)]})
-    runs = runs[~((runs["split"] == "S1") & (runs["group"] == "B"))]
-    assert corr.seed_differences(runs).empty
+def test_experiments_compared_say_same_runs_where_the_runs_are_shared():
+    one = pd.DataFrame(
+        {
+            "split": ["S1", "S2"],
+            "predicted": ["A>B", "A>B"],
+            "n_seeds": [3, 3],
+            "mean_d": [0.1, 0.05],
+            "ci_low": [0.0, -0.1],
+            "ci_high": [0.2, 0.2],
+            "verdict": ["MATCH", "INCONCLUSIVE"],
+        }
+    )
+    two = one.assign(split=["T1", "T2"], mean_d=[0.1, -0.05], verdict=["MATCH", "INCONCLUSIVE"])
+    groups = {"a": {"S1": ("x", "y"), "S2": ("p", "q")}, "b": {"T1": ("x", "y"), "T2": ("p", "q")}}
+    runs = {"a": {"S1": frozenset({1}), "S2": frozenset({2})}, "b": {"T1": frozenset({1}), "T2": frozenset({3})}}
+    comparison = corr.compare_experiments({"a": one, "b": two}, groups, runs).set_index("split_1")
+    assert comparison.loc["S1", "direction"] == "same runs"  # one measurement, read twice
+    assert comparison.loc["S2", "direction"] == "flip"  # other runs, the other sign

@@ -18,8 +18,9 @@ from builders import (
     upstream_of_runs,
 )
 
-from prism_assets import cells, partitions
-from prism_assets.assets import dpo, report
+from prism_assets import cells, partitions, provenance
+from prism_assets.assets import dpo
+from prism_assets.experiments import ExperimentSpec
 from prism_assets.training import run_folder as folder
 from prism_assets.training.settings import fingerprint
 
@@ -51,7 +52,9 @@ def v3_instance(tmp_path_factory):
 def test_significant_splits_registers_the_cells(v3_instance):
     _, _, _, instance = v3_instance
     cells = instance.get_dynamic_partitions(partitions.cells_name("v3"))
-    assert cells[0] == "baseline" and len(cells) == 1 + 2 * (8 + 4) and "S8_region.B" in cells and "R4.B" in cells
+    random = ExperimentSpec().random_splits
+    assert cells[0] == "baseline" and len(cells) == 1 + 2 * (8 + random) and "S8_region.B" in cells
+    assert f"R{random}.B" in cells
 
 
 def test_a_partition_trains_through_pipes_and_records_its_metrics(v3_instance):
@@ -212,6 +215,7 @@ def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
         folder.read_outputs(tmp_path)
     (tmp_path / "metrics.json").write_text('{"final_heldout_acc": 0.5,')
     (tmp_path / "curve.parquet").write_bytes(b"not parquet")
+    pd.DataFrame({"step": [2], "pair_id": ["p"], "margin": [0.1]}).to_parquet(tmp_path / "heldout.parquet")
     (tmp_path / "run.json").write_text('{"seed": 0')  # truncated: a node that died while writing it
     with pytest.raises(folder.RunFolderError, match=rf"{tmp_path / 'metrics.json'} is not valid JSON"):
         folder.read_outputs(tmp_path)
@@ -247,8 +251,8 @@ def test_changing_one_experiment_marks_only_its_own_assets_unsynced():
         "v2/group_dpo_run",
         *reports,
     }
+    # α decides which terms make splits, not the fit
     assert changed(v3, experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.05})) == {
-        "v2/ordered_logit_fit",
         "v2/significant_splits",
         "v2/group_dpo_run",
         *reports,
@@ -362,24 +366,34 @@ def test_the_table_leaves_out_runs_of_other_groups_or_settings_and_names_them():
     # S1's group B as a split of the same name made otherwise (another preset, α or fit) held it.
     older_b = digest({"membership": membership.replace({"u4": "u5"})}, "S1", "B")
     rows = [
-        ("baseline", None, None, None, "f"),
-        ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f"),
-        ("S1.B", "S1", "B", older_b, "f"),
-        ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g"),
-        ("S9.A", "S9", "A", "0" * 16, "f"),
-        ("S2.B", "S2", "B", digest(splits, "S2", "B"), "f"),
+        ("baseline", None, None, None, "f", "data"),
+        ("baseline", None, None, None, "f", "old data"),  # seed 1: the baseline of another version of the pairs
+        ("S1.A", "S1", "A", digest(splits, "S1", "A"), "f", "data"),
+        ("S1.B", "S1", "B", older_b, "f", "data"),
+        ("S2.A", "S2", "A", digest(splits, "S2", "A"), "g", "data"),
+        ("S9.A", "S9", "A", "0" * 16, "f", "data"),
+        ("S2.B", "S2", "B", digest(splits, "S2", "B"), "f", "data"),
     ]
     runs = pd.DataFrame(
         [
-            {"cell": c, "split": s, "group": g, "seed": 0, "membership_digest": d, "settings_fingerprint": f}
-            for c, s, g, d, f in rows
+            {
+                "cell": c,
+                "split": s,
+                "group": g,
+                "seed": int(data == "old data"),
+                "membership_digest": d,
+                "settings_fingerprint": f,
+                "data_digest": data,
+            }
+            for c, s, g, d, f, data in rows
         ]
     )
-    kept, left_out = report.current_runs(runs, splits, "f")
-    assert list(kept["cell"]) == ["baseline", "S1.A", "S2.B"]
+    kept, left_out = provenance.current_runs(runs, splits, "f", "data")
+    assert list(zip(kept["cell"], kept["seed"])) == [("baseline", 0), ("S1.A", 0), ("S2.B", 0)]
     assert left_out == {
         "split no longer in significant_splits": ["S9.A seed 0"],
         "trained on other users than the group now holds": ["S1.B seed 0"],
+        "trained on other data (another version of the pairs)": ["baseline seed 1"],
         "trained under other DPO settings": ["S2.A seed 0"],
     }
     assert digest(splits, None, None) is None and digest(splits, "S1", "A") != digest(splits, "S1", "B")
@@ -397,10 +411,10 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
         "beta": 0.2,
         "learning_rate": 2e-4,
         "logging_steps": 4,
-        "eval_steps": 8,
+        "eval_steps": 16,
         "max_length": 128,
-        "heldout_fraction": 0.2,
-        "heldout_max_pairs": 32,
+        "heldout_share": 0.2,
+        "curve_heldout_pairs": 32,
         "balance_groups": True,
         "gradient_checkpointing": True,
         "checkpoint_steps": 8,

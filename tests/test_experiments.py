@@ -96,31 +96,32 @@ def test_v2_after_v3_trains_only_what_v3_did_not_and_the_comparison_pairs_their_
     """v3's baseline, age and region runs, then every v2 partition: v2's baseline, S1_age and S6_region are the same
     runs (the same users, model and settings) and are adopted; its other splits are trained. One reference_logps
     serves both. The table compares the splits they share by definition, whatever each calls them."""
-    v3 = experiment("v3", "v3", spec={"random_splits": 1}, max_steps=4, logging_steps=2)
+    v3 = experiment("v3", "v3", spec={"random_splits": 2}, max_steps=4, logging_steps=2)
     v2 = experiment(
-        "v2", "v2", spec={"boundaries": [14], "alpha": 0.1, "random_splits": 1}, max_steps=4, logging_steps=2
+        "v2", "v2", spec={"boundaries": [14], "alpha": 0.1, "random_splits": 2}, max_steps=4, logging_steps=2
     )
     assets, resources = dagster_definitions(tmp_path, [v3, v2], warm=True)
     assert len([a for a in assets if a.key.path[0] == "reference_logps"]) == 1
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
         instance.add_dynamic_partitions(partitions.SEED, ["0"])
-        v3_cells = ["baseline", "S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B", "R1.A", "R1.B"]
+        v3_cells = ["baseline", "S1_age.A", "S1_age.B", "S8_region.A", "S8_region.B", "R1.A", "R1.B", "R2.A", "R2.B"]
         assert all(_trained(materialize_partition(assets, resources, instance, "v3", c, 0)) for c in v3_cells)
         v2_cells = instance.get_dynamic_partitions(partitions.cells_name("v2"))
-        assert len(v2_cells) == 1 + 2 * (6 + 1)
+        assert len(v2_cells) == 1 + 2 * (6 + 2)
         trained = {c: _trained(materialize_partition(assets, resources, instance, "v2", c, 0)) for c in v2_cells}
         table = dg.materialize(
             assets, selection=[dg.AssetKey("correspondence_table")], instance=instance, resources=resources
         )
-    shared = {"baseline", "S1_age.A", "S1_age.B", "S6_region.A", "S6_region.B", "R1.A", "R1.B"}
+    shared = {"baseline", "S1_age.A", "S1_age.B", "S6_region.A", "S6_region.B", "R1.A", "R1.B", "R2.A", "R2.B"}
     assert {c for c, was in trained.items() if not was} == shared
     assert len(list((tmp_path / "runs").glob("*/seed0/metrics.json"))) == len(v3_cells) + len(v2_cells) - len(shared)
     output = table.output_for_node("correspondence_table")
     comparison = output["comparison"]
     assert set(zip(comparison["split_1"], comparison["split_2"])) == {("S1_age", "S1_age"), ("S8_region", "S6_region")}
-    assert (comparison["experiment_1"] == "v3").all() and (comparison["direction"] == "stable").all()
-    assert np.allclose(comparison["mean_d_1"], comparison["mean_d_2"])  # one run each side: the same numbers
+    # one set of runs read twice: the same numbers, said to be the same runs rather than a stable direction
+    assert (comparison["experiment_1"] == "v3").all() and (comparison["direction"] == "same runs").all()
+    assert np.allclose(comparison["mean_d_1"], comparison["mean_d_2"])
     [event] = table.get_asset_materialization_events()
     metadata = event.materialization.metadata
     assert "S8_region / S6_region" in metadata["comparison"].value and "comparison_plot" in metadata
@@ -180,11 +181,12 @@ def test_the_comparison_pairs_splits_by_their_users_not_their_names():
         "v3": {"S1_age": ("a", "b"), "S4_safety": ("c", "d"), "S9": ("x", "y")},
         "v2": {"S1_age": ("a", "z"), "S3_safety": ("c", "d")},  # v2's S1_age: other users in B
     }
-    assert len(correspondence.compare_experiments(tables, groups)) == 1
+    runs = {"v3": {"S4_safety": frozenset({"r1"})}, "v2": {"S3_safety": frozenset({"r2"})}}  # other runs
+    assert len(correspondence.compare_experiments(tables, groups, runs)) == 1
     tables["v2"].loc[0, "n_seeds"] = 0  # no runs yet on one side: nothing to compare
-    assert correspondence.compare_experiments(tables, groups).empty
+    assert correspondence.compare_experiments(tables, groups, runs).empty
     tables["v2"].loc[0, "n_seeds"] = 3
-    comparison = correspondence.compare_experiments(tables, groups)
+    comparison = correspondence.compare_experiments(tables, groups, runs)
     assert comparison[["split_1", "split_2", "direction", "verdicts_agree"]].values.tolist() == [
         ["S4_safety", "S3_safety", "flip", True]
     ]

@@ -118,7 +118,7 @@ def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_
         "logging_steps": 2,
         "learning_rate": 1e-3,
         "max_length": 96,
-        "heldout_max_pairs": 8,
+        "curve_heldout_pairs": 8,
         "batch_size": 4,
     }
     for name, path in (("live", plain), ("fed", fed)):

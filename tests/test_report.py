@@ -16,7 +16,15 @@ from prism_assets import partitions, writeup
 from prism_assets.statistics import correspondence
 from resources.io_managers import read_bundle
 
-SECTIONS = ("Setup", "Splits", "Baseline", "Group comparison summary", "Per split", "Correspondence check")
+SECTIONS = (
+    "What the numbers rest on",
+    "Setup",
+    "Splits",
+    "Baseline",
+    "Group comparison summary",
+    "Per split",
+    "Secondary metrics (exploratory)",
+)
 
 
 def _t_interval(values: list[float]) -> tuple[float, float, float]:
@@ -43,12 +51,13 @@ def _row(section: str, first_cell: str) -> str:
 
 @pytest.mark.slow
 def test_the_writeup_shows_the_assets_numbers_and_is_rebuilt_only_when_they_change(tmp_path):
-    """Two seeds of v3's baseline, age and random-split cells: the write-up's baseline and per-split numbers are the
-    runs' metrics (mean and t-interval over seeds, computed here), its summary is the table's; the same table again
-    leaves the report as it was, one more run rebuilds it."""
-    v3 = experiment("v3", "v3", spec={"random_splits": 1}, max_steps=4, logging_steps=2)
+    """Two seeds of v3's baseline, age and random-split cells — a partial grid: the write-up goes beside the last
+    complete one, says so and gives no verdicts; its baseline and per-split numbers are the runs' metrics (mean and
+    t-interval over seeds, computed here), its summary is the table's; the same table again leaves the report as it
+    was, one more run rebuilds it."""
+    v3 = experiment("v3", "v3", spec={"random_splits": 2}, max_steps=4, logging_steps=2)
     assets, resources = dagster_definitions(tmp_path, [v3], warm=True)
-    cells = ["baseline", "S1_age.A", "S1_age.B", "R1.A", "R1.B"]  # R1: the calibrated null
+    cells = ["baseline", "S1_age.A", "S1_age.B", "R1.A", "R1.B", "R2.A", "R2.B"]  # R1, R2: the calibrated null
     metrics: dict[tuple[str, int], dict] = {}
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)
@@ -81,8 +90,12 @@ def test_the_writeup_shows_the_assets_numbers_and_is_rebuilt_only_when_they_chan
     assert not rebuilt_again and unchanged_mtime == written, "the same inputs built the report again"
     assert len(rebuilt) == 1 and report_count == 2, "a new run left the report as it was"
 
+    # A partial grid: report.partial.md, and no report.md made from it.
+    assert markdown_path.name == "report.partial.md" and not markdown_path.with_name("report.md").exists()
     # The report of the two-seed grid (the first build) is gone; check the current one, S1_age with three seeds.
     markdown = markdown_path.read_text()
+    assert "**A partial grid: no verdicts.** v3: partial grid: 1 of 8 splits, 0 of 2 random splits" in markdown
+    assert "Missing runs (failed, or not yet run): " in markdown and "S2_education.A seed 0" in markdown
     table = read_bundle(tmp_path / "assets" / "correspondence_table")
     v3_md = _section(markdown, "## Experiment v3")
     for section in SECTIONS:
@@ -162,25 +175,31 @@ def test_observations_follow_the_verdicts():
         ("S3", "A>B", correspondence.INCONCLUSIVE, False, np.inf),
         ("N", "A≈B", correspondence.NULL_NOT_OK, True, np.nan),
     ]:
-        for metric in correspondence.METRICS:
-            rows.append(
-                {
-                    "split": split,
-                    "metric": metric,
-                    "predicted": predicted,
-                    "verdict": verdict if metric == correspondence.PRIMARY_METRIC or split != "S1" else "MATCH",
-                    "null_control": null,
-                    "random": False,
-                    "mean_d": 0.1,
-                    "p_adjusted": 0.01,
-                    "p_two": 0.001,
-                    "seeds_needed": seeds_needed,
-                    "heldout_needed": 900.0,
-                }
-            )
-    lines = writeup.experiment_observations("v9", pd.DataFrame(rows), 3)
-    text = "\n".join(lines)
-    assert "**MATCH** on the primary metric: S1" in text and f"MATCH on {len(correspondence.METRICS)} of" in text
-    assert "S2 12 seeds (now 3)" in text
-    assert "S3 needs 900 held-out pairs per group" in text
+        rows.append(
+            {
+                "split": split,
+                "metric": correspondence.PRIMARY_METRIC,
+                "predicted": predicted,
+                "verdict": verdict,
+                "null_control": null,
+                "random": False,
+                "n_seeds": 3,
+                "null_df": 12,
+                "mean_d": 0.1,
+                "p_adjusted": 0.01,
+                "p_two": 0.001,
+                "mde": 0.08,
+                "seeds_needed": seeds_needed,
+                "heldout_floor": 0.05,
+            }
+        )
+    basis = {"reason": "", "min_effect": 0.03}
+    text = "\n".join(writeup.experiment_observations("v9", pd.DataFrame(rows), basis))
+    assert (
+        "**MATCH** on the primary metric: S1 (mean A − B +0.100, Holm p 0.01; 3 seeds, K = 12 random splits)" in text
+    )
+    assert "to detect |A − B| = 0.03 with 80% power: S2 12 seeds (MDE now 0.080)" in text
+    assert "beyond any number of seeds for S3 (floor 0.050)" in text
     assert "null control N is **null NOT OK**" in text and "deserves suspicion" in text
+    partial = "\n".join(writeup.experiment_observations("v9", pd.DataFrame(rows), {**basis, "reason": "partial"}))
+    assert "**partial** — no verdicts" in partial and "no predicted split is MATCH" not in partial

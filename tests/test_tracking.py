@@ -23,7 +23,7 @@ SETTINGS = {
     "eval_steps": 4,
     "batch_size": 4,
     "max_length": 96,
-    "heldout_max_pairs": 16,
+    "curve_heldout_pairs": 16,
 }
 TRAIN_COLUMNS = ("loss", "margin", "pref_acc", "reward_chosen", "reward_rejected", "grad_norm", "learning_rate")
 HELDOUT_COLUMNS = ("heldout_acc", "heldout_margin", "heldout_acc_se", "heldout_margin_se")

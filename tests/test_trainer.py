@@ -10,7 +10,7 @@ import pytest
 from builders import run_job
 
 from prism_assets.training.metrics import summarize_curve
-from prism_assets.training.run_folder import split_heldout
+from prism_assets.training.run_folder import heldout_users
 from prism_assets.training.settings import RunConfig
 from prism_assets.training.tiny_model import build_tiny_qwen2, fingerprint
 from prism_assets.training.trainer import HeldoutEvaluator
@@ -26,7 +26,8 @@ def _train(tmp_path, name, model, pairs, **overrides):
         pairs_path=str(pairs),
         output_dir=str(out),
         seed=0,
-        **{"max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128, "heldout_max_pairs": 16}
+        **{"max_steps": 6, "logging_steps": 2, "learning_rate": 1e-3, "max_length": 128, "eval_steps": None}
+        | {"heldout_share": 0.2, "curve_heldout_pairs": 16}
         | overrides,
     )
     return out
@@ -48,8 +49,20 @@ def test_trainer_writes_complete_consistent_outputs(first_run):
     assert curve["heldout_acc"].between(0, 1).all()
     summary = summarize_curve(curve, max_steps=6)
     assert all(metrics[k] == v for k, v in summary.items())
-    assert ran["seed"] == 0 and ran["num_heldout_pairs"] == 16 and ran["device"] == "cpu"
+    assert ran["seed"] == 0 and ran["device"] == "cpu"
+    pairs = pd.read_parquet(ran["pairs_path"])
+    fold = heldout_users(pairs["user_id"], 0.2, 0)
+    assert ran["num_evaluated_pairs"] == metrics["num_heldout_pairs"] == fold.sum()  # every pair of the fold's users
+    assert metrics["num_heldout_users"] == pairs.loc[fold, "user_id"].nunique()
     assert metrics["num_train_pairs"] == 6 * 8  # only the pairs 6 steps of batch 8 consume are drawn
+    # every held-out pair at the step the primary metric reads (the last evaluated), 16 of them at the others
+    results = pd.read_parquet(out / "heldout.parquet")
+    assert results.groupby("step").size().to_dict() == {2: 16, 4: 16, 6: int(fold.sum())}
+    assert set(results.loc[results["step"] == 6, "pair_id"]) == set(pairs.loc[fold, "pair_id"])
+    last = results[results["step"] == 6]
+    assert (last["margin"] > 0).mean() == pytest.approx(curve["heldout_acc"].iloc[-1])
+    expected = 0.1 * (last["policy_logratio"] - last["reference_logratio"])
+    assert last["margin"].to_numpy() == pytest.approx(expected, rel=1e-4, abs=1e-5)  # float32 arithmetic
     assert len(metrics["data_version"]) == 24
     assert metrics["attention_kernel"].startswith("cpu float32 (4 heads, 2 kv, dim 16): sdpa per sequence")  # reported
     assert not list(out.glob(".*.tmp"))
@@ -73,13 +86,16 @@ def test_parameters_change_at_the_original_learning_rate(first_run, tiny_model_d
     assert 1e-3 < metrics["param_delta_l2"] < 1e-1
 
 
-def test_heldout_pairs_are_the_same_whatever_the_seed_or_subset(small_pairs_path):
+def test_each_seed_holds_out_its_own_users_whatever_the_subset(small_pairs_path):
     pairs = pd.read_parquet(small_pairs_path)
-    _, heldout = split_heldout(pairs, 0.1, 1000)
-    _, heldout_of_half = split_heldout(pairs.iloc[: len(pairs) // 2], 0.1, 1000)
-    assert set(heldout_of_half["pair_id"]) <= set(heldout["pair_id"])
-    train, heldout = split_heldout(pairs, 0.1, 20)
-    assert len(heldout) == 20 and not set(train["pair_id"]) & set(heldout["pair_id"])
+    users = pairs["user_id"].drop_duplicates()
+    folds = [set(users[heldout_users(users, 0.2, seed).to_numpy()]) for seed in range(5)]
+    # five seeds at a share of 0.2 hold out five disjoint sets of users that together are all of them
+    assert all(not folds[i] & folds[j] for i in range(5) for j in range(i + 1, 5))
+    assert set().union(*folds) == set(users) and all(0.1 < len(f) / len(users) < 0.3 for f in folds)
+    assert set(users[heldout_users(users, 0.2, 5).to_numpy()]) == folds[0]  # then the folds come round again
+    half = users.iloc[: len(users) // 2]
+    assert set(half[heldout_users(half, 0.2, 1).to_numpy()]) == folds[1] & set(half)  # a user's fold is its own
 
 
 def test_unknown_or_missing_config_keys_are_named(tmp_path):

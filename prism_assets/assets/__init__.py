@@ -4,7 +4,7 @@ statistics and DPO runs, and the table over all of them."""
 import dagster as dg
 
 from prism_assets import keys, versions
-from prism_assets.assets import data, dpo, report, stats
+from prism_assets.assets import data, dpo, report, stats, table
 from prism_assets.experiments import Experiment
 
 
@@ -18,7 +18,7 @@ def asset_graph(experiments: list[Experiment]) -> list[dg.AssetsDefinition]:
             *references.values(),
             *(asset for e in experiments for asset in stats.build_statistics(e)),
             *(dpo.build_group_dpo_run(e.name, e.settings) for e in experiments),
-            report.build_correspondence_table(experiments),
+            table.build_correspondence_table(experiments),
             report.build_research_report(experiments),
         ]
     )

@@ -16,9 +16,12 @@ import pandas as pd
 
 from prism_assets import cells, keys, partitions, versions
 from prism_assets.training import run_folder as folder
+from prism_assets.training.metrics import TAIL_FRACTION
 from prism_assets.training.run_folder import (
     CURVE_FILE,
+    HELDOUT_FILE,
     METRICS_FILE,
+    OWN_COLUMN,
     PAIRS_FILE,
     REFERENCE_COLUMNS,
     REFERENCE_CONFIG_FILE,
@@ -226,13 +229,17 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
         try:
             cell, seed = dimensions[partitions.CELL], int(partitions.seed_key(dimensions[partitions.SEED]))
             split, group = partitions.parse_cell(cell)
-            pairs = cells.group_pairs(within_model_pairs, significant_splits, split, group)
+            if significant_splits.get("dpo_users") is not None:  # honest mode: the confirmation users only
+                within_model_pairs = within_model_pairs[
+                    within_model_pairs["user_id"].isin(significant_splits["dpo_users"])
+                ]
+            pairs = cells.run_pairs(within_model_pairs, significant_splits, split, group, settings.heldout_share, seed)
             config = cells.run_config(
                 settings,
                 dpo_storage.resolved_base_model(settings.base_model),
                 cell,
                 seed,
-                cells.balanced_train_pairs(within_model_pairs, significant_splits, split, settings)
+                cells.balanced_train_pairs(within_model_pairs, significant_splits, split, settings, seed)
                 if settings.balance_groups and split is not None
                 else None,
                 experiment,
@@ -240,7 +247,10 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
             )
         except ValueError as error:  # before anything is written or submitted; a retry would not help
             raise final(error) from None
-        identity = folder.run_id(CODE_VERSION, settings.base_model, config.trajectory(), pairs)
+        own = pairs[pairs[OWN_COLUMN]]
+        population = folder.pairs_digest(within_model_pairs["pair_id"], folder.text_digests(within_model_pairs))
+        own_digest = folder.pairs_digest(own["pair_id"], folder.text_digests(own))
+        identity = folder.run_id(CODE_VERSION, settings.base_model, config.trajectory(), own_digest, population)
         # Neither changes the run's identity: its id, for the trackers, and where they write.
         config = config.model_copy(
             update={"label": {**config.label, "run_id": identity}, **dpo_storage.resolved_tracking(settings)}
@@ -257,6 +267,9 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
         value = {
             "metrics": metrics,
             "curve": outputs.curve,
+            # every held-out pair's result at the steps the primary metric reads: what the table resamples
+            "heldout": outputs.heldout[outputs.heldout["step"].isin(config.full_evaluation_steps(TAIL_FRACTION))],
+            "data_digest": population,  # the pairs the run was trained and evaluated on (ids and text)
             "experiment": experiment,
             "cell": cell,
             "split": split,
@@ -273,7 +286,7 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
             "run_dir": dg.MetadataValue.path(str(run_dir)),
             "run_id": identity,
             "trained": trained,  # False: adopted, the same run was trained before (by this or another experiment)
-            "num_pairs": len(pairs),
+            "num_pairs": len(own),
             "base_model": settings.base_model,
             "attention_kernel": metrics.get("attention_kernel", ""),
             **cost_metadata(value["cost"]),
@@ -295,7 +308,7 @@ def _train(
 ) -> RunOutputs:
     """Train the run in `run_dir` (resuming an unfinished attempt of it, or following the job an earlier Dagster
     process left running for it) and read its outputs."""
-    outputs = [RUN_FILE, CURVE_FILE, METRICS_FILE]
+    outputs = [RUN_FILE, CURVE_FILE, HELDOUT_FILE, METRICS_FILE]
     job = left_running(context, launcher, run_dir, METRICS_FILE)
     if job is not None:  # its folder is the job's: nothing in it is replaced
         launcher.run(context=context, run_dir=str(run_dir), outputs=outputs, command=[], job=job)
@@ -310,9 +323,10 @@ def _train(
         folder.keep_checkpoints_of_the_same_run(run_dir, config, context.log.info)
         config_path.write_text(config.model_dump_json(indent=2))
         label = config.label
+        own = pairs[pairs[OWN_COLUMN]]
         context.log.info(
-            f"{label['experiment']} {label['cell']} seed {config.seed}: {len(pairs)} pairs of "
-            f"{pairs['user_id'].nunique()} users → {run_dir}"
+            f"{label['experiment']} {label['cell']} seed {config.seed}: {len(own)} pairs of "
+            f"{own['user_id'].nunique()} users, and {len(pairs) - len(own)} other users' held-out pairs → {run_dir}"
         )
         launcher.run(
             context=context,

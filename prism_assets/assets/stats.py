@@ -14,7 +14,7 @@ import pandas as pd
 
 from prism_assets import keys, partitions, plots, versions
 from prism_assets.assets.data import markdown_table
-from prism_assets.experiments import Experiment, ExperimentSpec
+from prism_assets.experiments import FIT_FIELDS, SPLIT_FIELDS, Experiment, ExperimentSpec
 from prism_assets.statistics import ordered_logit
 from prism_assets.statistics import splits as splits_lib
 
@@ -26,7 +26,10 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
     """`<experiment>/ordered_logit_fit` and `<experiment>/significant_splits`, their code versions hashing the
     experiment's statistics fields: a change marks only this experiment's assets unsynced."""
     name, spec = experiment.name, experiment.spec
-    fields = hashlib.sha256(json.dumps(spec.statistics(), sort_keys=True).encode()).hexdigest()[:12]
+    fit_fields, split_fields = (
+        hashlib.sha256(json.dumps(spec.fields(names), sort_keys=True).encode()).hexdigest()[:12]
+        for names in (FIT_FIELDS, SPLIT_FIELDS)
+    )
     bins = "quartile bin (Y ∈ 1..4)" if spec.boundaries == "quartiles" else f"bin at gaps {spec.boundaries}"
 
     @dg.asset(
@@ -35,7 +38,7 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         kinds={"statsmodels"},
         owners=versions.OWNERS,
         tags={"experiment": name},
-        code_version=f"{FIT_CODE_VERSION}-{fields}",
+        code_version=f"{FIT_CODE_VERSION}-{fit_fields}",
         description=f"{experiment.description}. Ordered logit of the score gap's {bins} on user covariates; "
         "statsmodels OrderedModel(logit), standard errors clustered by user. Metadata: coefficient table and "
         "plot with 95% CIs, score-gap histogram with the bin boundaries.",
@@ -44,10 +47,13 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext, raw_prism: dict, within_model_pairs: pd.DataFrame
     ) -> dict:
         covariates = ordered_logit.CovariateSpec(tuple(spec.categorical), tuple(spec.continuous), spec.min_level_users)
+        pairs = discovery_part(within_model_pairs, spec, True)
+        if spec.discovery_share:
+            context.log.info(f"honest mode: the fit uses the discovery users' {len(pairs)} pairs")
         fit = ordered_logit.cluster_robust_ordered_logit(
-            within_model_pairs, raw_prism["survey"], covariates, boundaries=spec.boundaries
+            pairs, raw_prism["survey"], covariates, boundaries=spec.boundaries
         )
-        return _fit_output(context, fit, within_model_pairs, raw_prism["source"])
+        return _fit_output(context, fit, pairs, raw_prism["source"])
 
     @dg.asset(
         key=keys.significant_splits(name),
@@ -55,7 +61,7 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         kinds={"pandas"},
         owners=versions.OWNERS,
         tags={"experiment": name},
-        code_version=f"{SPLITS_CODE_VERSION}-{fields}",
+        code_version=f"{SPLITS_CODE_VERSION}-{split_fields}",
         ins={"ordered_logit_fit": dg.AssetIn(key=keys.ordered_logit_fit(name))},
         description=f"{experiment.description}. Two-group user splits (preset {spec.preset}, α = {spec.alpha}), "
         f"each with its predicted direction, the Europe-vs-Americas null control and {spec.random_splits} random "
@@ -68,6 +74,15 @@ def build_statistics(experiment: Experiment) -> list[dg.AssetsDefinition]:
         return _splits_output(context, experiment, raw_prism, within_model_pairs, ordered_logit_fit)
 
     return [ordered_logit_fit, significant_splits]
+
+
+def discovery_part(pairs: pd.DataFrame, spec: ExperimentSpec, discovery: bool) -> pd.DataFrame:
+    """Honest mode (`discovery_share`): the discovery users' pairs (the fit's) or the confirmation users' (the DPO
+    runs'); without it, every pair for both."""
+    if spec.discovery_share is None:
+        return pairs
+    chosen = splits_lib.discovery_users(pairs["user_id"], spec.discovery_share)
+    return pairs[chosen if discovery else ~chosen].reset_index(drop=True)
 
 
 def _fit_output(
@@ -190,7 +205,13 @@ def _splits_output(
     ordered_logit_fit: dict,
 ) -> dict:
     spec = experiment.spec
+    # honest mode: splits (and so the DPO runs) of the confirmation users only, none of whose pairs chose a direction
+    within_model_pairs = discovery_part(within_model_pairs, spec, False)
     memberships = memberships_for(spec, ordered_logit_fit, raw_prism["survey"], within_model_pairs)
+    memberships = [
+        splits_lib.SplitMembership(m.split, m.users[m.users["user_id"].isin(set(within_model_pairs["user_id"]))])
+        for m in memberships
+    ]
     memberships += splits_lib.random_splits(set(within_model_pairs["user_id"]), spec.random_splits)
     table, membership = split_tables(memberships, within_model_pairs)
     empty = (table["pairs_a"] == 0) | (table["pairs_b"] == 0)
@@ -225,4 +246,12 @@ def _splits_output(
             "source": raw_prism["source"],
         }
     )
-    return {"splits": table, "membership": membership, "preset": spec.preset, "alpha": spec.alpha}
+    # the users DPO trains and is evaluated on: the confirmation users in honest mode, everyone otherwise (None)
+    dpo_users = sorted(within_model_pairs["user_id"].unique()) if spec.discovery_share else None
+    return {
+        "splits": table,
+        "membership": membership,
+        "preset": spec.preset,
+        "alpha": spec.alpha,
+        "dpo_users": dpo_users,
+    }

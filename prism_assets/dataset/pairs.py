@@ -1,11 +1,11 @@
 """Within-model preference pairs: two responses of one model to the same later turn, scored apart.
 
-Owns the rule the experiment rests on. A pair is a turn ≥ 1 interaction with exactly two scored
-responses from the same model and score_gap ≥ 1; the higher-scored response is `chosen`. Its prompt is
-the conversation up to that turn as chat messages: every earlier user message followed by the response
-the participant chose there, then this turn's user message. Every interaction that does not become a
-pair is counted under one reason (two identical texts are no preference); PRISM's "EMPTY STRING" becomes an
-empty response, and empty responses ("", whitespace) are counted.
+Owns the rule the experiment rests on. A pair is a turn ≥ 1 interaction with exactly two scored responses from the
+same model and score_gap ≥ 1; the higher-scored response is `chosen`. Its prompt is the conversation up to that turn
+as chat messages: every earlier user message followed by the response the participant chose there, then this turn's
+user message; each pair carries a digest of its text. Every interaction that does not become a pair is counted under
+one reason (two identical texts are no preference); PRISM's "EMPTY STRING" becomes an empty response, and empty
+responses ("", whitespace) are counted.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from prism_assets.dataset import schema
+from prism_assets.dataset.digests import TEXT_DIGEST, pair_text_digests
 
 DROP_REASONS = (
     "interaction_not_two_responses",
@@ -167,4 +168,5 @@ def within_model_pairs(utterances: pd.DataFrame, conversations: pd.DataFrame) ->
             )
         )
     pairs = pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
+    pairs[TEXT_DIGEST] = pair_text_digests(pairs)
     return PairsResult(pairs=pairs, dropped=dict(dropped), empty_responses=int(empty))

@@ -1,12 +1,14 @@
 """Does the DPO difference between a split's groups follow the direction the ordered logit predicted?
 
-Owns the per-seed differences d = metric(A) − metric(B), the table of each split's differences with the calibrated
-null's test (`calibration`: its p-values, verdict and power line), and the comparison of experiments' shared splits
-(README, "Reading the correspondence table").
+Owns the table a researcher reads (docs/statistics.md, "Reading the correspondence table"): per split, the primary
+metric — held-out accuracy of each group's models on its own held-out users' pairs — tested against the calibrated
+null (`calibration`: p-values, Holm, verdict, the 2×2 mechanism, a bootstrap interval, the power line), and the
+secondary metrics as exploratory estimates without verdicts; and the comparison of experiments' shared splits.
 """
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from prism_assets.statistics import calibration
 
@@ -14,144 +16,205 @@ PRIMARY_METRIC = "mean_heldout_acc_tail"
 METRICS = {
     "mean_heldout_acc_tail": "held-out accuracy (tail mean), primary",
     "mean_heldout_margin_tail": "held-out margin (tail mean)",
-    "mid_heldout_acc": "held-out accuracy, 10–40% of training",
     "mean_pref_acc_tail": "train-batch accuracy (tail mean), the original metric",
     "mean_margin_tail": "train-batch margin (tail mean), the original metric",
     "mid_pref_acc": "train-batch accuracy, 10–40% of training",
 }
-# The held-out standard error (reported by each run) that goes with a held-out metric.
-EVAL_SE = {
-    "mean_heldout_acc_tail": "heldout_acc_se",
-    "mid_heldout_acc": "heldout_acc_se",
-    "mean_heldout_margin_tail": "heldout_margin_se",
-}
+SECONDARY = [m for m in METRICS if m != PRIMARY_METRIC]
+EXPLORATORY = "exploratory"  # a secondary metric's verdict: an estimate only, never a test
 MATCH, MISMATCH, INCONCLUSIVE = calibration.MATCH, calibration.MISMATCH, calibration.INCONCLUSIVE
 NULL_OK, NULL_NOT_OK = calibration.NULL_OK, calibration.NULL_NOT_OK
+MECHANISM_COLUMNS = ["acc_aa", "acc_ab", "acc_ba", "acc_bb", "acc_0a", "acc_0b", "pairs_part", "model_part"]
 
 
-def seed_differences(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per split, metric and seed with both groups present: value_a, value_b, d = A − B, eval_se of d.
-
-    `runs`: one row per finished run with columns split, group, seed, every metric in METRICS and the
-    held-out standard errors named in EVAL_SE (missing ones count as 0).
-    """
+def metric_differences(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per split and seed with both groups' runs: the groups' values of one run metric and d = A − B."""
     grouped = runs[runs["split"].notna()]
-    frames = []
-    for metric in METRICS:
-        se_column = EVAL_SE.get(metric)
-        se = grouped[se_column] if se_column in grouped else pd.Series(0.0, index=grouped.index)
-        frames.append(
-            grouped[["split", "group", "seed"]].assign(metric=metric, value=grouped[metric], se=se.fillna(0.0))
-        )
-    long = pd.concat(frames, ignore_index=True)
-    wide = long.pivot_table(index=["split", "metric", "seed"], columns="group", values=["value", "se"]).reset_index()
-    wide.columns = [f"{a}_{b.lower()}" if b else a for a, b in wide.columns]
-    for column in ("value_a", "value_b", "se_a", "se_b"):
-        if column not in wide:
-            wide[column] = np.nan
-    wide = wide.dropna(subset=["value_a", "value_b"])
-    wide["d"] = wide["value_a"] - wide["value_b"]
-    wide["eval_se"] = np.sqrt(wide["se_a"] ** 2 + wide["se_b"] ** 2)
-    return wide[["split", "metric", "seed", "value_a", "value_b", "d", "eval_se"]].reset_index(drop=True)
+    wide = grouped.pivot_table(index=["split", "seed"], columns="group", values=metric, aggfunc="first")
+    for group in calibration.GROUPS:
+        if group not in wide:
+            wide[group] = np.nan
+    wide = wide.dropna(subset=list(calibration.GROUPS)).reset_index()
+    return wide.assign(d=wide["A"] - wide["B"])[["split", "seed", "d"]]
+
+
+def _per_seed(diffs: pd.DataFrame) -> dict[str, list[float]]:
+    ordered = diffs.sort_values("seed") if len(diffs) else diffs
+    return {split: [round(float(v), 4) for v in rows["d"]] for split, rows in ordered.groupby("split", sort=False)}
 
 
 def correspondence(
-    diffs: pd.DataFrame,
+    users: pd.DataFrame,
+    runs: pd.DataFrame,
     splits: pd.DataFrame,
-    alpha: float = 0.05,
-    heldout_pairs: dict[str, float] | None = None,
-    planned_heldout: dict[str, float] | None = None,
-) -> pd.DataFrame:
-    """One row per split and metric: predicted direction, per-seed d, sign consistency, and from the calibrated
-    null (`calibration`): mean d, its se, z against the random splits, one- and two-sided p, Holm-adjusted p, a
-    95% CI on the null's scale, the verdict and the power line. A split without runs has n_seeds 0; one the
-    experiment does not train (`splits`' trained column) is NOT_TRAINED, with the power line it would have
-    (`planned_heldout`: its held-out pairs per group, `heldout_pairs` those of the trained splits)."""
+    alpha: float,
+    completeness: calibration.Completeness,
+    min_effect: float,
+    heldout_share: float,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per split and metric, one row per split and seed of the primary metric's 2×2 and differences).
+
+    `users`: calibration.user_table of the runs' held-out results; `runs`: one row per run (split, group, seed and
+    every metric of METRICS); `splits`: significant_splits' table (split, predicted, null_control, random, trained,
+    users_a, users_b). A split without runs has n_seeds 0; one the experiment does not train is NOT_TRAINED, with the
+    power line it would have."""
     splits = splits.assign(
         random=splits["random"] if "random" in splits else False,
         trained=splits["trained"] if "trained" in splits else True,
     )
-    statistics = calibration.split_statistics(diffs) if len(diffs) else pd.DataFrame()
-    calibrated = pd.DataFrame()
-    if len(statistics):
-        calibrated = calibration.calibrated_verdicts(statistics, splits, alpha, heldout_pairs)
-    projected = (
-        calibration.projected_power(
-            calibrated, heldout_pairs or {}, planned_heldout, int(statistics["n"].max()), alpha
-        ).set_index(["split", "metric"])
-        if len(calibrated) and planned_heldout
-        else pd.DataFrame()
-    )
-    calibrated = calibrated.set_index(["split", "metric"]) if len(calibrated) else calibrated
+    diffs = calibration.seed_differences(users)
+    primary = pd.DataFrame()
+    if len(diffs):
+        statistics = calibration.split_statistics(diffs)
+        primary = calibration.calibrated_verdicts(statistics, splits, alpha, completeness)
+        primary = primary.merge(calibration.mechanism(diffs), on="split", how="left", suffixes=("", "_mechanism"))
+        primary = primary.merge(calibration.bootstrap_interval(users), on="split", how="left")
+        primary = primary.merge(
+            calibration.power_lines(primary, min_effect, heldout_share, alpha), on="split", how="left"
+        )
+        held_out = diffs.groupby("split")[["users_a", "users_b", "pairs_a", "pairs_b"]].mean()
+        primary = primary.merge(held_out.add_prefix("heldout_").reset_index(), on="split", how="left")
+    primary = primary.set_index("split") if len(primary) else primary
+    per_seed = _per_seed(diffs)
     rows = []
-    for metric in METRICS:
-        metric_diffs = diffs[diffs["metric"] == metric] if len(diffs) else diffs
+    for split in splits.itertuples():
+        values = per_seed.get(split.split, [])
+        sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null and random splits: no sign
+        row = {
+            "split": split.split,
+            "metric": PRIMARY_METRIC,
+            "predicted": split.predicted,
+            "null_control": bool(split.null_control),
+            "random": bool(split.random),
+            "n_seeds": len(values),
+            "per_seed_d": values,
+            "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
+            **dict.fromkeys(TABLE_COLUMNS, np.nan),
+            "verdict": calibration.RANDOM
+            if split.random
+            else (completeness.reason() or INCONCLUSIVE if split.trained else calibration.NOT_TRAINED),
+        }
+        if split.split in primary.index:
+            found = primary.loc[split.split]
+            row.update({column: found[column] for column in TABLE_COLUMNS if column in found.index})
+            row["verdict"] = found["verdict"]
+            row["ci_low"], row["ci_high"] = found["mean_d"] - found["ci_half"], found["mean_d"] + found["ci_half"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table = _projected(table, splits, min_effect, heldout_share, alpha, completeness)
+    return pd.concat([table, _secondary(runs, splits)], ignore_index=True), diffs
+
+
+def _projected(table, splits, min_effect, heldout_share, alpha, completeness) -> pd.DataFrame:
+    """The power line of the splits not trained (too small), as if trained with the experiment's seeds: the pooled
+    training variance and the null of the trained splits, the held-out variance scaled from theirs by held-out users
+    (v ∝ 1/users_A + 1/users_B)."""
+    untrained = splits[~splits["trained"]]
+    trained = table[table["n_seeds"] > 0]
+    if untrained.empty or trained.empty:
+        return table
+    sizes = splits.set_index("split")
+    known = trained[trained["v"].notna()]
+    inverse = 1 / sizes.loc[known["split"], "users_a"].to_numpy(float) + 1 / sizes.loc[
+        known["split"], "users_b"
+    ].to_numpy(float)
+    per_inverse = float(np.median(known["v"].to_numpy(float) / inverse))
+    first = trained.iloc[0]
+    rows = pd.DataFrame(
+        {
+            "split": untrained["split"].to_numpy(),
+            "n": int(trained["n_seeds"].max()),
+            "tau2": first["tau2"],
+            "v": per_inverse * (1 / untrained["users_a"].to_numpy(float) + 1 / untrained["users_b"].to_numpy(float)),
+            "null_scale": first["null_scale"],
+            "family_size": first["family_size"],
+            "crit": calibration.critical_shift(int(first["null_df"]), int(first["family_size"]), alpha),
+        }
+    )
+    rows["seed_var"] = rows["tau2"] + rows["v"]
+    rows["se"] = np.sqrt(rows["seed_var"] / rows["n"])
+    lines = calibration.power_lines(rows, min_effect, heldout_share, alpha).set_index("split")
+    table = table.set_index("split")
+    for column in lines.columns:
+        table.loc[lines.index, column] = lines[column]
+    table.loc[lines.index, "planned_seeds"] = rows.set_index("split")["n"]
+    return table.reset_index()
+
+
+def _secondary(runs: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    """The secondary metrics as estimates: per split, the per-seed A − B, their mean and a t-interval over seeds.
+    Exploratory: no verdict, so that five correlated readings of the same runs are never counted as support."""
+    rows = []
+    for metric in SECONDARY:
+        diffs = metric_differences(runs, metric) if metric in runs else pd.DataFrame(columns=["split", "seed", "d"])
+        per_seed = _per_seed(diffs)
         for split in splits.itertuples():
-            values = (
-                metric_diffs[metric_diffs["split"] == split.split].sort_values("seed")["d"].to_numpy()
-                if len(metric_diffs)
-                else np.array([])
+            values = np.array(per_seed.get(split.split, []), dtype=float)
+            n = len(values)
+            mean = float(values.mean()) if n else np.nan
+            half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
+            rows.append(
+                {
+                    "split": split.split,
+                    "metric": metric,
+                    "predicted": split.predicted,
+                    "null_control": bool(split.null_control),
+                    "random": bool(split.random),
+                    "n_seeds": n,
+                    "per_seed_d": [round(float(v), 4) for v in values],
+                    "mean_d": mean,
+                    "ci_low": mean - half,
+                    "ci_high": mean + half,
+                    "verdict": calibration.RANDOM if split.random else EXPLORATORY,
+                }
             )
-            sign = {"A>B": 1, "A<B": -1}.get(split.predicted)  # None for the null and random splits: no sign
-            row = {
-                "split": split.split,
-                "metric": metric,
-                "predicted": split.predicted,
-                "null_control": bool(split.null_control),
-                "random": bool(split.random),
-                "n_seeds": len(values),
-                "per_seed_d": [round(float(v), 4) for v in values],
-                "sign_consistency": f"{int(np.sum(np.sign(values) == sign))}/{len(values)}" if sign else "—",
-                **dict.fromkeys(CALIBRATED_COLUMNS, np.nan),
-                "verdict": calibration.RANDOM
-                if split.random
-                else (INCONCLUSIVE if split.trained else calibration.NOT_TRAINED),
-            }
-            if (split.split, metric) in calibrated.index:
-                found = calibrated.loc[(split.split, metric)]
-                row.update({column: found[column] for column in CALIBRATED_COLUMNS if column in found.index})
-                row["verdict"] = found["verdict"]
-                half = _quantile(found, 0.975) * found["null_scale"] * found["se"]
-                row["ci_low"], row["ci_high"] = found["mean_d"] - half, found["mean_d"] + half
-            elif (split.split, metric) in projected.index:
-                found = projected.loc[(split.split, metric)]
-                row.update({column: found[column] for column in CALIBRATED_COLUMNS if column in found.index})
-            rows.append(row)
     return pd.DataFrame(rows)
 
 
-CALIBRATED_COLUMNS = [
+TABLE_COLUMNS = [
     "mean_d",
     "se",
-    "eval_se",
+    "v",
+    "tau2",
     "seed_var",
     "t",
     "null_scale",
     "null_df",
+    "family_size",
     "z",
     "p_predicted",
     "p_two",
+    "p_rank",
     "p_adjusted",
     "ci_low",
     "ci_high",
+    "boot_low",
+    "boot_high",
     "mde",
+    "min_effect",
     "seeds_needed",
-    "heldout_needed",
-    "effect_for_seeds",
+    "heldout_share_needed",
+    "random_splits_needed",
+    "heldout_floor",
     "planned_seeds",
+    "heldout_users_a",
+    "heldout_users_b",
+    "heldout_pairs_a",
+    "heldout_pairs_b",
+    *MECHANISM_COLUMNS,
+    "baseline_pairs",
 ]
 
 
-def _quantile(row, q: float) -> float:
-    return calibration.Null(row["null_scale"], int(row["null_df"]), np.nan).quantile(q)
-
-
-def compare_experiments(tables: dict[str, pd.DataFrame], groups: dict[str, dict[str, tuple]]) -> pd.DataFrame:
+def compare_experiments(
+    tables: dict[str, pd.DataFrame], groups: dict[str, dict[str, tuple]], run_ids: dict[str, dict[str, frozenset]]
+) -> pd.DataFrame:
     """Every split two experiments share by definition, side by side: for each pair of experiments (in the order
     given) and each split of the first whose groups hold the same users as a split of the second (`groups`:
     experiment → split → (users of A, users of B), any comparable identity), each one's mean A − B with its CI and
-    verdict (from `tables`: experiment → its correspondence rows of one metric), whether the direction is stable
-    (same sign of the mean) and whether the verdicts agree. A split without runs on one side is left out."""
+    verdict (from `tables`: experiment → its primary rows). Where both rest on the very same runs (`run_ids`:
+    experiment → split → the runs' ids and seeds), the comparison says so: the numbers are one measurement, and only
+    the predictions differ; otherwise whether the direction is stable (same sign of the mean) or flips."""
     rows = []
     names = list(tables)
     for i, first in enumerate(names):
@@ -165,6 +228,11 @@ def compare_experiments(tables: dict[str, pd.DataFrame], groups: dict[str, dict[
                 a, b = one.loc[split], two.loc[other]
                 if not (a["n_seeds"] and b["n_seeds"]):  # no runs on one side yet: nothing to compare
                     continue
+                same = run_ids[first].get(split) == run_ids[second].get(other)
+                if same:
+                    direction = "same runs"
+                else:
+                    direction = "stable" if np.sign(a["mean_d"]) == np.sign(b["mean_d"]) else "flip"
                 rows.append(
                     {
                         "experiment_1": first,
@@ -183,7 +251,7 @@ def compare_experiments(tables: dict[str, pd.DataFrame], groups: dict[str, dict[
                         "ci_high_2": b["ci_high"],
                         "verdict_1": a["verdict"],
                         "verdict_2": b["verdict"],
-                        "direction": "stable" if np.sign(a["mean_d"]) == np.sign(b["mean_d"]) else "flip",
+                        "direction": direction,
                         "verdicts_agree": a["verdict"] == b["verdict"],
                     }
                 )

@@ -20,6 +20,7 @@ fit left out; with no term to decide from, v3's direction (age A>B, personalisat
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -346,23 +347,40 @@ def v3_splits(coefficients: pd.DataFrame, survey: pd.DataFrame, analysed_users: 
     return splits
 
 
+# Random split k puts this share of the users in group A (k = 1, 2, … cycling): from a half to 70/30, the range of the
+# predicted splits' group sizes, so that the null is drawn from splits shaped like the ones it judges.
+RANDOM_SHARES = (0.5, 0.6, 0.4, 0.7, 0.3)
+
+
 def random_splits(analysed_users: set, count: int) -> list[SplitMembership]:
-    """`count` random halves of the users with pairs, R1..R<count>, split k drawn with seed k: the same users in
-    every experiment on the same pairs (so their runs are shared), a draw of the null each."""
+    """`count` random splits of the users with pairs, R1..R<count>, split k drawn with seed k and group A holding
+    RANDOM_SHARES[k − 1 mod 5] of the users: the same users in every experiment on the same pairs (so their runs are
+    shared), a draw of the null each."""
     users = np.array(sorted(map(str, analysed_users)), dtype=object)
     memberships = []
     for index in range(1, count + 1):
+        share = RANDOM_SHARES[(index - 1) % len(RANDOM_SHARES)]
         order = np.random.default_rng(index).permutation(len(users))
-        group = np.where(np.arange(len(users)) < len(users) // 2, "A", "B")
+        group = np.where(np.arange(len(users)) < round(share * len(users)), "A", "B")
         split = Split(
             name=f"R{index}",
             variable="random",
-            rule=f"random halves of the users with pairs (seed {index})",
-            group_a="random half",
-            group_b="the other half",
+            rule=f"random split of the users with pairs (seed {index}), {share:.0%} in A",
+            group_a=f"a random {share:.0%}",
+            group_b="the others",
             predicted="A≈B",
             null_control=False,
             random=True,
         )
         memberships.append(SplitMembership(split, pd.DataFrame({"user_id": users[order], "group": group})))
     return memberships
+
+
+def discovery_users(user_ids: pd.Series, share: float) -> pd.Series:
+    """Honest mode: whether each user is in the discovery part (the ordered logit is fitted on theirs) rather than the
+    confirmation part (DPO trains and is evaluated on theirs); by a hash of the user id, independent of the held-out
+    folds."""
+    position = ("discovery:" + user_ids.astype(str)).map(
+        lambda text: int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    )
+    return position.astype("float64") / 2.0**64 < share

@@ -49,11 +49,16 @@ def sequence_logps(model, batch: Batch) -> torch.Tensor:
     return summed_logps(model, batch.sequences)
 
 
+def implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, beta: float):
+    """DPO's implicit rewards β·(log π − log π_ref) of the chosen and the rejected responses; their difference is the
+    margin the loss, the accuracies and the held-out evaluation read — the one place it is computed."""
+    return beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+
+
 def dpo_loss(policy: torch.Tensor, batch: Batch, beta: float) -> tuple[torch.Tensor, dict]:
     """TRL's sigmoid DPO loss and the metrics it logs, from the policy's (2B,) log-probs."""
     chosen, rejected = policy.chunk(2)
-    chosen_reward = beta * (chosen - batch.ref_chosen)
-    rejected_reward = beta * (rejected - batch.ref_rejected)
+    chosen_reward, rejected_reward = implicit_rewards(chosen, rejected, batch.ref_chosen, batch.ref_rejected, beta)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
     metrics = {
         "rewards/chosen": chosen_reward.mean(),

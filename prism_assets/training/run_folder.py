@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from prism_assets import versions
+from prism_assets.dataset.digests import TEXT_DIGEST, pair_text_digests
 from prism_assets.training.settings import RunConfig
 
 # ---- the names ----
@@ -34,6 +35,7 @@ CURVE_FILE, METRICS_FILE = "curve.parquet", "metrics.json"  # the outputs: one r
 HELDOUT_FILE = "heldout.parquet"  # one row per held-out pair and evaluation: what any later analysis resamples
 CHECKPOINTS_DIR = "trainer"  # checkpoint-<step>/ while a run trains
 CHECKPOINT_PREFIX, CHECKPOINT_STATE, CHECKPOINT_CURVE = "checkpoint-", "state.pt", "curve_rows.json"
+CHECKPOINT_HELDOUT = "heldout_results.parquet"  # the held-out results so far
 STDOUT_FILE, STDERR_FILE = "stdout.log", "stderr.log"  # a local job's output
 PIPES_CONTEXT_FILE, PIPES_MESSAGES_FILE = "pipes_context.json", "pipes_messages.jsonl"
 # What each job of the folder cost, a JSON line per job, where the launcher knows it (SLURM's accounting). Kept
@@ -73,49 +75,50 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # The token ids those log-probs are of (`logps.tokenize_pairs`: TRL's tokenization and keep_end truncation), also
 # carried, so that a run need not tokenize its pairs again.
 TOKEN_COLUMNS = ("chosen_prompt_ids", "chosen_completion_ids", "rejected_prompt_ids", "rejected_completion_ids")
-# A digest of each pair's text that both were made from (`pair_text_digests`): a run's pairs must still have that text.
-TEXT_DIGEST_COLUMN = "pair_text_digest"
+# A digest of each pair's text (`pair_text_digests`): within_model_pairs carries it, and the reference log-probs
+# record the one they were computed from; a run's pairs must still have that text.
+TEXT_DIGEST_COLUMN = TEXT_DIGEST
 
 
-def pair_text_digests(pairs: pd.DataFrame) -> list[str]:
-    """Per pair, a hash of what tokenizing it reads: its prompt messages' roles and contents, and both responses."""
-
-    def digest(prompt, chosen: str, rejected: str) -> str:
-        text = json.dumps([[[m["role"], m["content"]] for m in prompt], chosen, rejected], ensure_ascii=False)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    return [digest(*row) for row in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+def text_digests(pairs: pd.DataFrame) -> list[str]:
+    """Each pair's text digest: the one it carries (within_model_pairs), or computed from its text."""
+    return pairs[TEXT_DIGEST_COLUMN].tolist() if TEXT_DIGEST_COLUMN in pairs else pair_text_digests(pairs)
 
 
 def pair_hash(pair_id: str) -> int:
     return int.from_bytes(hashlib.sha256(str(pair_id).encode()).digest()[:8], "big")
 
 
-def split_heldout(pairs: pd.DataFrame, fraction: float, max_pairs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, held-out): held-out = pairs whose pair_id hash falls in the first `fraction`, at most max_pairs."""
-    ordered = pairs.reset_index(drop=True)
-    ordered = ordered.assign(_hash=ordered["pair_id"].map(pair_hash)).sort_values("_hash")
-    in_heldout = ordered["_hash"] < fraction * 2**64
-    heldout = ordered[in_heldout].head(max_pairs)
-    train = ordered.drop(index=heldout.index)
-    return train.drop(columns="_hash").reset_index(drop=True), heldout.drop(columns="_hash").reset_index(drop=True)
+# Whether a pair belongs to the run's own cell (its group, or every pair for the baseline); the pairs file also
+# carries the other users' held-out pairs, which the run evaluates but never trains on.
+OWN_COLUMN = "own"
+
+
+def heldout_users(user_ids: pd.Series, share: float, seed: int) -> pd.Series:
+    """Whether each user is held out in `seed`'s fold: the users whose id hash, shifted by seed × share, falls in
+    [0, share). Successive seeds hold out disjoint users (until the folds run out, after 1 / share seeds); every run of
+    a seed, in every experiment, holds out the same users, so no run trains on a user another run of that seed
+    evaluates."""
+    position = user_ids.astype(str).map(pair_hash).astype("float64") / 2.0**64
+    return ((position - seed * share) % 1.0) < share
 
 
 # ---- the run's identity ----
 
 
-def pairs_digest(pairs: pd.DataFrame) -> str:
-    """A hash of a run's pairs: their ids and text, in any order."""
-    lines = sorted(f"{i} {d}" for i, d in zip(pairs["pair_id"], pair_text_digests(pairs)))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+def pairs_digest(pair_ids, text_digests) -> str:
+    """A hash of a set of pairs: their ids and the digests of their text (`pair_text_digests`), in any order."""
+    lines = sorted(f"{i} {d}" for i, d in zip(pair_ids, text_digests))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:24]
 
 
-def run_id(code_version: str, base_model: str, trajectory: dict[str, Any], pairs: pd.DataFrame) -> str:
+def run_id(code_version: str, base_model: str, trajectory: dict[str, Any], own: str, population: str) -> str:
     """The identity of a run over its seeds: the code that trains it, the base model (by name), every setting that
-    decides its course but the seed, and its pairs (ids and text). Runs of two experiments with the same id are one
-    run, and share a folder."""
+    decides its course but the seed, its own pairs and the pairs it holds out from (`pairs_digest` of each: ids and
+    text; each seed's held-out users follow from the settings). Runs of two experiments with the same id are one run,
+    and share a folder."""
     settings = {k: v for k, v in trajectory.items() if k != "seed"}
-    identity = {"code": code_version, "base_model": base_model, "settings": settings, "pairs": pairs_digest(pairs)}
+    identity = {"code": code_version, "base_model": base_model, "settings": settings, "pairs": own, "data": population}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -249,10 +252,11 @@ class RunFolderError(ValueError):
 
 @dataclass
 class RunOutputs:
-    """What a finished run left: its summaries, its learning curve and the config as it ran."""
+    """What a finished run left: its summaries, its learning curve, its held-out results and the config as it ran."""
 
     metrics: dict
     curve: pd.DataFrame
+    heldout: pd.DataFrame
     record: dict
 
 
@@ -273,25 +277,31 @@ def read_json(path: Path) -> Any:
 
 def read_outputs(run_dir: Path) -> RunOutputs:
     """A finished run's outputs; any one missing or damaged is a RunFolderError naming the file."""
-    for name in (METRICS_FILE, CURVE_FILE, RUN_FILE):
+    for name in (METRICS_FILE, CURVE_FILE, HELDOUT_FILE, RUN_FILE):
         if not (run_dir / name).exists():
             raise RunFolderError(
                 f"the DPO run left no {name} in {run_dir}: it did not finish (see its stderr there: "
                 f"{STDERR_FILE}, or {job_stderr('<job id>')} under SLURM)"
             )
     metrics, record = read_json(run_dir / METRICS_FILE), read_json(run_dir / RUN_FILE)
-    try:
-        curve = pd.read_parquet(run_dir / CURVE_FILE)
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        raise RunFolderError(f"{run_dir / CURVE_FILE} cannot be read as parquet: {error}") from None
+    curve, heldout = read_parquet(run_dir / CURVE_FILE), read_parquet(run_dir / HELDOUT_FILE)
     if not isinstance(metrics, dict) or not isinstance(record, dict):
         raise RunFolderError(f"{run_dir / METRICS_FILE} and {run_dir / RUN_FILE} must each hold a JSON object")
     missing = [key for key in REQUIRED_METRICS if key not in metrics]
-    if missing or curve.empty:
+    if missing or curve.empty or heldout.empty:
+        empty = CURVE_FILE if curve.empty else HELDOUT_FILE
         raise RunFolderError(
-            f"{run_dir / METRICS_FILE} lacks {missing}" if missing else f"{run_dir / CURVE_FILE} has no rows"
+            f"{run_dir / METRICS_FILE} lacks {missing}" if missing else f"{run_dir / empty} has no rows"
         )
-    return RunOutputs(metrics, curve, record)
+    return RunOutputs(metrics, curve, heldout, record)
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A parquet file of a run folder; a damaged one is a RunFolderError naming it."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise RunFolderError(f"{path} cannot be read as parquet: {error}") from None
 
 
 def finished_outputs(run_dir: Path, log: Callable[[str], None]) -> RunOutputs | None:

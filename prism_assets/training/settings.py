@@ -10,6 +10,7 @@ reference log-probs depend on it. Imports neither torch nor Dagster.
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -79,7 +80,8 @@ def tracker_names(value: Any) -> Any:
 
 
 class TrainingSettings(BaseModel):
-    """Base model and DPO hyperparameters of a run. Defaults: the tiny CPU model's (`DPO_RECIPE=tiny`)."""
+    """Base model and DPO hyperparameters of a run. Defaults: the tiny CPU model's (`DPO_RECIPE=tiny`, which also
+    evaluates the held-out pairs every 10 steps rather than at every logged step)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -107,10 +109,21 @@ class TrainingSettings(BaseModel):
     max_length: int = setting(
         256, "tokens of a prompt and response together (TRL's keep_end truncation)", reference=True, ge=1
     )
-    heldout_fraction: float = setting(
-        0.1, "share of a run's pairs (by pair_id hash) held out", gt=0, lt=1, allow_inf_nan=False
+    heldout_share: float = setting(
+        0.15,
+        "share of the users held out in each seed: no run of the seed trains on them and every run evaluates all "
+        "their pairs; successive seeds hold out disjoint users (seed s: the users whose hash falls in "
+        "[s·share, (s+1)·share) mod 1)",
+        gt=0,
+        le=0.5,
+        allow_inf_nan=False,
     )
-    heldout_max_pairs: int = setting(64, "at most this many held-out pairs", ge=1)
+    curve_heldout_pairs: int = setting(
+        64,
+        "held-out pairs of the run's own group evaluated at the evaluation steps the primary metric does not read "
+        "(the learning curve's points); the steps it reads evaluate every held-out pair",
+        ge=1,
+    )
     balance_groups: bool = setting(False, "both groups of a split train on the smaller group's number of pairs")
     gradient_checkpointing: bool = setting(
         False, "recompute activations in backward (less memory, slower)", resumable=True
@@ -180,7 +193,8 @@ def fingerprint(settings: TrainingSettings, fields: tuple[str, ...] = LEARNING_F
 
 # `DPO_RECIPE`: the tiny CPU model's defaults, or the original experiment's hyperparameters.
 RECIPES: dict[str, TrainingSettings] = {
-    "tiny": TrainingSettings(),
+    # held-out pairs every 10 steps: the full fold at step 30 (what the primary metric reads), the curve's at 10, 20
+    "tiny": TrainingSettings(eval_steps=10),
     "original": TrainingSettings(
         max_steps=2000,
         batch_size=8,
@@ -189,7 +203,6 @@ RECIPES: dict[str, TrainingSettings] = {
         logging_steps=25,
         eval_steps=100,
         max_length=1024,
-        heldout_max_pairs=256,
         checkpoint_minutes=10,
     ),
 }
@@ -285,6 +298,17 @@ class RunConfig(JobConfig, TrainingSettings):
     def evaluates_at(self, step: int) -> bool:
         """Whether the held-out pairs are evaluated at logged step `step`."""
         return self.eval_steps is None or step % self.eval_steps == 0 or self.last_logged(step)
+
+    def evaluated_steps(self) -> list[int]:
+        """Every logged step at which the held-out pairs are evaluated."""
+        logged = range(self.logging_steps, self.max_steps + 1, self.logging_steps)
+        return [step for step in logged if self.evaluates_at(step)]
+
+    def full_evaluation_steps(self, tail_fraction: float) -> set[int]:
+        """The evaluated steps the primary metric reads (the last `tail_fraction` of them, at least one): there every
+        held-out pair is evaluated; elsewhere `curve_heldout_pairs` of the run's own."""
+        steps = self.evaluated_steps()
+        return set(steps[-max(1, math.ceil(tail_fraction * len(steps))) :])
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide the run's curve, stored with its checkpoints: every field not resumable."""

@@ -26,26 +26,37 @@ _EARLY_SIGNALS: list[int] = []
 for _sig in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from prism_assets.training import engine, packing, tracking  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
-from prism_assets.training.metrics import EVALUATED, HELDOUT_METRICS, SAMPLING_ERRORS, summarize_curve  # noqa: E402
+from prism_assets.training.metrics import (  # noqa: E402
+    EVALUATED,
+    HELDOUT_METRICS,
+    SAMPLING_ERRORS,
+    TAIL_FRACTION,
+    summarize_curve,
+)
 from prism_assets.training.reporting import Reporter  # noqa: E402
 from prism_assets.training.run_folder import (  # noqa: E402
     CHECKPOINT_CURVE,
+    CHECKPOINT_HELDOUT,
     CHECKPOINT_STATE,
     CHECKPOINTS_DIR,
     CURVE_FILE,
+    HELDOUT_FILE,
     METRICS_FILE,
+    OWN_COLUMN,
     REFERENCE_COLUMNS,
     RUN_FILE,
     check_code_version,
     checkpoint_dir,
     complete_checkpoints,
+    heldout_users,
+    pair_hash,
     prune_checkpoints,
-    split_heldout,
     write_atomic,
 )
 from prism_assets.training.settings import RunConfig  # noqa: E402
@@ -91,14 +102,18 @@ def peak_memory(use_cuda: bool) -> dict:
 
 def load_checkpoint(
     directory: Path, cfg: RunConfig, device, reporter: Reporter, unreadable: list[str]
-) -> tuple[Path, dict, list] | None:
-    """(checkpoint, state, curve rows) of the newest readable checkpoint in `directory`, or None to start at step 0.
+) -> tuple[Path, dict, list, list[pd.DataFrame]] | None:
+    """(checkpoint, state, curve rows, held-out results) of the newest readable checkpoint in `directory`, or None to
+    start at step 0.
     One that cannot be read (a node that died while the file system still held it in part) is reported, added to
     `unreadable`, and the next older tried; one written under other settings is an error naming them."""
     for candidate in complete_checkpoints(directory):
         try:
             state = torch.load(candidate / CHECKPOINT_STATE, map_location=device, weights_only=True)
             rows = json.loads((candidate / CHECKPOINT_CURVE).read_text())
+            results = (
+                [pd.read_parquet(candidate / CHECKPOINT_HELDOUT)] if (candidate / CHECKPOINT_HELDOUT).exists() else []
+            )
         except Exception as error:  # any unreadable file: the checkpoint before it may be whole
             reporter.info(
                 f"{candidate} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
@@ -114,16 +129,24 @@ def load_checkpoint(
                 + ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in changed)
                 + f"; delete {directory} to start this run over"
             )
-        return candidate, state, rows
+        return candidate, state, rows, results
     return None
 
 
 def save_checkpoint(
-    directory: Path, step: int, cfg: RunConfig, model, optimizer, schedule, rows: list[dict], keep: int = 2
+    directory: Path,
+    step: int,
+    cfg: RunConfig,
+    model,
+    optimizer,
+    schedule,
+    rows: list[dict],
+    results: list[pd.DataFrame] | None = None,
+    keep: int = 2,
 ) -> Path:
-    """Model, optimizer and schedule state, the run's settings and the curve so far; the curve is written last
-    (completeness mark). Keeps the newest `keep` complete checkpoints and removes the rest, incomplete ones of an
-    earlier attempt included."""
+    """Model, optimizer and schedule state, the run's settings, the curve and the held-out results so far; the curve
+    is written last (completeness mark). Keeps the newest `keep` complete checkpoints and removes the rest, incomplete
+    ones of an earlier attempt included."""
     target = checkpoint_dir(directory, step)
     target.mkdir(parents=True, exist_ok=True)
     state = {
@@ -134,6 +157,8 @@ def save_checkpoint(
         "trajectory": cfg.trajectory(),
     }
     write_atomic(target / CHECKPOINT_STATE, lambda file: torch.save(state, file))  # 5.5 GB at 0.5B: no copy in memory
+    if results:
+        write_atomic(target / CHECKPOINT_HELDOUT, frame_bytes(pd.concat(results, ignore_index=True)))
     write_atomic(target / CHECKPOINT_CURVE, json.dumps(rows).encode())
     prune_checkpoints(directory, keep)
     return target
@@ -148,20 +173,28 @@ def checkpoint_due(cfg: RunConfig, step: int, last_checkpoint: float) -> bool:
     )
 
 
-def curve_bytes(curve: pd.DataFrame) -> bytes:
+def frame_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
-    curve.to_parquet(buffer, index=False)
+    frame.to_parquet(buffer, index=False)
     return buffer.getvalue()
 
 
 def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training pairs, held-out pairs) of the run: it trains on its own pairs (the `own` column; all, without it) of
+    the users outside its seed's fold (`run_folder.heldout_users`), and evaluates every pair of the fold's users —
+    its own group's and, where the pairs file carries them, the others' — ordered by pair hash."""
     pairs = pd.read_parquet(cfg.pairs_path)
-    missing = [c for c in ("pair_id", "prompt", "chosen", "rejected") if c not in pairs.columns]
+    missing = [c for c in ("pair_id", "user_id", "prompt", "chosen", "rejected") if c not in pairs.columns]
     if missing:
         raise ValueError(f"{cfg.pairs_path}: pairs file lacks columns {missing}")
+    if OWN_COLUMN not in pairs.columns:
+        pairs = pairs.assign(**{OWN_COLUMN: True})
     if cfg.user_ids is not None:
-        pairs = pairs[pairs["user_id"].isin(set(cfg.user_ids))]
-    train, heldout = split_heldout(pairs, cfg.heldout_fraction, cfg.heldout_max_pairs)
+        pairs = pairs[pairs["user_id"].isin(set(cfg.user_ids)) | ~pairs[OWN_COLUMN]]
+    fold = heldout_users(pairs["user_id"], cfg.heldout_share, cfg.seed)
+    heldout = pairs[fold].assign(_hash=pairs.loc[fold, "pair_id"].map(pair_hash))
+    heldout = heldout.sort_values("_hash").drop(columns="_hash").reset_index(drop=True)
+    train = pairs[~fold & pairs[OWN_COLUMN].astype(bool)].reset_index(drop=True)
     if cfg.max_train_pairs is not None:
         train = train.head(cfg.max_train_pairs)
     consumed = cfg.max_steps * cfg.batch_size
@@ -169,47 +202,65 @@ def load_pairs(cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         # A run of max_steps batches sees `consumed` pairs, a uniform draw without replacement: draw them here
         # (seeded) so that only they are tokenized; the trainer then shuffles them with the same seed.
         train = train.sample(n=consumed, random_state=cfg.seed).reset_index(drop=True)
-    if len(train) < cfg.batch_size or heldout.empty:
+    own = int(heldout[OWN_COLUMN].sum())
+    if len(train) < cfg.batch_size or own == 0:
         raise ValueError(
-            f"{cfg.pairs_path}: {len(train)} training and {len(heldout)} held-out pairs are too few "
-            f"(batch size {cfg.batch_size})"
+            f"{cfg.pairs_path}: {len(train)} training pairs and {own} held-out pairs of the run's own users in seed "
+            f"{cfg.seed}'s fold (heldout_share {cfg.heldout_share}) are too few (batch size {cfg.batch_size})"
         )
     return train, heldout
 
 
 class HeldoutEvaluator:
-    """Implicit-reward accuracy and margin of the policy on the held-out pairs, against the base model.
+    """The policy's implicit-reward margins on the held-out pairs, against the base model: every held-out pair at the
+    steps the primary metric reads, the first `curve_heldout_pairs` of the run's own at the other evaluated steps.
 
-    The base model's log-probs come with the pairs (`ref_chosen_logps` / `ref_rejected_logps`, from the
-    reference_logps asset) or, for a pairs file without them, are computed here before training starts.
+    Each evaluation gives the curve's row (accuracy and margin over the run's own held-out pairs, with their sampling
+    errors) and one result per evaluated pair (`PAIR_COLUMNS`), which the run keeps in HELDOUT_FILE. The base model's
+    log-probs come with the pairs (`ref_chosen_logps` / `ref_rejected_logps`, from the reference_logps asset) or, for
+    a pairs file without them, are computed here before training starts.
     """
 
-    COLUMNS = (*HELDOUT_METRICS, *SAMPLING_ERRORS)  # what `evaluate` returns
+    COLUMNS = (*HELDOUT_METRICS, *SAMPLING_ERRORS, "heldout_pairs")  # a curve row's held-out columns
+    PAIR_COLUMNS = ("step", "pair_id", "user_id", OWN_COLUMN, "policy_logratio", "reference_logratio", "margin")
 
     def __init__(self, model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig):
         self.beta = cfg.beta
+        self.pairs = heldout[["pair_id", "user_id", OWN_COLUMN]].reset_index(drop=True)
         self.chosen, self.rejected, _ = sequences_of(tokenizer, heldout, cfg.max_length)
+        own = np.flatnonzero(self.pairs[OWN_COLUMN].to_numpy(dtype=bool))
+        self.curve_subset = own[: cfg.curve_heldout_pairs]
+        self.full_steps = cfg.full_evaluation_steps(TAIL_FRACTION)
         if set(REFERENCE_COLUMNS) <= set(heldout.columns):
-            self.ref_chosen, self.ref_rejected = (
-                torch.tensor(heldout[c].to_numpy(), dtype=torch.float32) for c in REFERENCE_COLUMNS
-            )
+            self.references = [torch.tensor(heldout[c].to_numpy(), dtype=torch.float32) for c in REFERENCE_COLUMNS]
         else:
-            self.ref_chosen, self.ref_rejected = self._policy_logps(model)
+            self.references = list(self._policy_logps(model, np.arange(len(self.pairs))))
 
-    def _policy_logps(self, model):
-        values = frozen_logps(model, self.chosen + self.rejected)
-        return values[: len(self.chosen)], values[len(self.chosen) :]
+    def _policy_logps(self, model, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        values = frozen_logps(model, [self.chosen[i] for i in rows] + [self.rejected[i] for i in rows])
+        return values[: len(rows)], values[len(rows) :]
 
-    def evaluate(self, model) -> dict:
-        chosen, rejected = self._policy_logps(model)
-        margin = self.beta * ((chosen - self.ref_chosen) - (rejected - self.ref_rejected))
-        accuracy, n = float((margin > 0).float().mean()), len(margin)
+    def evaluate(self, model, step: int) -> tuple[dict, pd.DataFrame]:
+        """(the curve row's held-out columns, one result per evaluated pair)."""
+        rows = np.arange(len(self.pairs)) if step in self.full_steps else self.curve_subset
+        chosen, rejected = self._policy_logps(model, rows)
+        ref_chosen, ref_rejected = (reference[rows] for reference in self.references)
+        chosen_reward, rejected_reward = engine.implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        margin = (chosen_reward - rejected_reward).numpy()
+        results = self.pairs.iloc[rows].reset_index(drop=True)
+        results.insert(0, "step", step)
+        results["policy_logratio"] = (chosen - rejected).numpy()
+        results["reference_logratio"] = (ref_chosen - ref_rejected).numpy()
+        results["margin"] = margin
+        own = margin[results[OWN_COLUMN].to_numpy(dtype=bool)]
+        accuracy, n = float((own > 0).mean()), len(own)
         return {
             "heldout_acc": accuracy,
-            "heldout_margin": float(margin.mean()),
+            "heldout_margin": float(own.mean()),
             "heldout_acc_se": math.sqrt(accuracy * (1 - accuracy) / n),
-            "heldout_margin_se": float(margin.std()) / math.sqrt(n) if n > 1 else 0.0,
-        }
+            "heldout_margin_se": float(own.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0,
+            "heldout_pairs": float(n),  # NaN where not evaluated: a float column either way
+        }, results
 
 
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: tracking.Trackers) -> dict | None:
@@ -259,9 +310,10 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
     unreadable: list[str] = []
     resumed = load_checkpoint(checkpoints, cfg, device, reporter, unreadable)
     rows: list[dict] = []
+    results: list[pd.DataFrame] = []  # each evaluation's per-pair results
     step = 0
     if resumed:
-        resume_from, state, rows = resumed
+        resume_from, state, rows, results = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -274,7 +326,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
             {
                 **cfg.model_dump(),
                 "num_train_pairs": len(train_pairs),
-                "num_heldout_pairs": len(heldout),
+                "num_evaluated_pairs": len(heldout),
                 "device": "cuda" if use_cuda else "cpu",
                 "torch": torch.__version__,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -318,7 +370,12 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
         }
         window = []
         evaluated = cfg.evaluates_at(step)
-        row.update(evaluator.evaluate(model) if evaluated else dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
+        if evaluated:
+            heldout_row, pairs_evaluated = evaluator.evaluate(model, step)
+            row.update(heldout_row)
+            results.append(pairs_evaluated)
+        else:
+            row.update(dict.fromkeys(HeldoutEvaluator.COLUMNS, math.nan))
         row[EVALUATED] = evaluated
         rows.append(row)
         trackers.log(row)  # before the checkpoint that holds it: a resumed run's trackers have every row before it
@@ -332,7 +389,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
         )
         # Checkpoints are taken on logging steps only: a resumed run then logs exactly as an uninterrupted one.
         if stop.signal is not None or (not cfg.last_logged(step) and checkpoint_due(cfg, step, last_checkpoint)):
-            save_checkpoint(checkpoints, step, cfg, model, optimizer, schedule, rows)
+            save_checkpoint(checkpoints, step, cfg, model, optimizer, schedule, rows, results)
             last_checkpoint = time.monotonic()
         if stop.signal is not None:
             reporter.info(
@@ -345,13 +402,22 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
     curve = pd.DataFrame(rows)
     metrics = summarize_curve(curve, cfg.max_steps)
     delta = math.sqrt(sum(float((p.detach().cpu() - initial[n]).pow(2).sum()) for n, p in model.named_parameters()))
-    metrics.update({"param_delta_l2": delta, "num_train_pairs": len(train_pairs), "num_heldout_pairs": len(heldout)})
-    curve_data = curve_bytes(curve)
+    metrics.update(
+        {
+            "param_delta_l2": delta,
+            "num_train_pairs": len(train_pairs),
+            "num_heldout_pairs": int(heldout[OWN_COLUMN].sum()),  # the run's own group's
+            "num_evaluated_pairs": len(heldout),  # every held-out user's of its seed
+            "num_heldout_users": int(heldout.loc[heldout[OWN_COLUMN], "user_id"].nunique()),
+        }
+    )
+    curve_data = frame_bytes(curve)
     usage = {**peak_memory(use_cuda), "attention_kernel": packing.kernels_used()}
     data_version = hashlib.sha256(curve_data + json.dumps(metrics, sort_keys=True).encode()).hexdigest()[:24]
     # Cost, not result: outside the data version, so the same seed on CPU still gives the same version.
     summary = {**metrics, "data_version": data_version, "runtime_s": time.perf_counter() - started, **usage}
     trackers.summary(summary)  # before the outputs: a run whose tracker fails has not finished
+    write_atomic(out / HELDOUT_FILE, frame_bytes(pd.concat(results, ignore_index=True)))
     write_atomic(out / CURVE_FILE, curve_data)
     write_atomic(out / METRICS_FILE, json.dumps(summary, indent=2).encode())
     trackers.finish("finished")
