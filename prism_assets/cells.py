@@ -21,6 +21,7 @@ from prism_assets.training.run_folder import (
     TEXT_DIGEST_COLUMN,
     TOKEN_COLUMNS,
     heldout_users,
+    pair_hash,
     text_digests,
 )
 from prism_assets.training.settings import RunConfig, TrainingSettings, validation_problems
@@ -61,16 +62,25 @@ def membership_digest(splits: dict, split: str | None, group: str | None) -> str
 
 
 def run_pairs(
-    pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None, share: float, seed: int
+    pairs: pd.DataFrame, splits: dict, split: str | None, group: str | None, settings: TrainingSettings, seed: int
 ) -> pd.DataFrame:
-    """The pairs a run reads: its cell's (`own`: what it trains on, but for its seed's held-out users) and the other
-    users' pairs of the seed's fold (`heldout_users`), which it evaluates and never trains on — so that each group's
-    models are also read on the other group's held-out pairs, and the baseline on every group's."""
+    """The pairs a run reads: its cell's (`own`: what it trains on, but for its seed's held-out users) and, of the
+    other users held out in the seed's fold (`heldout_users`), those of `heldout_cross_share` (`cross_users`), which
+    it evaluates and never trains on — so that each group's models are also read on the other group's held-out pairs.
+    The baseline's own pairs are every pair: it is read on every held-out user."""
     if splits.get("dpo_users") is not None:  # honest mode: the confirmation users only, baseline and held-out included
         pairs = pairs[pairs["user_id"].isin(set(splits["dpo_users"]))]
     own = pairs.index.isin(group_pairs(pairs, splits, split, group).index)
-    evaluated_only = ~own & heldout_users(pairs["user_id"], share, seed).to_numpy()
+    fold = heldout_users(pairs["user_id"], settings.heldout_share, seed).to_numpy()
+    evaluated_only = ~own & fold & cross_users(pairs["user_id"], settings.heldout_cross_share).to_numpy()
     return pairs[own | evaluated_only].assign(**{OWN_COLUMN: own[own | evaluated_only]})
+
+
+def cross_users(user_ids: pd.Series, share: float) -> pd.Series:
+    """Whether each user is among the `share` of users whose held-out pairs the other groups' runs also evaluate (by a
+    hash of the id, independent of the folds: the same users in every split and seed)."""
+    position = ("cross:" + user_ids.astype(str)).map(pair_hash).astype("float64") / 2.0**64
+    return position < share
 
 
 def balanced_train_pairs(pairs: pd.DataFrame, splits: dict, split: str, settings: TrainingSettings, seed: int) -> int:

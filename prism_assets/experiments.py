@@ -67,7 +67,12 @@ class ExperimentSpec(BaseModel):
         description="honest mode: the ordered logit is fitted on this share of the users (discovery) and DPO trains "
         "and is evaluated on the rest (confirmation), so no split's direction is chosen from the pairs that test it",
     )
-    min_group_users: int = Field(20, ge=1, description="a split with a smaller group is reported, not trained")
+    min_group_users: int = Field(
+        50,
+        ge=1,
+        description="a split with a smaller group is reported, not trained (each seed holds out heldout_share of a "
+        "group's users: fewer than about ten held-out users make its variance unreliable)",
+    )
     min_group_pairs: int = Field(200, ge=1, description="a split with a group of fewer pairs is reported, not trained")
     train_small_splits: bool = Field(False, description="train the splits below min_group_users / min_group_pairs")
     recipe: str | None = Field(None, description="DPO recipe (tiny, original); none: DPO_RECIPE, else tiny")
@@ -164,6 +169,17 @@ def read_experiments(path: Path) -> dict[str, ExperimentSpec]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such experiments file (PRISM_EXPERIMENTS_FILE)") from None
+    except IsADirectoryError:
+        raise ValueError(
+            f"{path}: a directory, not an experiments file (PRISM_EXPERIMENTS_FILE names a TOML file)"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+            "an experiments file is TOML, which is UTF-8"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the experiments file ({error.strerror or error})") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from None
     if not raw:

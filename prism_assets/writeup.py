@@ -553,8 +553,9 @@ def power_line(row) -> str:
         return line
     if np.isinf(row["seeds_needed"]):
         return (
-            f"{line}; {effect:.2f} is beyond seeds: with every user held out once the users' own variety leaves an "
-            f"MDE of {row['heldout_floor']:.3f}"
+            f"{line}; {effect:.2f} is beyond seeds: groups of these users differ by ±{np.sqrt(row['omega2']):.3f} on "
+            f"their own (the random splits), and with every user held out once the MDE stays above "
+            f"{row['heldout_floor']:.3f}"
         )
     needs = [f"{row['seeds_needed']:.0f} seeds"]
     if not pd.isna(row.get("heldout_share_needed")):
@@ -652,7 +653,8 @@ def experiment_observations(name: str, table: pd.DataFrame, basis: dict) -> list
         lines.append(
             f"{name}: |A − B| = {effect:g} is beyond any number of seeds for "
             + ", ".join(f"{r.split} (floor {r.heldout_floor:.3f})" for r in beyond.itertuples())
-            + ": with every user held out once, the users' own variety sets the floor; more users would."
+            + ": groups of these users differ on their own (the random splits show by how much), and held-out users "
+            "run out; more users, or more random splits (a smaller λ), would."
         )
     return lines
 

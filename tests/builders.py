@@ -169,7 +169,7 @@ def experiment(name: str = "v3", preset: str = "v3", spec: dict | None = None, *
 
 
 def dagster_definitions(
-    tmp_path: Path, experiments: list, users: int = 300, python: str | None = None, warm: bool = False
+    tmp_path: Path, experiments: list, users: int = 300, python: str | None = None, warm: bool = False, seed: int = 3
 ):
     """(assets, resources) of these experiments on a synthetic PRISM of `users` users, storage under tmp_path;
     `warm`: the local launcher forks the jobs from this process, as the main job does."""
@@ -180,7 +180,7 @@ def dagster_definitions(
     from resources.storage import DpoStorage
 
     resources = {
-        "prism_source": PrismSource(synthetic_users=users, synthetic_seed=3, synthetic_dir=str(tmp_path / "prism")),
+        "prism_source": PrismSource(synthetic_users=users, synthetic_seed=seed, synthetic_dir=str(tmp_path / "prism")),
         "io_manager": ParquetIOManager(base_dir=str(tmp_path / "assets")),
         "dpo_storage": DpoStorage(
             models_dir=str(tmp_path / "models"),

@@ -162,7 +162,10 @@ def test_no_verdict_over_an_uncalibrated_null_or_a_partial_grid():
         == calibration.MATCH
     )
     for done, why in (
-        (calibration.Completeness(8, 8, 1, 4, 3), "null not calibrated (1 of 4 random splits)"),
+        (
+            calibration.Completeness(8, 8, 1, 4, 3),
+            "partial grid: 8 of 8 splits, 1 of 4 random splits (null not calibrated)",
+        ),
         (calibration.Completeness(8, 8, 1, 1, 3), "null not calibrated (1 of 1 random splits)"),
         (calibration.Completeness(2, 8, 4, 4, 3), "partial grid: 2 of 8 splits, 4 of 4 random splits"),
         (calibration.Completeness(8, 8, 3, 4, 3), "partial grid: 8 of 8 splits, 3 of 4 random splits"),

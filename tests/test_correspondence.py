@@ -136,9 +136,10 @@ def test_no_verdict_without_the_complete_family():
     users = _users({"S1": [(0.8, 0.6)] * 3, "NULL": [(0.6, 0.6)] * 3, "R1": RANDOM["R1"]})
     partial = calibration.Completeness(2, 5, 1, 4, 3)
     table, _, _ = _table(users, completeness=partial)
-    assert table.loc["S1", "verdict"] == "null not calibrated (1 of 4 random splits)"
+    why = "partial grid: 2 of 5 splits, 1 of 4 random splits (null not calibrated)"
+    assert table.loc["S1", "verdict"] == why
     assert table.loc["S1", "mean_d"] == pytest.approx(0.2)  # the estimate is still there
-    assert table.loc["S2", "verdict"] == "null not calibrated (1 of 4 random splits)"  # no runs: no verdict either
+    assert table.loc["S2", "verdict"] == why  # no runs: no verdict either
 
 
 def test_a_split_too_small_to_train_gets_the_power_line_it_would_have():

@@ -414,6 +414,7 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
         "eval_steps": 16,
         "max_length": 128,
         "heldout_share": 0.2,
+        "heldout_cross_share": 0.5,
         "curve_heldout_pairs": 32,
         "balance_groups": True,
         "gradient_checkpointing": True,

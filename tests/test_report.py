@@ -94,6 +94,7 @@ def test_the_writeup_shows_the_assets_numbers_and_is_rebuilt_only_when_they_chan
     assert markdown_path.name == "report.partial.md" and not markdown_path.with_name("report.md").exists()
     # The report of the two-seed grid (the first build) is gone; check the current one, S1_age with three seeds.
     markdown = markdown_path.read_text()
+    # seed 2 for S1_age only: the random splits lack it too
     assert "**A partial grid: no verdicts.** v3: partial grid: 1 of 8 splits, 0 of 2 random splits" in markdown
     assert "Missing runs (failed, or not yet run): " in markdown and "S2_education.A seed 0" in markdown
     table = read_bundle(tmp_path / "assets" / "correspondence_table")

@@ -1,5 +1,7 @@
 """Code versions from source."""
 
+from pathlib import Path
+
 import pytest
 
 from prism_assets import versions
@@ -39,3 +41,110 @@ def test_code_versions_follow_the_logic_modules_imports(tmp_path, monkeypatch):
     before = versions.source_version("prism_assets.training.entry")
     (package / "helper.py").write_text("def f():\n    return 2\n")
     assert versions.source_version("prism_assets.training.entry") != before
+
+
+# What changing one field of v3 marks unsynced (docs/ui.md, "Rematerialize only what changed"); nothing of v2. Every
+# field of the experiments file and every DPO setting must be listed here.
+FIT, SPLITS = "v3/ordered_logit_fit", "v3/significant_splits"
+RUNS, TABLE, REPORT = "v3/group_dpo_run", "correspondence_table", "research_report"
+DOWNSTREAM_OF_RUNS = {RUNS, TABLE, REPORT}
+EXPERIMENT_FIELDS = {  # field: (another value, what it marks unsynced)
+    "description": ("another description", {REPORT}),
+    "enabled": (False, {REPORT}),
+    "boundaries": ([10.0, 20.0], {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "categorical": (["age"], {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "continuous": (["stated_prefs_safety"], {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "min_level_users": (5, {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "discovery_share": (0.5, {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "alpha": (0.01, {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "preset": ("auto", {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "random_splits": (5, {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "min_group_users": (10, {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "min_group_pairs": (10, {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "train_small_splits": (True, {SPLITS, *DOWNSTREAM_OF_RUNS}),
+    "verdict_alpha": (0.01, {TABLE, REPORT}),
+    "min_effect": (0.05, {TABLE, REPORT}),
+    "recipe": ("original", {"reference_logps", *DOWNSTREAM_OF_RUNS}),  # original: max_length 1024
+    "base_model": ("tiny:4", {"reference_logps", *DOWNSTREAM_OF_RUNS}),
+    "dpo": ({"beta": 0.2}, DOWNSTREAM_OF_RUNS),
+}
+DPO_SETTINGS = {  # setting: another value
+    "base_model": "tiny:4",
+    "max_steps": 40,
+    "batch_size": 4,
+    "beta": 0.2,
+    "learning_rate": 2e-4,
+    "logging_steps": 2,
+    "eval_steps": 8,
+    "max_length": 128,
+    "heldout_share": 0.2,
+    "heldout_cross_share": 0.5,
+    "curve_heldout_pairs": 32,
+    "balance_groups": True,
+    "gradient_checkpointing": True,
+    "checkpoint_steps": 8,
+    "checkpoint_minutes": 5.0,
+    "device": "cpu",
+    "report_to": ["tensorboard"],
+    "tracking_dir": "/elsewhere",
+    "mlflow_tracking_uri": "http://mlflow.example:5000",
+    "mlflow_experiment": "other",
+}
+DPO_UNSYNCED = {  # what a DPO setting marks: the runs down, and the references for what their log-probs depend on
+    "base_model": {"reference_logps", *DOWNSTREAM_OF_RUNS},
+    "max_length": {"reference_logps", *DOWNSTREAM_OF_RUNS},
+    "checkpoint_steps": set(),
+    "checkpoint_minutes": set(),
+    "device": set(),
+    "report_to": set(),
+    "tracking_dir": set(),
+    "mlflow_tracking_uri": set(),
+    "mlflow_experiment": set(),
+}
+
+
+def _unsynced(before: dict, after: dict) -> set[str]:
+    """Keys whose code version changed or that are new (a reference of another model); references as one name."""
+    changed = {key for key in after if before.get(key) != after[key]}
+    return {"reference_logps" if key.startswith("reference_logps/") else key for key in changed}
+
+
+def _code_versions(v3) -> dict:
+    from builders import dagster_definitions, experiment
+
+    v2 = experiment("v2", "v2", spec={"boundaries": [14], "alpha": 0.1})
+    assets, _ = dagster_definitions(Path("/nowhere"), [v3, v2])
+    return {key.to_user_string(): version for a in assets for key, version in a.code_versions_by_key.items()}
+
+
+def test_every_experiment_field_marks_unsynced_exactly_what_it_changes():
+    from builders import experiment
+
+    from prism_assets.experiments import ExperimentSpec
+
+    assert set(EXPERIMENT_FIELDS) == set(ExperimentSpec.model_fields)  # a new field must be listed here
+    base = {"logging_steps": 4}
+    before = _code_versions(experiment("v3", "v3", **base))
+    for field, (value, expected) in EXPERIMENT_FIELDS.items():
+        spec = {field: value} if field not in ("dpo", "base_model") else {}
+        dpo = {**base, **(value if field == "dpo" else {})}
+        if field == "base_model":
+            dpo["base_model"] = value
+        if field == "recipe":
+            dpo = {}
+        preset = spec.pop("preset", "v3")
+        after = _code_versions(experiment("v3", preset, spec=spec, **dpo))
+        assert _unsynced(before, after) == expected, field
+
+
+def test_every_dpo_setting_marks_unsynced_exactly_what_it_changes():
+    from builders import experiment
+
+    from prism_assets.training.settings import TrainingSettings
+
+    assert set(DPO_SETTINGS) == set(TrainingSettings.model_fields)  # a new setting must be listed here
+    base = {"logging_steps": 4, "eval_steps": None}
+    before = _code_versions(experiment("v3", "v3", **base))
+    for name, value in DPO_SETTINGS.items():
+        after = _code_versions(experiment("v3", "v3", **{**base, name: value}))
+        assert _unsynced(before, after) == DPO_UNSYNCED.get(name, DOWNSTREAM_OF_RUNS), name

@@ -229,11 +229,7 @@ def build_group_dpo_run(experiment: str, settings: TrainingSettings) -> dg.Asset
         try:
             cell, seed = dimensions[partitions.CELL], int(partitions.seed_key(dimensions[partitions.SEED]))
             split, group = partitions.parse_cell(cell)
-            if significant_splits.get("dpo_users") is not None:  # honest mode: the confirmation users only
-                within_model_pairs = within_model_pairs[
-                    within_model_pairs["user_id"].isin(significant_splits["dpo_users"])
-                ]
-            pairs = cells.run_pairs(within_model_pairs, significant_splits, split, group, settings.heldout_share, seed)
+            pairs = cells.run_pairs(within_model_pairs, significant_splits, split, group, settings, seed)
             config = cells.run_config(
                 settings,
                 dpo_storage.resolved_base_model(settings.base_model),

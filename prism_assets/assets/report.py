@@ -99,7 +99,8 @@ def build_research_report(experiments: list[Experiment]) -> dg.AssetsDefinition:
             (paths["figures"] / name).write_bytes(png)
         write_atomic(paths["markdown"], built.document.markdown(REPORT_FILES["figures"]))
         write_atomic(
-            paths["html"], built.document.html("PRISM DPO splits: the write-up" + ("" if complete else " (partial)"))
+            paths["html"],
+            built.document.html("PRISM DPO splits: the write-up" + ("" if complete else " (partial grid)")),
         )
         if complete:  # a partial write-up of an earlier grid no longer stands beside this one
             for name in ("markdown", "html"):

@@ -192,13 +192,14 @@ class Completeness:
 
     def reason(self) -> str | None:
         """Why no verdict is given, or None."""
-        if self.random_done < 2:
+        if self.random_expected < 2:
             return f"null not calibrated ({self.random_done} of {self.random_expected} random splits)"
         if not self.complete:
-            return (
+            partial = (
                 f"partial grid: {self.predicted_done} of {self.predicted_expected} splits, "
                 f"{self.random_done} of {self.random_expected} random splits"
             )
+            return partial + (" (null not calibrated)" if self.random_done < 2 else "")
         return None
 
 
@@ -257,6 +258,10 @@ def calibrated_verdicts(
     mean_t2 = (t_random**2).groupby(table[family], sort=False).transform("mean").to_numpy()
     scale = np.where(df > 0, np.sqrt(mean_t2), 1.0)
     calibrated = df >= 2
+    # What the random splits vary by beyond se, fixed across seeds (a group's own users: what its models learn from
+    # them): ω² = mean(d̄_r² − se_r²), at least 0. σ₀ carries it into the test; the power line projects with it.
+    excess = (table["mean_d"] ** 2 - table["se"] ** 2).where(random)
+    omega2 = excess.groupby(table[family], sort=False).transform("mean").clip(lower=0).fillna(0.0).to_numpy()
 
     def sf(z):  # P(Z > z) under each row's null: Student t with K df (a normal where K < 2: no verdict then)
         return np.where(calibrated, stats.t.sf(z, np.maximum(df, 1)), stats.norm.sf(z))
@@ -277,6 +282,7 @@ def calibrated_verdicts(
     table = table.assign(
         null_scale=scale,
         null_df=df,
+        omega2=omega2,
         z=z,
         p_two=p_two,
         p_predicted=np.where(np.isnan(sign), np.nan, sf(np.nan_to_num(sign, nan=1.0) * z)),
@@ -316,24 +322,25 @@ def power_lines(table: pd.DataFrame, min_effect: float, heldout_share: float, al
     """Per split of a calibrated table: the MDE of its seeds (the smallest |A − B| detected with POWER at Holm's
     strictest level: λ·σ₀·se), and what would detect `min_effect` under the measured noise — the seeds at this
     held-out share and K, the held-out share at these seeds, the random splits at these seeds — or why no number of
-    seeds can: after 1 / share seeds every user has been held out once, and the users' own variety sets a floor."""
-    seed_var, n = table["seed_var"].to_numpy(float), table["n"].to_numpy(float)
-    tau2, v = table["tau2"].to_numpy(float), table["v"].to_numpy(float)
-    unit = table["crit"].to_numpy(float) * table["null_scale"].to_numpy(float)
+    seeds can. Projected with the variance of mean d over n seeds: τ²/n + v/min(n, F) + ω² (after F = 1 / share seeds
+    every user has been held out once; ω², what the random splits vary by beyond se, does not average over seeds)."""
+    tau2, v, n = (table[c].to_numpy(float) for c in ("tau2", "v", "n"))
+    omega2 = table["omega2"].to_numpy(float) if "omega2" in table else np.zeros(len(table))
+    crit = table["crit"].to_numpy(float)
     folds = max(1, math.floor(1 / heldout_share + 1e-9))
     with np.errstate(divide="ignore", invalid="ignore"):
-        mde = unit * np.sqrt(seed_var / n)
-        room = (min_effect / unit) ** 2  # the variance of mean d that detects min_effect
-        seeds = np.ceil(seed_var / room)
-        floor = v / folds  # every user held out once: only training noise still averages
-        reachable = floor < room
-        seeds = np.where(reachable, np.maximum(seeds, 2), np.inf)
-        # at these seeds, the share whose held-out users bring v down enough (v ∝ 1 / share)
+        mde = crit * table["null_scale"].to_numpy(float) * np.sqrt((tau2 + v) / n)
+        room = (min_effect / crit) ** 2 - omega2  # what the seeds' variance may be
+        seeds = np.ceil((tau2 + v) / room)
+        past_folds = np.ceil(tau2 / (room - v / folds))  # more seeds than folds: only τ² still averages
+        seeds = np.where(seeds <= folds, seeds, np.where(room - v / folds > 0, past_folds, np.inf))
+        seeds = np.where(room > 0, np.maximum(seeds, 2), np.inf)
+        floor = crit * np.sqrt(omega2 + v / folds)  # the MDE of every user held out once, any number of seeds
         share = heldout_share * v / (n * room - tau2)
-        share = np.where((n * room - tau2 > 0) & (share <= 0.5), share, np.nan)
+        share = np.where((room > 0) & (n * room - tau2 > 0) & (share <= 0.5), share, np.nan)
     random_needed = [
-        _random_needed(s, float(e), float(sigma), int(f), alpha, min_effect)
-        for s, e, sigma, f in zip(table["split"], table["se"], table["null_scale"], table["family_size"])
+        _random_needed(float(se), float(w), int(f), alpha, min_effect)
+        for se, w, f in zip(table["se"], omega2, table["family_size"])
     ]
     return pd.DataFrame(
         {
@@ -343,14 +350,14 @@ def power_lines(table: pd.DataFrame, min_effect: float, heldout_share: float, al
             "seeds_needed": seeds,
             "heldout_share_needed": share,
             "random_splits_needed": random_needed,
-            "heldout_floor": np.sqrt(floor) * unit,
+            "heldout_floor": floor,
         }
     )
 
 
-def _random_needed(split: str, se: float, scale: float, family: int, alpha: float, effect: float) -> float:
-    """The fewest random splits (2..200) whose λ brings λ·σ₀·se under `effect`, or inf."""
+def _random_needed(se: float, omega2: float, family: int, alpha: float, effect: float) -> float:
+    """The fewest random splits (2..200) whose λ brings λ·√(se² + ω²) under `effect`, or inf."""
     for k in (2, 4, 8, 12, 16, 19, 24, 32, 48, 64, 100, 200):
-        if critical_shift(k, family, alpha) * scale * se <= effect:
+        if critical_shift(k, family, alpha) * math.sqrt(se**2 + omega2) <= effect:
             return float(k)
     return math.inf
