@@ -5,8 +5,10 @@ materializes the data and every experiment's statistics, registers the seeds, ma
 `group_dpo_run` partitions (cell × seed; `--parallel` at a time, each its own Dagster run, in worker processes that get
 the settings as an argument; experiment after experiment, so a run two experiments share is trained by the first and
 adopted by the second), then `correspondence_table` and `research_report` — all through Dagster's API into the
-instance at DAGSTER_HOME, so `dagster dev` shows every run. `settings` prints every setting with its value and where
-it came from; `orphans` lists (and cancels) SLURM jobs no Dagster run follows.
+instance at DAGSTER_HOME, so `dagster dev` shows every run. Before anything else it marks failed the runs a killed main
+job left unfinished and frees their pool slots (`dead_runs`); its workers die with it however it dies, and SIGTERM or
+SIGINT stops it and them, interrupting their runs (`stopping`). `settings` prints every setting with its value and
+where it came from; `orphans` lists (and cancels) SLURM jobs no Dagster run follows.
 """
 
 import argparse
@@ -15,37 +17,53 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import dagster as dg
 
+from prism_assets import dead_runs, stopping
 from prism_assets.platform import Configuration
 
-_WORKER: dict = {}  # the code location of a worker process, built once from its parent's configuration
+_WORKER: dict = {}  # a worker process's code location, built once from its parent's configuration, and its signals
+# How long the workers of a stopped main job have to interrupt their runs (a local trainer gets 30 s to checkpoint).
+WORKER_GRACE_S = 90.0
 
 
-def start_worker(configuration: Configuration) -> None:
-    """A worker's initializer: its code location from the configuration the main job read (not the environment)."""
+def start_worker(configuration: Configuration, parent: int) -> None:
+    """A worker's initializer: it dies with the main job (`parent`), builds its code location from the configuration
+    the main job read (not the environment), and stops on SIGTERM or SIGINT."""
+    stopping.end_with_parent(parent)
     from prism_assets.location import build
 
     _WORKER["location"] = build(configuration)
+    _WORKER["signals"] = stopping.StopSignals()
 
 
 def materialize_partition(experiment: str, cell: str, seed: str) -> tuple[str, bool, bool]:
     """One group_dpo_run partition as its own Dagster run (in a worker process: Dagster's in-process execution is
-    not thread-safe, and a worker imports the project once for all its partitions): (key, success, trained)."""
+    not thread-safe, and a worker imports the project once for all its partitions): (key, success, trained). A stop
+    signal interrupts the run (Dagster stops its job and fails it) and ends the worker: it takes no further one."""
     from prism_assets import keys, partitions
 
     location = _WORKER["location"]
-    result = dg.materialize(
-        location.assets,
-        selection=[keys.group_dpo_run(experiment)],
-        partition_key=partitions.partition_key(cell, seed),
-        instance=dg.DagsterInstance.get(),
-        resources=location.resources,
-        raise_on_error=False,
-        tags={"experiment": experiment},  # the UI's runs list shows whose run it is
-    )
+    try:
+        result = dg.materialize(
+            location.assets,
+            selection=[keys.group_dpo_run(experiment)],
+            partition_key=partitions.partition_key(cell, seed),
+            instance=dg.DagsterInstance.get(),
+            resources=location.resources,
+            raise_on_error=False,
+            # the UI's runs list shows whose run it is; the next main job, whether its process is gone
+            tags={"experiment": experiment, **dead_runs.process_tags()},
+        )
+        _WORKER["signals"].check()
+    except stopping.Stopped as stop:
+        # Not raised: the pool would hand it to the main job as this partition's error, and go on to the next one.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(stop.signum + 128)
     events = result.get_asset_materialization_events() if result.success else []
     trained = bool(events) and bool(events[0].materialization.metadata["trained"].value)
     return f"{experiment}/{cell}|{seed}", result.success, trained
@@ -89,6 +107,23 @@ def for_run(args: argparse.Namespace, configuration: Configuration) -> Configura
 
 
 def run(args: argparse.Namespace, location) -> int:
+    """The main job. SIGTERM or SIGINT stops it: the runs in flight are interrupted (their jobs stopped, the runs
+    failed), the workers end, and it exits with 128 + the signal's number."""
+    signals = stopping.StopSignals()
+    try:
+        return materialize_all(args, location, signals)
+    except stopping.Stopped as stop:
+        print(
+            f"prism_assets: stopped by {stop.name}: the runs in flight were interrupted and marked failed, the "
+            "workers stopped; `python -m prism_assets run` again goes on from what is done",
+            file=sys.stderr,
+        )
+        return stop.signum + 128
+
+
+def materialize_all(args: argparse.Namespace, location, signals: stopping.StopSignals) -> int:
+    """The main job's work, in order: what a killed main job left freed, the data and statistics, every DPO
+    partition, the table and the write-up."""
     from prism_assets import keys, partitions
     from prism_assets.assets import report
     from prism_assets.location import CHECKS
@@ -96,13 +131,19 @@ def run(args: argparse.Namespace, location) -> int:
 
     configuration = location.configuration
     instance = dg.DagsterInstance.get()
+    # What a killed main job left: runs that stay STARTED, holding pool slots the runs below would wait for forever.
+    for line in dead_runs.free_dead_runs(instance):
+        print(line)
     started = time.perf_counter()
     # The reference precompute runs alone in this phase: a local one may use every core.
     resources = location.resources
     local = isinstance(resources["launcher"], LocalLauncher)
     alone = {**resources, "launcher": LocalLauncher()} if local else resources
     upstream = [*location.unpartitioned, *CHECKS]
-    result = dg.materialize(upstream, instance=instance, resources=alone, raise_on_error=False)
+    result = dg.materialize(
+        upstream, instance=instance, resources=alone, raise_on_error=False, tags=dead_runs.process_tags()
+    )
+    signals.check()  # a signal during the run: Dagster's handler took it
     if not result.success:
         print(f"run {result.run_id} failed; see `dagster dev` or the log above", file=sys.stderr)
         return 1
@@ -123,13 +164,14 @@ def run(args: argparse.Namespace, location) -> int:
     ]
     for experiment in location.experiments:  # build the tiny models once, before runs start in parallel
         location.storage.resolved_base_model(experiment.settings.base_model)
-    failed, trained = [], 0
-    with ProcessPoolExecutor(
+    failed, trained, done = [], 0, 0
+    pool = ProcessPoolExecutor(
         max_workers=args.parallel,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=start_worker,
-        initargs=(configuration,),
-    ) as pool:
+        initargs=(configuration, os.getpid()),
+    )
+    try:
         for done, (key, success, was_trained) in enumerate(pool.map(materialize_partition, *zip(*todo)), start=1):
             trained += was_trained
             print(
@@ -140,13 +182,28 @@ def run(args: argparse.Namespace, location) -> int:
             )
             if not success:
                 failed.append(key)
+    except BrokenProcessPool:
+        stopping.stop_children(WORKER_GRACE_S)
+        print(
+            f"prism_assets: a worker process died (killed, or out of memory?) after {done} of {len(todo)} DPO "
+            "partitions: the others stopped; `python -m prism_assets run` again goes on from what is done",
+            file=sys.stderr,
+        )
+        return 1
+    except BaseException:  # stopped (or failing): the workers interrupt their runs rather than train on
+        stopping.stop_children(WORKER_GRACE_S)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     table = dg.materialize(
         location.assets,
         selection=[keys.CORRESPONDENCE_TABLE, keys.RESEARCH_REPORT],
         instance=instance,
         resources=resources,
         raise_on_error=False,
+        tags=dead_runs.process_tags(),
     )
+    signals.check()
     if not table.success:
         print("correspondence_table or research_report failed", file=sys.stderr)
         return 1

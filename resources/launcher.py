@@ -387,6 +387,8 @@ def prepare_child(env: dict[str, str], stdout: IO, stderr: IO) -> None:
     for sig in signal.valid_signals():  # this process's handlers (Dagster's) are not the child's
         if callable(signal.getsignal(sig)):
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    # Nor is its wakeup fd (the main job's workers note their stop signals there): the child's would read as theirs.
+    signal.set_wakeup_fd(-1)
     # This process's exit handlers are not the child's to run (multiprocessing's would join this process's queues).
     atexit._clear()
     getattr(threading, "_threading_atexits", []).clear()
