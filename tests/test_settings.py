@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -173,3 +174,31 @@ def test_the_settings_command_lists_every_setting(tmp_path):
     assert re.search(r"^PRISM_SYNTHETIC_SEED +7 +environment$", done.stdout, re.M)
     assert re.search(r"^DPO_BETA +0.1 +recipe tiny", done.stdout, re.M)
     assert re.search(r"^PRISM_SLURM_TIME_LIMIT +02:00:00 +default$", done.stdout, re.M)
+
+
+def _one_line(tmp_path, *args: str, **environ: str) -> str:
+    """`python -m prism_assets <args>` in this environment (DAGSTER_HOME and PRISM_STORAGE in tmp_path unless given):
+    it must stop with exit code 2 and one `prism_assets: ` line on stderr, no traceback. That line, without the
+    prefix."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PRISM_STORAGE": str(tmp_path / "storage"), **environ}
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("prism_assets: "), done.stderr[-3000:]
+    return lines[0].removeprefix("prism_assets: ")
+
+
+@pytest.mark.parametrize("what", ["directory", "latin-1"])
+def test_an_experiments_file_that_is_a_directory_or_not_utf8_is_one_line_naming_it(tmp_path, what):
+    path = tmp_path / "experiments.toml"
+    if what == "directory":
+        path.mkdir()
+        expected = f"{path}: a directory, not an experiments file (PRISM_EXPERIMENTS_FILE names a TOML file)"
+    else:
+        path.write_bytes('[v3]\ndescription = "v3, résumé"\npreset = "v3"\n'.encode("latin-1"))
+        expected = f"{path}: not UTF-8 text (byte 0xe9 at offset 25): an experiments file is TOML, which is UTF-8"
+    assert _one_line(tmp_path, "run", PRISM_EXPERIMENTS_FILE=str(path)) == expected
