@@ -15,6 +15,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,7 +24,7 @@ from pathlib import Path
 import dagster as dg
 
 from prism_assets import dead_runs, stopping
-from prism_assets.platform import Configuration
+from prism_assets.platform import Configuration, PlatformSettings
 
 _WORKER: dict = {}  # a worker process's code location, built once from its parent's configuration, and its signals
 # How long the workers of a stopped main job have to interrupt their runs (a local trainer gets 30 s to checkpoint).
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         from prism_assets.location import build
 
         location = build(for_run(args, configuration) if args.command == "run" else configuration)
+        if args.command == "run":
+            check_storage(location.configuration.platform)
         check_dagster_home()
     except ValueError as error:
         print(f"prism_assets: {error}", file=sys.stderr)
@@ -298,3 +301,18 @@ def check_dagster_home() -> None:
         raise ValueError("DAGSTER_HOME is not set: set it to the instance's directory (the Makefile uses ./storage)")
     if not Path(home).is_dir():
         raise ValueError(f"DAGSTER_HOME={home!r} is not a directory: create it (with a dagster.yaml) or fix the path")
+
+
+def check_storage(platform: PlatformSettings) -> None:
+    """PRISM_STORAGE can hold the outputs: made if missing and a file written in it, before any work starts (a run
+    would fail on it only once the data is read)."""
+    directory = platform.storage_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"PRISM_STORAGE={platform.storage!r}: cannot write in {directory} ({error.strerror or error}): "
+            "point PRISM_STORAGE at a directory this user can write"
+        ) from None

@@ -50,9 +50,12 @@ def launcher(configuration: Configuration) -> RunLauncher:
 
 
 def build(configuration: Configuration) -> CodeLocation:
-    """The code location of these settings. A setting the experiments file or a schema refuses raises ValueError,
-    one line naming it."""
+    """The code location of these settings. A setting the experiments file or a schema refuses, or a PRISM_STORAGE
+    that cannot be a directory, raises ValueError, one line naming it."""
     platform = configuration.platform
+    problem = platform.storage_problem()
+    if problem:
+        raise ValueError(problem)
     chosen = configuration.experiments()
     storage = platform.storage_dir
     resources = {

@@ -114,6 +114,19 @@ class PlatformSettings(BaseModel):
     def storage_dir(self) -> Path:
         return Path(self.storage).resolve()
 
+    def storage_problem(self) -> str | None:
+        """Why PRISM_STORAGE cannot be the outputs' directory, as far as looking at it tells (it, or the nearest of
+        its parents that exists, is not a directory); None where it can be. Writes nothing."""
+        directory = self.storage_dir
+        try:
+            existing = next(path for path in (directory, *directory.parents) if path.exists())
+        except OSError as error:  # a parent this user may not look into
+            return f"PRISM_STORAGE={self.storage!r}: cannot look at {directory} ({error.strerror or error})"
+        if existing.is_dir():
+            return None
+        where = "a file" if existing == directory else f"under {existing}, a file"
+        return f"PRISM_STORAGE={self.storage!r}: {directory} is {where}, not a directory: point it at a directory"
+
 
 def variables(model: type[BaseModel]) -> dict[str, str]:
     """field → environment variable of a model whose fields name theirs (PlatformSettings)."""

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -202,3 +203,32 @@ def test_an_experiments_file_that_is_a_directory_or_not_utf8_is_one_line_naming_
         path.write_bytes('[v3]\ndescription = "v3, résumé"\npreset = "v3"\n'.encode("latin-1"))
         expected = f"{path}: not UTF-8 text (byte 0xe9 at offset 25): an experiments file is TOML, which is UTF-8"
     assert _one_line(tmp_path, "run", PRISM_EXPERIMENTS_FILE=str(path)) == expected
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_a_storage_that_cannot_be_a_directory_is_one_line_before_any_work(tmp_path, where):
+    (tmp_path / "afile").write_text("not a directory")
+    storage = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "storage"
+    line = _one_line(tmp_path, "run", PRISM_STORAGE=str(storage), DAGSTER_HOME=str(tmp_path / "home"))
+    what = "a file" if where == "file" else f"under {tmp_path / 'afile'}, a file"
+    assert line == f"PRISM_STORAGE={str(storage)!r}: {storage} is {what}, not a directory: point it at a directory"
+    assert not (tmp_path / "home").exists()  # refused before DAGSTER_HOME was looked at, let alone an instance made
+    # the code location refuses it too (dagster dev loads it), with the same line
+    from prism_assets.location import build
+
+    with pytest.raises(ValueError, match=f"^{re.escape(line)}$"):
+        build(Configuration.from_environ({"PRISM_STORAGE": str(storage)}))
+
+
+def test_a_storage_that_cannot_be_written_is_one_line(tmp_path):
+    """A directory this user cannot write in, or make: as root, one in sysfs (root writes in any other directory)."""
+    if os.geteuid() != 0:
+        storage = tmp_path / "storage"
+        storage.mkdir(mode=0o500)
+    elif Path("/sys/kernel").is_dir():
+        storage = Path("/sys/prism-storage")
+    else:
+        pytest.skip("root writes in any directory, and there is no sysfs")
+    line = _one_line(tmp_path, "run", PRISM_STORAGE=str(storage))
+    assert line.startswith(f"PRISM_STORAGE={str(storage)!r}: cannot write in {storage} (")
+    assert line.endswith("): point PRISM_STORAGE at a directory this user can write")
