@@ -224,16 +224,20 @@ def cpu_count() -> int:
 
 def orphans(args: argparse.Namespace, location) -> int:
     from prism_assets import automation
-    from resources.slurm import SlurmLauncher
+    from resources.slurm import MissingCommand, SlurmLauncher
 
     launcher = location.resources["launcher"]
     if not isinstance(launcher, SlurmLauncher):
         print("prism_assets: orphans are SLURM jobs; set DPO_LAUNCHER=slurm (and PRISM_SLURM_*)", file=sys.stderr)
         return 2
-    found = launcher.orphans(dg.DagsterInstance.get(), Path(location.storage.runs_dir))
-    cancelled = [orphan["job_id"] for orphan in found] if args.cancel else []
-    for job in cancelled:
-        launcher.commands.run(["scancel", job], check=False)
+    try:
+        found = launcher.orphans(dg.DagsterInstance.get(), Path(location.storage.runs_dir))
+        cancelled = [orphan["job_id"] for orphan in found] if args.cancel else []
+        for job in cancelled:
+            launcher.commands.run(["scancel", job], check=False)
+    except MissingCommand as error:
+        print(f"prism_assets: {error}", file=sys.stderr)
+        return 2
     print(automation.orphans_report(found, cancelled))
     return 0
 

@@ -67,6 +67,25 @@ class SlurmUnreachable(RuntimeError):
     """SLURM gave no answer (its controller busy or restarting, the SSH link down): worth asking again."""
 
 
+class MissingCommand(RuntimeError):
+    """A command the launcher runs (SLURM's, or ssh and scp) is not on PATH: not worth asking again."""
+
+
+def run_command(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, with a command missing from PATH named as such (not a FileNotFoundError of no file)."""
+    try:
+        return subprocess.run(command, **kwargs)
+    except FileNotFoundError:
+        if command[0] in ("ssh", "scp"):
+            hint = "install OpenSSH's client, or leave PRISM_SLURM_SSH_HOST unset where SLURM's commands are"
+        else:
+            hint = (
+                "DPO_LAUNCHER=slurm runs SLURM's commands (sbatch, squeue, scontrol, sacct, scancel) on this host: "
+                "run where they are, or reach a login node over SSH (PRISM_SLURM_SSH_HOST)"
+            )
+        raise MissingCommand(f"`{command[0]}` is not on PATH: {hint}") from None
+
+
 def _validated(name: str, value: str, pattern: re.Pattern = SAFE_VALUE) -> str:
     if not pattern.fullmatch(str(value)):
         raise ValueError(f"SLURM setting {name}={value!r} is not allowed (expected {pattern.pattern})")
@@ -228,7 +247,7 @@ class SlurmCommands:
 
     def upload(self, files: list[Path], remote_dir: str) -> None:
         self.run(["mkdir", "-p", remote_dir])
-        done = subprocess.run(
+        done = run_command(
             ["scp", *self.scp_options(), *map(str, files), f"{self.target()}:{remote_dir}/"],
             capture_output=True,
             text=True,
@@ -243,7 +262,7 @@ class SlurmCommands:
         """The bytes of a remote file from `offset` on (nothing if it does not exist yet)."""
         command = f"test -f {shlex.quote(remote_path)} && tail -c +{offset + 1} {shlex.quote(remote_path)} || true"
         try:
-            done = subprocess.run([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
+            done = run_command([*self.ssh_prefix(), command], capture_output=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             raise SlurmUnreachable(
                 f"reading {self.ssh_host}:{remote_path} gave no answer in {self.timeout_s:.0f} s"
@@ -256,7 +275,7 @@ class SlurmCommands:
 
     def run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         command = [*self.ssh_prefix(), shlex.join(args)] if self.ssh_host else args
-        done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout_s)
+        done = run_command(command, capture_output=True, text=True, timeout=self.timeout_s)
         if check and done.returncode != 0:
             where = f" on {self.ssh_host}" if self.ssh_host else ""
             raise RuntimeError(

@@ -205,6 +205,12 @@ def test_an_experiments_file_that_is_a_directory_or_not_utf8_is_one_line_naming_
     assert _one_line(tmp_path, "run", PRISM_EXPERIMENTS_FILE=str(path)) == expected
 
 
+def test_orphans_without_slurm_s_commands_names_the_missing_one(tmp_path):
+    (tmp_path / "bin").mkdir()  # a PATH without squeue (the interpreter is started by its full path)
+    line = _one_line(tmp_path, "orphans", DPO_LAUNCHER="slurm", PATH=str(tmp_path / "bin"))
+    assert line.startswith("`squeue` is not on PATH: DPO_LAUNCHER=slurm runs SLURM's commands (sbatch, squeue,")
+
+
 @pytest.mark.parametrize("where", ["file", "under a file"])
 def test_a_storage_that_cannot_be_a_directory_is_one_line_before_any_work(tmp_path, where):
     (tmp_path / "afile").write_text("not a directory")
