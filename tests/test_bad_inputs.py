@@ -1,6 +1,8 @@
-"""Every kind of bad PRISM input ends in an error naming file, line and field, or in a drop counted by its reason."""
+"""Every kind of bad PRISM input ends in an error naming file, line and field, or in a drop counted by its reason; a
+damaged stored output, in one error naming the file."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -314,3 +316,45 @@ def test_utterances_without_the_optional_within_turn_id_still_pair(tmp_path):
     utterances = [{k: v for k, v in row.items() if k != "within_turn_id"} for row in _utterances()]
     tables = load_prism_directory(_prism(tmp_path, utterances=utterances))
     assert len(pairs_lib.within_model_pairs(tables.utterances, tables.conversations).pairs) == 1
+
+
+# -- what the platform reads besides PRISM: stored outputs -----------------------------------------------------
+
+
+def _stored_run(tmp_path):
+    """A group_dpo_run partition's stored value, as the IO manager writes it: a dict with a table and numbers."""
+    from resources.io_managers import write_bundle
+
+    directory = tmp_path / "assets" / "v3" / "group_dpo_run" / "S1_age.A" / "0"
+    write_bundle(directory, {"curve": pd.DataFrame({"step": [5, 10], "loss": [0.7, 0.6]}), "final_heldout_acc": 0.6})
+    return directory
+
+
+def test_a_stored_output_reads_back_as_written(tmp_path):
+    from resources.io_managers import read_bundle
+
+    bundle = read_bundle(_stored_run(tmp_path))
+    assert set(bundle) == {"curve", "final_heldout_acc"} and list(bundle["curve"]["step"]) == [5, 10]
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "problem"),
+    [
+        ("truncate", "values.json", r"cannot be read \(JSONDecodeError: "),
+        ("delete", "curve.parquet", r"missing \(values\.json lists it\)"),
+        ("truncate", "curve.parquet", r"cannot be read \("),
+        ("delete", "values.json", "missing, and so is value.parquet"),
+    ],
+)
+def test_a_damaged_stored_output_is_one_error_naming_the_file(tmp_path, damage, file, problem):
+    from resources.io_managers import StoredOutputError, read_bundle
+
+    directory = _stored_run(tmp_path)
+    path = directory / file
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    else:
+        path.unlink()
+    with pytest.raises(StoredOutputError, match=rf"^{re.escape(str(path))}: {problem}") as error:
+        read_bundle(directory)
+    assert str(error.value).endswith("this stored output is damaged: materialize it again")
