@@ -1,8 +1,12 @@
 """Every kind of bad PRISM input ends in an error naming file, line and field, or in a drop counted by its reason; a
-damaged stored output, in one error naming the file."""
+damaged stored output, or a base model that cannot be had, in one error naming it."""
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -318,7 +322,7 @@ def test_utterances_without_the_optional_within_turn_id_still_pair(tmp_path):
     assert len(pairs_lib.within_model_pairs(tables.utterances, tables.conversations).pairs) == 1
 
 
-# -- what the platform reads besides PRISM: stored outputs -----------------------------------------------------
+# -- what the platform reads besides PRISM: stored outputs, the base model -------------------------------------
 
 
 def _stored_run(tmp_path):
@@ -358,3 +362,25 @@ def test_a_damaged_stored_output_is_one_error_naming_the_file(tmp_path, damage, 
     with pytest.raises(StoredOutputError, match=rf"^{re.escape(str(path))}: {problem}") as error:
         read_bundle(directory)
     assert str(error.value).endswith("this stored output is damaged: materialize it again")
+
+
+def test_a_hub_model_that_cannot_be_fetched_fails_the_job_naming_it_and_how_to_provide_it(tmp_path):
+    """The Hub is out of reach (offline here): the reference job's error names the model and the way round."""
+    pd.DataFrame({"pair_id": ["p1"], "prompt": ["hi"], "chosen": ["a"], "rejected": ["b"]}).to_parquet(
+        tmp_path / "pairs.parquet"
+    )
+    config = {"base_model": "someone/missing-model", "max_length": 64, "pairs_path": "pairs.parquet"}
+    (tmp_path / "reference.json").write_text(json.dumps({**config, "output_path": "reference_logps.parquet"}))
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets.training.reference", "--config", str(tmp_path / "reference.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("prism_assets.training.base_model.BaseModelError: base_model 'someone/missing-model' ")
+    assert "it is no local directory, and the Hugging Face Hub gave no copy" in last
+    assert "`hf download someone/missing-model --local-dir <dir>`" in last and "set base_model to <dir>" in last
+    assert not (tmp_path / "reference_logps.parquet").exists()

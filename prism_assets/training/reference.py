@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from prism_assets.training.base_model import load_base_model
 from prism_assets.training.logps import frozen_logps, token_columns, tokenize_pairs
 from prism_assets.training.reporting import Reporter
 from prism_assets.training.run_folder import (
@@ -46,15 +47,12 @@ def reference_logps(model, tokenizer, pairs: pd.DataFrame, max_length: int, batc
 
 
 def run(cfg: ReferenceConfig, reporter) -> pd.DataFrame:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     pairs = pd.read_parquet(cfg.pairs_path, columns=["pair_id", "prompt", "chosen", "rejected"])
     if pairs["pair_id"].duplicated().any():
         raise ValueError(f"{cfg.pairs_path}: duplicated pair_id values")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    tokenizer, model = load_base_model(cfg.base_model, torch.float32)
     if use_cuda:
         model.to("cuda")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
     reporter.info(

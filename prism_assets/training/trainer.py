@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from prism_assets.training import engine, packing, tracking  # noqa: E402
+from prism_assets.training.base_model import load_base_model  # noqa: E402
 from prism_assets.training.logps import frozen_logps, sequences_of  # noqa: E402
 from prism_assets.training.metrics import (  # noqa: E402
     EVALUATED,
@@ -266,7 +267,7 @@ class HeldoutEvaluator:
 def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: tracking.Trackers) -> dict | None:
     """Train to the end and write the outputs (their metrics returned), or stop on a signal after a checkpoint
     (None); `trackers` follow the run (the caller closes them on an error)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -275,8 +276,7 @@ def train(cfg: RunConfig, reporter: Reporter, stop: StopRequest, trackers: track
     device = torch.device("cuda" if use_cuda else "cpu")
     set_seed(cfg.seed)
     train_pairs, heldout = load_pairs(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
+    tokenizer, model = load_base_model(cfg.base_model, torch.float32)
     if use_cuda:
         model.to("cuda")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
