@@ -1,5 +1,5 @@
 """Every kind of bad PRISM input ends in an error naming file, line and field, or in a drop counted by its reason; a
-damaged stored output, or a base model that cannot be had, in one error naming it."""
+damaged stored output, a base model or a tracking server that cannot be had, in one error naming it."""
 
 import json
 import math
@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -322,7 +323,7 @@ def test_utterances_without_the_optional_within_turn_id_still_pair(tmp_path):
     assert len(pairs_lib.within_model_pairs(tables.utterances, tables.conversations).pairs) == 1
 
 
-# -- what the platform reads besides PRISM: stored outputs, the base model -------------------------------------
+# -- what the platform reads besides PRISM: stored outputs, the base model, a tracking server ------------------
 
 
 def _stored_run(tmp_path):
@@ -384,3 +385,19 @@ def test_a_hub_model_that_cannot_be_fetched_fails_the_job_naming_it_and_how_to_p
     assert "it is no local directory, and the Hugging Face Hub gave no copy" in last
     assert "`hf download someone/missing-model --local-dir <dir>`" in last and "set base_model to <dir>" in last
     assert not (tmp_path / "reference_logps.parquet").exists()
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:9", "http://no-such-host.invalid:5000"])
+def test_an_unreachable_mlflow_server_fails_the_run_in_seconds_naming_it(tmp_path, uri):
+    from prism_assets.training import tracking
+    from prism_assets.training.settings import RunConfig
+
+    cfg = RunConfig(
+        base_model="m", pairs_path="p", output_dir=str(tmp_path), seed=0, report_to=["mlflow"], mlflow_tracking_uri=uri
+    )
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackerError) as error:
+        tracking.Trackers(cfg)  # made before the run loads anything
+    assert time.monotonic() - started < 10
+    assert str(error.value).startswith(f"report_to mlflow: the MLflow tracking server at {uri} cannot be reached (")
+    assert str(error.value).endswith("start it, or fix mlflow_tracking_uri (DPO_MLFLOW_TRACKING_URI)")

@@ -16,9 +16,10 @@ MLflow keeps every value it was given, so the resumed attempt logs only the step
 attempt logged past its checkpoint keeps that attempt's values, which the resumed attempt computes again (bit for bit
 on CPU, to float noise on CUDA).
 
-A tracker that cannot start, or fails while the run trains, fails the run with an error naming it, as TRL's callbacks
-do: the run's checkpoints are kept, and a relaunch resumes from them into the same tracker runs. Job side: imports no
-Dagster, and a tracker's package only where a run reports to it.
+A tracker whose server cannot be reached fails the run before it loads anything (MLflow's client would retry for
+minutes first). A tracker that cannot start, or fails while the run trains, fails the run with an error naming it, as
+TRL's callbacks do: the run's checkpoints are kept, and a relaunch resumes from them into the same tracker runs. Job
+side: imports no Dagster, and a tracker's package only where a run reports to it.
 """
 
 import contextlib
@@ -26,8 +27,12 @@ import fcntl
 import hashlib
 import json
 import re
+import socket
 import sys
+import threading
 import time
+import urllib.parse
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +46,7 @@ INSTALL = "pip install -e '.[trackers]'"
 HELDOUT_COLUMNS = (*HELDOUT_METRICS, *SAMPLING_ERRORS)
 LABEL_TAGS = ("experiment", "cell", "split", "group", "seed", "run_id")
 Outcome = Literal["finished", "stopped", "failed"]
+CONNECT_TIMEOUT_S = 5.0  # how long a tracking server has to accept a connection, its name resolved included
 
 
 class TrackerError(RuntimeError):
@@ -104,6 +110,9 @@ class Tracker(ABC):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+
+    def check(self) -> None:  # noqa: B027  # most trackers write to a local store: nothing to reach
+        """Raise ConnectionError, naming where, if what the tracker writes to cannot be reached."""
 
     @abstractmethod
     def start(self, record: dict | None, rows: list[dict], step: int) -> dict:
@@ -210,6 +219,24 @@ class MlflowTracker(Tracker):
         fallback = Path(cfg.output_dir).resolve() / "tracking" / "mlflow.db"
         self.uri = cfg.mlflow_tracking_uri or f"sqlite:///{fallback}"
 
+    def check(self):
+        parts = urllib.parse.urlsplit(self.uri)
+        if parts.scheme not in ("http", "https"):  # a database: opened by start
+            return
+        if not parts.hostname:
+            raise ConnectionError(f"the MLflow tracking URI {self.uri} names no host: fix mlflow_tracking_uri")
+        target = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname):  # the client connects to the proxy instead
+            proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            target = proxied.hostname or "", proxied.port or 80
+        problem = connect_problem(*target, CONNECT_TIMEOUT_S)
+        if problem:
+            raise ConnectionError(
+                f"the MLflow tracking server at {self.uri} cannot be reached ({target[0]}:{target[1]}: {problem}): "
+                "start it, or fix mlflow_tracking_uri (DPO_MLFLOW_TRACKING_URI)"
+            )
+
     def start(self, record, rows, step):
         from mlflow.exceptions import MlflowException
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -290,9 +317,30 @@ IMPLEMENTATIONS: dict[str, Callable[[RunConfig], Tracker]] = {  # one per name o
 }
 
 
+def connect_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """Why `host:port` does not accept a TCP connection within `timeout_s`, or None where it does. The name is
+    resolved in the same time (a resolver that gets no answer would take longer than the connection)."""
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=connect, daemon=True, name="tracker-connect")
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"no answer in {timeout_s:.0f} s"
+    error = outcome[0]
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
 class Trackers:
     """The trackers of one run, as its `report_to` names them (none: each method does nothing). Made before the run
-    loads anything: a tracker whose package is missing is an error at once."""
+    loads anything: a tracker whose package is missing, or whose server cannot be reached, is an error at once."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -307,6 +355,11 @@ class Trackers:
                     f"report_to names {name}, but its package is not installed for {sys.executable} "
                     f"({error}): install the trackers extra ({INSTALL}), or leave {name} out of report_to"
                 ) from None
+        for tracker in self.trackers:
+            try:
+                tracker.check()
+            except ConnectionError as error:
+                raise TrackerError(f"report_to {tracker.name}: {error}") from None
 
     def start(self, rows: list[dict], step: int, log: Callable[[str], None]) -> None:
         """Start each tracker, or continue the run an earlier attempt of this run started (`rows`: the curve up to
