@@ -238,3 +238,23 @@ def test_a_storage_that_cannot_be_written_is_one_line(tmp_path):
     line = _one_line(tmp_path, "run", PRISM_STORAGE=str(storage))
     assert line.startswith(f"PRISM_STORAGE={str(storage)!r}: cannot write in {storage} (")
     assert line.endswith("): point PRISM_STORAGE at a directory this user can write")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--parallel", "0"), ("--parallel", "-1"), ("--seeds", "-1"), ("--seeds", "two")]
+)
+def test_the_main_job_refuses_counts_below_one(tmp_path, flag, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_assets", "run", flag, value],
+        cwd=REPO,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path), "PRISM_STORAGE": str(tmp_path / "storage")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    *usage, last = done.stderr.strip().splitlines()
+    assert usage[0].startswith("usage: python -m prism_assets run ")
+    rule = "expected an integer, got 'two'" if value == "two" else f"must be at least 1, got {value}"
+    assert last == f"python -m prism_assets run: error: argument {flag}: {rule}"
+    assert not (tmp_path / "storage").exists()
