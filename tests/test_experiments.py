@@ -191,3 +191,35 @@ def test_the_comparison_pairs_splits_by_their_users_not_their_names():
         ["S4_safety", "S3_safety", "flip", True]
     ]
     assert comparison[["predicted_1", "predicted_2"]].values.tolist() == [["A<B", "A>B"]]
+
+
+def test_honest_mode_fits_on_discovery_users_and_trains_on_the_others(tmp_path):
+    """discovery_share: the ordered logit sees only the discovery users' pairs; every split (random ones included) and
+    every DPO run's pairs — baseline and held-out users too — are the confirmation users'."""
+    from prism_assets import cells, keys
+    from prism_assets.statistics.splits import discovery_users
+
+    honest = experiment("v3h", "v3", spec={"discovery_share": 0.5, "random_splits": 2})
+    assets, resources = dagster_definitions(tmp_path, [honest])
+    selection = [
+        dg.AssetKey("raw_prism"),
+        dg.AssetKey("within_model_pairs"),
+        keys.ordered_logit_fit("v3h"),
+        keys.significant_splits("v3h"),
+    ]
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(assets, selection=selection, instance=instance, resources=resources)
+    pairs = result.output_for_node("within_model_pairs")
+    fit = result.output_for_node("v3h__ordered_logit_fit")
+    splits = result.output_for_node("v3h__significant_splits")
+    discovery = set(pairs.loc[discovery_users(pairs["user_id"], 0.5).to_numpy(), "user_id"])
+    confirmation = set(pairs["user_id"]) - discovery
+    assert 0.35 < len(discovery) / pairs["user_id"].nunique() < 0.65
+    # the fit saw the discovery users' pairs only (of those, the ones its covariates cover)
+    assert 0 < fit["num_users"] <= len(discovery) and fit["num_pairs"] <= int(pairs["user_id"].isin(discovery).sum())
+    assert set(splits["membership"]["user_id"]) <= confirmation  # no split holds a discovery user
+    assert set(splits["dpo_users"]) == confirmation
+    settings = honest.settings
+    for split, group in ((None, None), ("S1_age", "A"), ("R1", "B")):
+        run = cells.run_pairs(pairs, splits, split, group, settings, seed=0)
+        assert set(run["user_id"]) <= confirmation and len(run) > 0
