@@ -15,7 +15,11 @@ class BaseModelError(RuntimeError):
 def load_base_model(name: str, dtype):
     """(tokenizer, model) of `name`, a local directory or a Hugging Face Hub id (fetched, or from the Hub's cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # A job's log is no terminal; and tqdm's bars take a multiprocessing lock, which a trainer forked from the main
+    # job's worker would leave registered with that worker's resource tracker ("leaked semaphore objects").
+    transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
