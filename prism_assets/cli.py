@@ -243,7 +243,11 @@ def orphans(args: argparse.Namespace, location) -> int:
 
 
 def settings(args: argparse.Namespace, configuration: Configuration) -> int:
-    """Every setting: its variable, value and where the value came from; with --help-text, what it means."""
+    """Every setting: its variable, value and where the value came from; with --help-text, what it means; with
+    --markdown, the table of every setting's default and meaning that docs/configuration.md holds."""
+    if args.markdown:
+        print(settings_table())
+        return 0
     rows = configuration.rows()
     width = max(len(row["variable"]) for row in rows)
     value_width = min(40, max(len(row["value"]) for row in rows))
@@ -253,6 +257,18 @@ def settings(args: argparse.Namespace, configuration: Configuration) -> int:
     home = os.environ.get("DAGSTER_HOME")
     print(f"{'DAGSTER_HOME':<{width}}  {home or '(unset)'}  {'environment' if home else 'Dagster needs it set'}")
     return 0
+
+
+def settings_table() -> str:
+    """Every setting with its default (no environment) and meaning, as a markdown table."""
+    root = Path(__file__).resolve().parents[1]
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for row in Configuration.from_environ({}).rows():
+        value = row["value"].replace(str(root) + "/", "")  # the repository's own files, wherever it is
+        default = f"`{value}`" if value else "unset"
+        meaning = row["help"].replace("|", "\\|")
+        lines.append(f"| `{row['variable']}` | {default} | {meaning} |")
+    return "\n".join(lines)
 
 
 def positive(text: str) -> int:
@@ -281,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     orphans_parser.add_argument("--cancel", action="store_true", help="cancel every orphan now, whatever its grace")
     settings_parser = commands.add_parser("settings", help="print every setting, its value and where it came from")
     settings_parser.add_argument("--help-text", action="store_true", help="also print what each setting means")
+    settings_parser.add_argument(
+        "--markdown", action="store_true", help="every setting's default and meaning as a markdown table"
+    )
     args = parser.parse_args(argv)
     try:  # a setting of the environment or the experiments file: one line, not a traceback
         configuration = Configuration.from_environ(os.environ)

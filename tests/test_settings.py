@@ -258,3 +258,15 @@ def test_the_main_job_refuses_counts_below_one(tmp_path, flag, value):
     rule = "expected an integer, got 'two'" if value == "two" else f"must be at least 1, got {value}"
     assert last == f"python -m prism_assets run: error: argument {flag}: {rule}"
     assert not (tmp_path / "storage").exists()
+
+
+def test_the_documented_table_of_settings_is_the_declaration_s():
+    """docs/configuration.md holds `python -m prism_assets settings --markdown` verbatim: a setting added, removed or
+    redescribed without the table fails here."""
+    from prism_assets.cli import settings_table
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    documented = text.split("<!-- settings: python -m prism_assets settings --markdown -->\n")[1].split(
+        "\n<!-- /settings"
+    )[0]
+    assert documented == settings_table()
