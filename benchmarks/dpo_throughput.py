@@ -39,7 +39,6 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # trl_reference: TRL configured as the step
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
@@ -56,7 +55,7 @@ from prism_assets.training.run_folder import REFERENCE_COLUMNS  # noqa: E402
 from prism_assets.training.settings import RunConfig  # noqa: E402
 
 STOCK, TRL_REFS, PROJECT = "stock", "trl+refs", "project"
-HELDOUT_PAIRS = 256  # the original recipe's held-out set (heldout_max_pairs)
+HELDOUT_PAIRS = 256  # one evaluation's pairs (a run evaluates its held-out users' pairs: thousands at 0.5B scale)
 EVAL_EVERY = (25, 100)  # held-out evaluation every logging step of the original recipe; its eval_steps
 # baseline + (8 splits and the default random splits) × 2 groups, 5 seeds, of the original recipe's steps
 RANDOM_SPLITS = ExperimentSpec.model_fields["random_splits"].default
@@ -274,15 +273,19 @@ def measure(
 def heldout_eval_cost(model, tokenizer, heldout: pd.DataFrame, cfg: RunConfig) -> dict:
     """Milliseconds (and on CUDA the peak memory) of one held-out evaluation as the trainer runs it
     (`HeldoutEvaluator`), after one untimed."""
+    from prism_assets.training.metrics import TAIL_FRACTION
+    from prism_assets.training.run_folder import OWN_COLUMN
     from prism_assets.training.trainer import HeldoutEvaluator
 
+    heldout = heldout.assign(**{OWN_COLUMN: True, "user_id": heldout.get("user_id", heldout["pair_id"])})
     evaluator = HeldoutEvaluator(model, tokenizer, heldout, cfg)
-    evaluator.evaluate(model)
+    every_pair = max(cfg.full_evaluation_steps(TAIL_FRACTION))  # a step at which every held-out pair is evaluated
+    evaluator.evaluate(model, every_pair)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    evaluator.evaluate(model)  # ends by copying its numbers to the host: the device is drained
+    evaluator.evaluate(model, every_pair)  # ends by copying its numbers to the host: the device is drained
     return {
         "heldout_eval_ms": round(1000 * (time.perf_counter() - started), 2),
         # the run's memory while it evaluates (weights and optimizer state included)

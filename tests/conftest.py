@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(REPO / "benchmarks"))  # trl_reference: TRL's DPOTrainer configured as the step
 
 from prism_assets.dataset import synthetic  # noqa: E402
 
