@@ -39,8 +39,8 @@ def main():
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         cfg = synthetic.SyntheticConfig(num_users=args.users)
         timed("generate synthetic PRISM", lambda: synthetic.write_synthetic_prism(tmp / "prism", cfg), timings)
         tables = timed("load jsonl → tables", lambda: loading.load_prism_directory(tmp / "prism"), timings)

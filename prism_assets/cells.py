@@ -119,7 +119,7 @@ def run_config(
     seed: int,
     max_train_pairs: int | None,
     experiment: str,
-    code_version: str,
+    code_version: str | None,
 ) -> RunConfig:
     """The trainer's config of one partition: every field of the schema as the settings have it (the base model
     resolved to a path), the run's pairs file and seed."""

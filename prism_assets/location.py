@@ -7,6 +7,7 @@ read, never from the environment.
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -58,7 +59,7 @@ def build(configuration: Configuration) -> CodeLocation:
         raise ValueError(problem)
     chosen = configuration.experiments()
     storage = platform.storage_dir
-    resources = {
+    resources: dict[str, Any] = {  # each key its own resource class
         "prism_source": PrismSource(
             source=platform.source,
             synthetic_users=platform.synthetic_users,

@@ -15,9 +15,11 @@ class PrismSource(dg.ConfigurableResource):
     """Where raw_prism reads PRISM: "synthetic" (default), "hf" (the Hub), or a directory of jsonl files."""
 
     source: str = SYNTHETIC
-    synthetic_seed: int = Field(0, ge=0)
-    synthetic_users: int = Field(1500, ge=1)
-    synthetic_effects: str = Field("planted", description="'planted' (gap effects, a DPO taste by age) or 'none'")
+    synthetic_seed: int = Field(default=0, ge=0)
+    synthetic_users: int = Field(default=1500, ge=1)
+    synthetic_effects: str = Field(
+        default="planted", description="'planted' (gap effects, a DPO taste by age) or 'none'"
+    )
     synthetic_dir: str = "storage/synthetic_prism"
     hub_dataset_id: str = schema.HUB_DATASET_ID
     hub_revision: str | None = None

@@ -287,61 +287,76 @@ class SlurmCommands:
 class SlurmLauncher(RunLauncher):
     """Submits each run as an sbatch job. Every value is validated before anything is submitted."""
 
-    partition: str | None = Field(None, description="sbatch --partition")
-    account: str | None = Field(None, description="sbatch --account")
-    qos: str | None = Field(None, description="sbatch --qos")
-    time_limit: str = Field("02:00:00", description="sbatch --time (M, H:M:S, D-H:M:S)")
-    cpus_per_task: int = Field(4, ge=1, description="sbatch --cpus-per-task")
-    mem: str | None = Field("32G", description="sbatch --mem (empty: the partition's default)")
-    gpus: int = Field(1, ge=0, description="GPUs per job")
-    gpu_request: str = Field("gres", description="'gres': --gres=gpu[:type]:N; 'gpus': --gpus=[type:]N")
-    gpu_type: str | None = Field(None, description="the GPU type in the request (a100, h100, …)")
+    partition: str | None = Field(default=None, description="sbatch --partition")
+    account: str | None = Field(default=None, description="sbatch --account")
+    qos: str | None = Field(default=None, description="sbatch --qos")
+    time_limit: str = Field(default="02:00:00", description="sbatch --time (M, H:M:S, D-H:M:S)")
+    cpus_per_task: int = Field(default=4, ge=1, description="sbatch --cpus-per-task")
+    mem: str | None = Field(default="32G", description="sbatch --mem (empty: the partition's default)")
+    gpus: int = Field(default=1, ge=0, description="GPUs per job")
+    gpu_request: str = Field(default="gres", description="'gres': --gres=gpu[:type]:N; 'gpus': --gpus=[type:]N")
+    gpu_type: str | None = Field(default=None, description="the GPU type in the request (a100, h100, …)")
     # GPU packing: K runs share one GPU through SLURM's gres/shard (the cluster defines `shards_per_gpu`
     # shards on each GPU; a run then requests shards_per_gpu / runs_per_gpu of them). 1: a whole GPU each.
-    runs_per_gpu: int = Field(1, ge=1, description="runs packed onto one GPU through gres/shard (1: a GPU each)")
-    shards_per_gpu: int | None = Field(None, ge=1, description="the gres/shard count the cluster defines per GPU")
-    constraint: str | None = Field(None, description="sbatch --constraint")
-    extra_sbatch_args: list[str] = Field([], description="more --long-options, space-separated")
+    runs_per_gpu: int = Field(
+        default=1, ge=1, description="runs packed onto one GPU through gres/shard (1: a GPU each)"
+    )
+    shards_per_gpu: int | None = Field(
+        default=None, ge=1, description="the gres/shard count the cluster defines per GPU"
+    )
+    constraint: str | None = Field(default=None, description="sbatch --constraint")
+    extra_sbatch_args: list[str] = Field(default=[], description="more --long-options, space-separated")
     setup_lines: list[str] = Field(
-        [], description="shell lines before the trainer, ';;'-separated (module load …;;source venv/bin/activate)"
+        default=[],
+        description="shell lines before the trainer, ';;'-separated (module load …;;source venv/bin/activate)",
     )
-    job_name_prefix: str = Field("prism-dpo", description="the jobs' names begin with this (how orphans are found)")
+    job_name_prefix: str = Field(
+        default="prism-dpo", description="the jobs' names begin with this (how orphans are found)"
+    )
     requeue: bool = Field(
-        True, description="--requeue and a checkpoint on the warning signal; false: a node failure ends the job"
+        default=True,
+        description="--requeue and a checkpoint on the warning signal; false: a node failure ends the job",
     )
-    signal_before_end_s: int = Field(120, ge=1, description="SIGUSR1 this long before the time limit: checkpoint")
-    poll_initial_s: float = Field(1.0, gt=0, description="the first wait between two looks at a job")
-    poll_max_s: float = Field(30.0, gt=0, description="the longest wait between two looks (×1.5 each time)")
-    queue_wait_budget_s: float = Field(7 * 86400, gt=0, description="how long a job may wait in the queue")
-    time_budget_factor: float = Field(3.0, gt=0, description="a job is watched at most factor × time_limit")
+    signal_before_end_s: int = Field(
+        default=120, ge=1, description="SIGUSR1 this long before the time limit: checkpoint"
+    )
+    poll_initial_s: float = Field(default=1.0, gt=0, description="the first wait between two looks at a job")
+    poll_max_s: float = Field(default=30.0, gt=0, description="the longest wait between two looks (×1.5 each time)")
+    queue_wait_budget_s: float = Field(default=7 * 86400, gt=0, description="how long a job may wait in the queue")
+    time_budget_factor: float = Field(default=3.0, gt=0, description="a job is watched at most factor × time_limit")
     unreachable_budget_s: float = Field(
-        600.0, gt=0, description="how long to ask again while SLURM gives no answer (controller, SSH)"
+        default=600.0, gt=0, description="how long to ask again while SLURM gives no answer (controller, SSH)"
     )
     preempted_grace_s: float = Field(
-        300.0, ge=0, description="with requeue: how long a PREEMPTED job may take to be PENDING again"
+        default=300.0, ge=0, description="with requeue: how long a PREEMPTED job may take to be PENDING again"
     )
     accounting_wait_s: float = Field(
-        30.0, ge=0, description="how long a finished job's accounting record may take to reach sacct"
+        default=30.0, ge=0, description="how long a finished job's accounting record may take to reach sacct"
     )
     # A job no Dagster run follows (its process went away) is adopted when its partition is launched again; once
     # the `slurm_orphans` sensor has seen it unwatched this many seconds, it cancels it. None: only listed.
     orphan_grace_s: float | None = Field(
-        None, ge=0, description="cancel a job no Dagster run follows after this long (unset: only list it)"
+        default=None, ge=0, description="cancel a job no Dagster run follows after this long (unset: only list it)"
     )
-    ssh_host: str | None = Field(None, description="submit on this login node over SSH (unset: SLURM is local)")
-    ssh_user: str | None = Field(None, description="the SSH user")
-    ssh_port: int = Field(22, ge=1, le=65535, description="the SSH port")
+    ssh_host: str | None = Field(
+        default=None, description="submit on this login node over SSH (unset: SLURM is local)"
+    )
+    ssh_user: str | None = Field(default=None, description="the SSH user")
+    ssh_port: int = Field(default=22, ge=1, le=65535, description="the SSH port")
     ssh_identity_file: str | None = Field(
-        None, description="an SSH key file (credentials come only from settings or ssh-agent)"
+        default=None, description="an SSH key file (credentials come only from settings or ssh-agent)"
     )
-    ssh_known_hosts_file: str | None = Field(None, description="the known_hosts file for the login node")
-    ssh_strict_host_keys: bool = Field(True, description="refuse a login node whose host key is unknown")
-    ssh_control_dir: str = Field("/tmp/prism-ssh", description="where the multiplexed SSH connection's socket lives")
+    ssh_known_hosts_file: str | None = Field(default=None, description="the known_hosts file for the login node")
+    ssh_strict_host_keys: bool = Field(default=True, description="refuse a login node whose host key is unknown")
+    ssh_control_dir: str = Field(
+        default="/tmp/prism-ssh", description="where the multiplexed SSH connection's socket lives"
+    )
     # Where run directories live on the cluster when the Dagster host does not see its filesystem (SSH mode):
     # inputs are copied there, the Pipes messages and the job's stdout/stderr are tailed over SSH, outputs
     # copied back. Unset: the run directory is on a filesystem both sides share, at the same path.
     remote_runs_dir: str | None = Field(
-        None, description="SSH mode without a shared filesystem: run folders live here on the cluster, mirrored"
+        default=None,
+        description="SSH mode without a shared filesystem: run folders live here on the cluster, mirrored",
     )
 
     @property

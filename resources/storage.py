@@ -13,11 +13,11 @@ from prism_assets.training.settings import TrainingSettings
 class DpoStorage(dg.ConfigurableResource):
     """Where DPO runs, base models and reports live, and the interpreter that runs the jobs."""
 
-    models_dir: str = Field("storage/models", description="where the tiny base models are built")
-    runs_dir: str = Field("storage/runs", description="run folders, <runs_dir>/<run id>/seed<seed>/")
-    reports_dir: str = Field("storage/reports", description="the report's files (tables, plots)")
+    models_dir: str = Field(default="storage/models", description="where the tiny base models are built")
+    runs_dir: str = Field(default="storage/runs", description="run folders, <runs_dir>/<run id>/seed<seed>/")
+    reports_dir: str = Field(default="storage/reports", description="the report's files (tables, plots)")
     python: str = Field(
-        sys.executable,
+        default=sys.executable,
         description="the interpreter that runs the trainer (on the cluster for "
         "SLURM: a venv where this project is installed)",
     )

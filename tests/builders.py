@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prism_assets.dataset import schema
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 # The original experiment's eight splits (its v3), in its order.
 V3_SPLITS = [
@@ -217,6 +221,14 @@ def run_dir_of(result) -> Path:
     """The run directory a group_dpo_run materialization names."""
     [event] = result.get_asset_materialization_events()
     return Path(event.materialization.metadata["run_dir"].value)
+
+
+def markdown(value: dg.MetadataValue) -> str:
+    """The text of a markdown metadata value (the tables and plots an asset shows)."""
+    import dagster as dg
+
+    assert isinstance(value, dg.MarkdownMetadataValue), value
+    return value.value
 
 
 def run_dirs(runs: Path, cell: str, seed: int = 0, experiment: str | None = None) -> list[Path]:

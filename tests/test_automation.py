@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
@@ -212,7 +213,8 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
             for name in ("v3", "v2")
             for cell in instance.get_dynamic_partitions(partitions.cells_name(name))
         )
-        deadline, runs = time.time() + 240, []
+        deadline = time.time() + 240
+        runs: Sequence[dg.DagsterRun] = []
         while time.time() < deadline:
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": "new_cells"}))
             started = any(r.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS) for r in runs)

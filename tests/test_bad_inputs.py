@@ -62,7 +62,7 @@ def test_a_file_whose_every_row_is_dropped_names_the_reasons(tmp_path):
 
 
 def test_user_ids_of_another_type_are_an_error_naming_the_line(tmp_path):
-    survey = [survey_row("u1"), survey_row(2)]  # type: ignore[arg-type]
+    survey = [survey_row("u1"), survey_row(2)]  # type: ignore[arg-type]  # the bad input this test is about
     with pytest.raises(PrismFormatError, match=r"survey\.jsonl:2: user_id: Input should be a valid string \(got 2\)"):
         load_prism_directory(_prism(tmp_path, survey=survey))
 
@@ -207,7 +207,7 @@ def test_a_score_is_dropped_under_the_reason_that_fits_it(tmp_path, score, reaso
 
 
 def test_a_survey_row_without_a_user_id_is_an_error_not_a_missing_user(tmp_path):
-    survey = [survey_row("u1"), survey_row(None)]  # type: ignore[arg-type]
+    survey = [survey_row("u1"), survey_row(None)]  # type: ignore[arg-type]  # the bad input this test is about
     with pytest.raises(PrismFormatError, match=r"survey\.jsonl:2: user_id: Input should be a valid string"):
         load_prism_directory(_prism(tmp_path, survey=survey))
 

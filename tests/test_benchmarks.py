@@ -58,6 +58,7 @@ def test_dpo_throughput_tiny_prints_every_variant(tmp_path):
 def throughput():
     """benchmarks/dpo_throughput.py as a module (benchmarks/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("dpo_throughput", REPO / "benchmarks" / "dpo_throughput.py")
+    assert spec is not None and spec.loader is not None  # a .py file's path always has a source loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

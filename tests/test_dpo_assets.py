@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from builders import (
     dagster_definitions,
     experiment,
+    markdown,
     materialize_partition,
     run_dir_of,
     run_dirs,
@@ -163,6 +165,7 @@ with dg.instance_for_test() as instance:  # the inputs are the files the test's 
     holder = lock.read_text()
     assets, resources = _definitions(tmp_path, **settings)
     second = _materialize_partition(assets, resources, instance, "S6_helpfulness.A", 0)
+    assert first.stderr is not None  # stderr=PIPE
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
     logs = "\n".join(e.message for e in instance.all_logs(second.run_id) if e.message)
     assert f"seed0 is in use by {holder}: waiting for it to end" in logs
@@ -228,7 +231,7 @@ def test_missing_or_corrupt_run_outputs_are_named(tmp_path):
     with pytest.raises(folder.RunFolderError, match=r"curve.parquet cannot be read as parquet"):
         folder.read_outputs(tmp_path)
     # a finished run that cannot be read is trained again, saying why
-    said = []
+    said: list[str] = []
     assert folder.finished_outputs(tmp_path, said.append) is None
     assert said and "training" in said[0] and "curve.parquet cannot be read" in said[0]
 
@@ -295,7 +298,7 @@ def test_end_to_end_the_planted_split_matches_and_the_null_control_is_ok(tmp_pat
     assert primary.loc["S2_education", "n_seeds"] == 0 and primary.loc["S2_education", "verdict"] == "INCONCLUSIVE"
     assert (tmp_path / "reports" / "v3" / "learning_curves.png").stat().st_size > 10_000
     [event] = result.get_asset_materialization_events()
-    assert "| S1_age" in event.materialization.metadata["v3"].value
+    assert "| S1_age" in markdown(event.materialization.metadata["v3"])
 
 
 def test_run_pairs_carry_the_reference_token_ids_and_refuse_a_stale_reference_logps():
@@ -404,7 +407,7 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     (parsed as the trainer parses it)."""
     from prism_assets.training.settings import RunConfig, TrainingSettings
 
-    changed = {
+    changed: dict[str, Any] = {
         "base_model": str(tmp_path / "model"),
         "max_steps": 40,
         "batch_size": 4,

@@ -79,17 +79,15 @@ def test_same_batches_give_trls_loss_metrics_and_weights(device, tiny_model_dir,
     model = copy.deepcopy(base).to(device)
     optimizer, schedule = engine.make_optimizer(model, cfg.learning_rate, STEPS, use_cuda=use_cuda)
     chosen, rejected = tokenize_pairs(tokenizer, pairs, MAX_LENGTH)
-    ours = []
+    steps = []
     for step in range(STEPS):
         rows = range(step * BATCH, (step + 1) * BATCH)
+        ref_chosen, ref_rejected = (pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS)
         batch = engine.collate(
-            [chosen[i] for i in rows],
-            [rejected[i] for i in rows],
-            *(pairs.loc[rows, c].to_numpy() for c in REFERENCE_COLUMNS),
-            device,
+            [chosen[i] for i in rows], [rejected[i] for i in rows], ref_chosen, ref_rejected, device
         )
-        ours.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
-    ours = engine.read_metrics(ours)
+        steps.append(engine.train_step(model, batch, cfg.beta, optimizer, schedule))
+    ours = engine.read_metrics(steps)
 
     assert len(trl_logs) == STEPS
     for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins"):

@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from builders import dagster_definitions, experiment, materialize_partition, upstream_of_runs
+from builders import dagster_definitions, experiment, markdown, materialize_partition, upstream_of_runs
 from conftest import REPO
 
 from prism_assets import experiments, partitions
@@ -124,9 +124,9 @@ def test_v2_after_v3_trains_only_what_v3_did_not_and_the_comparison_pairs_their_
     assert np.allclose(comparison["mean_d_1"], comparison["mean_d_2"])
     [event] = table.get_asset_materialization_events()
     metadata = event.materialization.metadata
-    assert "S8_region / S6_region" in metadata["comparison"].value and "comparison_plot" in metadata
+    assert "S8_region / S6_region" in markdown(metadata["comparison"]) and "comparison_plot" in metadata
     assert metadata["num_distinct_runs"].value == len(v3_cells) + len(v2_cells) - len(shared)
-    assert "| S4_familiarity" in metadata["v2"].value and "| S5_behavioral" in metadata["v2"].value
+    assert "| S4_familiarity" in markdown(metadata["v2"]) and "| S5_behavioral" in markdown(metadata["v2"])
 
 
 def test_two_model_sizes_on_the_same_splits_are_compared(tmp_path):

@@ -120,9 +120,14 @@ def heads_of(model) -> tuple[int, int, int]:
 
 def test_the_kernel_is_chosen_once_per_device_dtype_and_head_shape_and_said_why(model, monkeypatch):
     monkeypatch.setattr(packing, "_CHOSEN", {})
-    choices = []
+    choices: list[tuple[torch.device, torch.dtype, tuple[int, int, int]]] = []
     choose = packing._choose
-    monkeypatch.setattr(packing, "_choose", lambda *args: choices.append(args) or choose(*args))
+
+    def recorded(*args):
+        choices.append(args)
+        return choose(*args)
+
+    monkeypatch.setattr(packing, "_choose", recorded)
     for _ in range(2):
         summed_logps(model, packing.pack(sequences(), "cpu"))
     # decided by the model's own forward, for its heads (4 query, 2 key/value, dimension 16), once
@@ -164,7 +169,7 @@ def test_the_kernel_self_check_fails_wrong_kernels_and_runs_inside_a_checkpointe
     # activations gradient checkpointing recomputes in backward — where the check does not run again.
     with torch.no_grad():
         assert packing.self_check(exact, cpu, torch.float32)[0]
-    outcomes = []
+    outcomes: list[tuple[bool, str]] = []
 
     def layer(x):
         if not outcomes:

@@ -20,6 +20,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import IO, TypedDict
 
 import psycopg2
 import pytest
@@ -28,7 +29,16 @@ from webserver import graphql, serve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG = {
+
+
+class _Server(TypedDict):
+    host: str
+    port: int
+    user: str
+    password: str
+
+
+PG: _Server = {
     "host": os.environ.get("PRISM_PG_HOST", "127.0.0.1"),
     "port": int(os.environ.get("PRISM_PG_PORT", "5433")),
     "user": os.environ.get("PRISM_PG_USER", "dagster"),
@@ -176,18 +186,22 @@ def test_a_team_deployment_on_postgres_runs_the_seed_schedule_through_the_daemon
     # The daemon and the webserver, each its own process, come up while a team member materializes from the CLI
     # everything the DPO runs read (data, statistics, reference log-probs; the run's steps in one process).
     daemon_log, upstream_log = tmp_path / "daemon.log", tmp_path / "materialize.log"
-    spawn = dict(cwd=REPO, env=env, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def spawn(command: list[str], log: IO[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
     with daemon_log.open("w") as log:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", *code], stdout=log, **spawn)
+        daemon = spawn([str(BIN / "dagster-daemon"), "run", *code], log)
     with upstream_log.open("w") as log:
-        upstream = subprocess.Popen(
+        upstream = spawn(
             [
                 *[str(BIN / "dagster"), "asset", "materialize", "-m", "prism_assets.definitions"],
                 *["--select", f'+key:"{EXPERIMENT}/group_dpo_run" and not key:"{EXPERIMENT}/group_dpo_run"'],
                 *["--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})],
             ],
-            stdout=log,
-            **spawn,
+            log,
         )
     processes = [daemon, upstream]
     try:

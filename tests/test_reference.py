@@ -2,6 +2,7 @@
 
 import copy
 import json
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,7 @@ def test_reference_logps_equal_trls_own_precompute(tiny_model_dir, pairs, tmp_pa
         disable_tqdm=True,
     )
     trl = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
+    assert isinstance(trl, Dataset)  # a Dataset given, a Dataset prepared
     lengths = [len(p) + len(c) for p, c in zip(trl["prompt_ids"], trl["chosen_ids"])]
     assert sum(n > max_length for n in lengths) >= 10  # truncation is exercised
     for column in REFERENCE_COLUMNS:
@@ -111,7 +113,7 @@ def test_a_run_fed_reference_logps_trains_as_one_that_computes_them_itself(tiny_
     fed = tmp_path / "fed.parquet"
     pairs.merge(pd.read_parquet(tmp_path / "ref.parquet"), on="pair_id").to_parquet(fed, index=False)
 
-    common = {
+    common: dict[str, Any] = {
         "base_model": str(tiny_model_dir),
         "seed": 0,
         "max_steps": 4,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pytest
 from builders import dagster_definitions, experiment, materialize_partition, run_dir_of, upstream_of_runs
@@ -27,7 +28,7 @@ SECTIONS = (
 )
 
 
-def _t_interval(values: list[float]) -> tuple[float, float, float]:
+def _t_interval(values: npt.ArrayLike) -> tuple[float, float, float]:
     """The mean and 95% interval over seeds, computed here independently of the write-up's code."""
     array = np.asarray(values, dtype=float)
     mean, sem = array.mean(), array.std(ddof=1) / math.sqrt(len(array))

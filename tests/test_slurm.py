@@ -449,6 +449,12 @@ def _report(process: subprocess.Popen, timeout: float = 600) -> tuple[dict, str]
     return json.loads(lines[-1]), output
 
 
+def _killed(process: subprocess.Popen) -> str:
+    """The end of what a process wrote, killed: the message of a wait that failed."""
+    process.kill()
+    return process.communicate()[0].decode()[-3000:]
+
+
 def _wait_for_state(job_id: str, states: set[str], timeout: float = 120) -> str:
     deadline = time.time() + timeout
     while (state := _job(job_id)["JobState"]) not in states and time.time() < deadline:
@@ -551,7 +557,7 @@ def test_a_reference_job_outlives_its_dagster_process_and_is_followed_again(tmp_
     deadline = time.time() + 240
     while not (records := list((tmp_path / "runs" / "reference").glob("*/slurm_job.json"))) and time.time() < deadline:
         time.sleep(0.3)
-    assert records, first.kill() or first.communicate()[0].decode()[-3000:]
+    assert records, _killed(first)
     run_dir, job_id = records[0].parent, json.loads(records[0].read_text())["job_id"]
     assert _wait_for_state(job_id, {"RUNNING"}, timeout=60) == "RUNNING"
     first.send_signal(signal.SIGKILL)

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -147,7 +148,9 @@ def test_every_run_of_a_grid_is_read_back_with_its_tags_settings_curve_and_summa
             numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             records = _records(out)
             tags = {"experiment": "v3", "cell": cell, "seed": str(seed), "run_dir": str(out.resolve())}
-            tags |= {"split": split, "group": group} if split else {}
+            if split:
+                assert group is not None  # a cell of a split is one of its groups
+                tags |= {"split": split, "group": group}
 
             # MLflow: one run, found by its tags, with the settings as params, the curve and the summary
             found = client.search_runs(
@@ -302,7 +305,12 @@ def test_a_partition_reports_to_the_trackers_beside_its_runs_tagged_with_its_run
 
     from prism_assets import partitions
 
-    settings = {"report_to": ["tensorboard", "mlflow"], "max_steps": 4, "logging_steps": 2, "batch_size": 4}
+    settings: dict[str, Any] = {
+        "report_to": ["tensorboard", "mlflow"],
+        "max_steps": 4,
+        "logging_steps": 2,
+        "batch_size": 4,
+    }
     assets, resources = dagster_definitions(tmp_path, [experiment("v3", "v3", **settings)])
     with dg.instance_for_test() as instance:
         dg.materialize(upstream_of_runs(assets), instance=instance, resources=resources)

@@ -1,6 +1,7 @@
 """Code versions from source."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_code_versions_follow_the_logic_modules_imports(tmp_path, monkeypatch):
 FIT, SPLITS = "v3/ordered_logit_fit", "v3/significant_splits"
 RUNS, TABLE, REPORT = "v3/group_dpo_run", "correspondence_table", "research_report"
 DOWNSTREAM_OF_RUNS = {RUNS, TABLE, REPORT}
-EXPERIMENT_FIELDS = {  # field: (another value, what it marks unsynced)
+EXPERIMENT_FIELDS: dict[str, tuple[Any, set[str]]] = {  # field: (another value, what it marks unsynced)
     "description": ("another description", {REPORT}),
     "enabled": (False, {REPORT}),
     "boundaries": ([10.0, 20.0], {FIT, SPLITS, *DOWNSTREAM_OF_RUNS}),
@@ -68,7 +69,7 @@ EXPERIMENT_FIELDS = {  # field: (another value, what it marks unsynced)
     "base_model": ("tiny:4", {"reference_logps", *DOWNSTREAM_OF_RUNS}),
     "dpo": ({"beta": 0.2}, DOWNSTREAM_OF_RUNS),
 }
-DPO_SETTINGS = {  # setting: another value
+DPO_SETTINGS: dict[str, Any] = {  # setting: another value
     "base_model": "tiny:4",
     "max_steps": 40,
     "batch_size": 4,
@@ -123,7 +124,7 @@ def test_every_experiment_field_marks_unsynced_exactly_what_it_changes():
     from prism_assets.experiments import ExperimentSpec
 
     assert set(EXPERIMENT_FIELDS) == set(ExperimentSpec.model_fields)  # a new field must be listed here
-    base = {"logging_steps": 4}
+    base: dict[str, Any] = {"logging_steps": 4}
     before = _code_versions(experiment("v3", "v3", **base))
     for field, (value, expected) in EXPERIMENT_FIELDS.items():
         spec = {field: value} if field not in ("dpo", "base_model") else {}
@@ -143,7 +144,7 @@ def test_every_dpo_setting_marks_unsynced_exactly_what_it_changes():
     from prism_assets.training.settings import TrainingSettings
 
     assert set(DPO_SETTINGS) == set(TrainingSettings.model_fields)  # a new setting must be listed here
-    base = {"logging_steps": 4, "eval_steps": None}
+    base: dict[str, Any] = {"logging_steps": 4, "eval_steps": None}
     before = _code_versions(experiment("v3", "v3", **base))
     for name, value in DPO_SETTINGS.items():
         after = _code_versions(experiment("v3", "v3", **{**base, name: value}))

@@ -96,8 +96,8 @@ def experiment_result(
     spec = experiment.spec
     runs = provenance.runs_table(values, RUN_METRICS)
     kept, left_out = provenance.current_runs(runs, splits, fingerprint(experiment.settings), data_digest)
-    for reason, which in left_out.items():
-        context.log.warning(f"{experiment.name}: runs left out of the table, {reason}: {which}")
+    for why, which in left_out.items():
+        context.log.warning(f"{experiment.name}: runs left out of the table, {why}: {which}")
     split_table = splits["splits"]
     grid = provenance.grid(kept, split_table, spec.random_splits)
     reason = grid.completeness.reason()

@@ -304,7 +304,9 @@ def calibrated_verdicts(
         default=MISMATCH,
     )
     if completeness is not None and not completeness.complete:
-        table["verdict"] = np.where(random, RANDOM, completeness.reason())
+        reason = completeness.reason()
+        assert reason is not None  # an incomplete grid always has one
+        table["verdict"] = np.where(random, RANDOM, reason)
     table["ci_half"] = [
         _quantile(k, 0.975) * s * e for k, s, e in zip(table["null_df"], table["null_scale"], table["se"])
     ]

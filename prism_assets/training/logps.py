@@ -176,13 +176,13 @@ class TokenLogps(torch.autograd.Function):
                     torch.nn.functional.linear(s[i : i + chunk], w, b).float().sub_(lse[i : i + chunk, None]).exp_()
                 )
                 grad_logits = probs.mul_(-g).scatter_add_(1, targets[i : i + chunk, None], g).to(dtype)
-                if need_states:
+                if grad_states is not None:
                     grad_states[i : i + chunk] = grad_logits @ w
-                if need_weight and dtype == accumulate:  # no (vocabulary × hidden) product beside the sum
+                if grad_weight is not None and dtype == accumulate:  # no (vocabulary × hidden) product beside the sum
                     grad_weight.addmm_(grad_logits.t(), s[i : i + chunk])
-                elif need_weight:  # each chunk's bf16 product summed in fp32
+                elif grad_weight is not None:  # each chunk's bf16 product summed in fp32
                     grad_weight.add_(grad_logits.t() @ s[i : i + chunk])
-                if need_bias:
+                if grad_bias is not None:
                     grad_bias.add_(grad_logits.sum(0))
         return (
             grad_states,

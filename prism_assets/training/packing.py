@@ -183,7 +183,9 @@ def _flash_varlen(query, key, value, bounds, cu_seq_lens, max_length, scaling):
             options["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options).unsqueeze(0)
+    output = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **options)
+    assert isinstance(output, torch.Tensor)  # a tuple only with return_aux
+    return output.unsqueeze(0)
 
 
 KERNELS = {FLASH_VARLEN: _flash_varlen, SDPA_PER_SEQUENCE: _per_sequence}

@@ -174,7 +174,7 @@ class TensorBoardTracker(Tracker):
             tags, settings = run_tags(self.cfg), run_settings(self.cfg)
             values = {name: text_value(v) if isinstance(v, list | dict) else v for name, v in settings.items()}
             _, session_start, _ = hparams({k: v for k, v in {**values, **tags}.items() if v is not None}, {})
-            self.writer.file_writer.add_summary(session_start)
+            self.writer.file_writer.add_summary(session_start)  # type: ignore[attr-defined]  # torch infers it as None
             self.writer.add_text("run/tags", _markdown(tags), 0)
             self.writer.add_text("run/settings", _markdown({k: text_value(v) for k, v in settings.items()}), 0)
             for row in rows:
@@ -197,7 +197,7 @@ class TensorBoardTracker(Tracker):
             from torch.utils.tensorboard.summary import hparams
 
             _, _, session_end = hparams({}, {})  # status: success
-            self.writer.file_writer.add_summary(session_end)
+            self.writer.file_writer.add_summary(session_end)  # type: ignore[attr-defined]  # torch infers it as None
         self.writer.close()
 
 
