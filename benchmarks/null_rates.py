@@ -154,7 +154,7 @@ def summarize(rows: list[dict]) -> None:
             ("unplanted predicted splits flagged", split_flags, len(unplanted)),
         ):
             rate, low, high = wilson(hits, n)
-            print(f"  {label:<40} {hits:>3} of {n:<4} {rate:6.1%} [{low:.1%}, {high:.1%}]")
+            print(f"  {label:<40} {hits:>3} of {n:<4} {rate:6.1%} [{max(low, 0):.1%}, {high:.1%}]")
         planted = mine[mine["kind"] == "planted"]
         if len(planted):
             found = int((planted["verdict"] == "MATCH").sum())
