@@ -14,6 +14,31 @@ from prism_assets.dataset import schema
 if TYPE_CHECKING:
     import dagster as dg
 
+# A value other than the default for every DPO setting (TrainingSettings' fields): what the tests that walk every
+# setting change, one at a time or all at once. A new setting must be added here.
+OTHER_DPO_SETTINGS = {
+    "base_model": "tiny:4",
+    "max_steps": 40,
+    "batch_size": 4,
+    "beta": 0.2,
+    "learning_rate": 2e-4,
+    "logging_steps": 2,
+    "eval_steps": 8,
+    "max_length": 128,
+    "heldout_share": 0.2,
+    "heldout_cross_share": 0.5,
+    "curve_heldout_pairs": 32,
+    "balance_groups": True,
+    "gradient_checkpointing": True,
+    "checkpoint_steps": 8,
+    "checkpoint_minutes": 5.0,
+    "device": "cpu",
+    "report_to": ["tensorboard"],
+    "tracking_dir": "/elsewhere",
+    "mlflow_tracking_uri": "http://mlflow.example:5000",
+    "mlflow_experiment": "other",
+}
+
 # The original experiment's eight splits (its v3), in its order.
 V3_SPLITS = [
     "S1_age",

@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 from builders import (
+    OTHER_DPO_SETTINGS,
     dagster_definitions,
     experiment,
     markdown,
@@ -408,26 +409,12 @@ def test_every_setting_a_user_can_set_reaches_the_trainer(tmp_path):
     from prism_assets.training.settings import RunConfig, TrainingSettings
 
     changed: dict[str, Any] = {
+        **OTHER_DPO_SETTINGS,
         "base_model": str(tmp_path / "model"),
-        "max_steps": 40,
-        "batch_size": 4,
-        "beta": 0.2,
-        "learning_rate": 2e-4,
         "logging_steps": 4,
         "eval_steps": 16,
-        "max_length": 128,
-        "heldout_share": 0.2,
-        "heldout_cross_share": 0.5,
-        "curve_heldout_pairs": 32,
-        "balance_groups": True,
-        "gradient_checkpointing": True,
-        "checkpoint_steps": 8,
-        "checkpoint_minutes": 5.0,
-        "device": "cpu",
         "report_to": ["tensorboard", "mlflow"],
         "tracking_dir": str(tmp_path / "tensorboard"),
-        "mlflow_tracking_uri": "http://mlflow.example:5000",
-        "mlflow_experiment": "other",
     }
     assert set(changed) == set(TrainingSettings.model_fields)  # a new setting must be listed here, and is checked
     defaults = TrainingSettings()

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import OTHER_DPO_SETTINGS
 
 from prism_assets import versions
 from prism_assets.assets import dpo
@@ -69,28 +70,7 @@ EXPERIMENT_FIELDS: dict[str, tuple[Any, set[str]]] = {  # field: (another value,
     "base_model": ("tiny:4", {"reference_logps", *DOWNSTREAM_OF_RUNS}),
     "dpo": ({"beta": 0.2}, DOWNSTREAM_OF_RUNS),
 }
-DPO_SETTINGS: dict[str, Any] = {  # setting: another value
-    "base_model": "tiny:4",
-    "max_steps": 40,
-    "batch_size": 4,
-    "beta": 0.2,
-    "learning_rate": 2e-4,
-    "logging_steps": 2,
-    "eval_steps": 8,
-    "max_length": 128,
-    "heldout_share": 0.2,
-    "heldout_cross_share": 0.5,
-    "curve_heldout_pairs": 32,
-    "balance_groups": True,
-    "gradient_checkpointing": True,
-    "checkpoint_steps": 8,
-    "checkpoint_minutes": 5.0,
-    "device": "cpu",
-    "report_to": ["tensorboard"],
-    "tracking_dir": "/elsewhere",
-    "mlflow_tracking_uri": "http://mlflow.example:5000",
-    "mlflow_experiment": "other",
-}
+DPO_SETTINGS: dict[str, Any] = OTHER_DPO_SETTINGS  # setting: another value
 DPO_UNSYNCED = {  # what a DPO setting marks: the runs down, and the references for what their log-probs depend on
     "base_model": {"reference_logps", *DOWNSTREAM_OF_RUNS},
     "max_length": {"reference_logps", *DOWNSTREAM_OF_RUNS},
