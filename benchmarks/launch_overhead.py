@@ -25,7 +25,15 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from prism_assets.training.run_folder import METRICS_FILE, PIPES_MESSAGES_FILE, REFERENCE_COLUMNS, TOKEN_COLUMNS
+from prism_assets.training.run_folder import (
+    METRICS_FILE,
+    PAIRS_FILE,
+    PIPES_MESSAGES_FILE,
+    REFERENCE_COLUMNS,
+    REFERENCE_CONFIG_FILE,
+    REFERENCE_OUTPUT,
+    TOKEN_COLUMNS,
+)
 from prism_assets.training.settings import RECIPES, ReferenceConfig, RunConfig
 from resources.launcher import LocalLauncher
 
@@ -100,17 +108,17 @@ def prepare(workdir: Path, users: int) -> None:
     pairs = within_model_pairs(tables.utterances, tables.conversations).pairs
     reference = workdir / "reference"
     reference.mkdir()
-    pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(reference / "pairs.parquet", index=False)
+    pairs[["pair_id", "prompt", "chosen", "rejected"]].to_parquet(reference / PAIRS_FILE, index=False)
     config = ReferenceConfig(
         base_model=model,
         max_length=RECIPES["tiny"].max_length,
-        pairs_path="pairs.parquet",
-        output_path="reference_logps.parquet",
+        pairs_path=PAIRS_FILE,
+        output_path=REFERENCE_OUTPUT,
         device="cpu",
     )
-    (reference / "reference.json").write_text(config.model_dump_json())
-    subprocess.run([sys.executable, "-m", REFERENCE, "--config", str(reference / "reference.json")], check=True)
-    refs = pd.read_parquet(reference / "reference_logps.parquet")
+    (reference / REFERENCE_CONFIG_FILE).write_text(config.model_dump_json())
+    subprocess.run([sys.executable, "-m", REFERENCE, "--config", str(reference / REFERENCE_CONFIG_FILE)], check=True)
+    refs = pd.read_parquet(reference / REFERENCE_OUTPUT)
     carried = refs[["pair_id", *REFERENCE_COLUMNS, *TOKEN_COLUMNS]]
     pairs.merge(carried, on="pair_id", validate="1:1").to_parquet(workdir / "pairs.parquet", index=False)
 
@@ -127,10 +135,10 @@ def partition(
 ) -> dict[str, float]:
     """One DPO run through `launcher` in a Dagster materialization: its seconds."""
     run_dir.mkdir(parents=True)
-    pairs.to_parquet(run_dir / "pairs.parquet", index=False)
+    pairs.to_parquet(run_dir / PAIRS_FILE, index=False)
     config = RunConfig(
         **{**RECIPES["tiny"].training_values(), "base_model": model, "device": "cpu"},
-        pairs_path="pairs.parquet",
+        pairs_path=PAIRS_FILE,
         output_dir=".",
         seed=0,
     )
