@@ -193,7 +193,7 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
     }
     upstream = (
         "import dagster as dg\nfrom prism_assets import definitions as d\n"
-        "dg.materialize(d.UNPARTITIONED, instance=dg.DagsterInstance.get(), resources=d.RESOURCES)\n"
+        "dg.materialize(d.LOCATION.unpartitioned, instance=dg.DagsterInstance.get(), resources=d.RESOURCES)\n"
         "dg.DagsterInstance.get().add_dynamic_partitions('seed', ['0'])\n"
     )
     subprocess.run([sys.executable, "-c", upstream], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
@@ -213,7 +213,7 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
             for name in ("v3", "v2")
             for cell in instance.get_dynamic_partitions(partitions.cells_name(name))
         )
-        deadline = time.time() + 240
+        deadline = time.time() + 420  # 78 requests (v3: 41 cells, v2: 37), submitted one after another
         runs: Sequence[dg.DagsterRun] = []
         while time.time() < deadline:
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": "new_cells"}))
