@@ -140,6 +140,15 @@ def claimed_gpu_slots(env: dict[str, str], monkeypatch) -> int:
         return len(instance.event_log_storage.get_concurrency_info("gpu").claimed_slots)
 
 
+def held_slot(env: dict[str, str], monkeypatch, timeout: float = 120) -> None:
+    """Returns once some step holds a gpu pool slot (between two partitions none may, for a moment)."""
+    deadline = time.monotonic() + timeout
+    while claimed_gpu_slots(env, monkeypatch) < 1:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no gpu slot claimed within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_a_killed_main_job_leaves_no_process_and_the_next_one_runs_to_its_end(tmp_path, monkeypatch):
     env = _environment(tmp_path)
@@ -154,6 +163,7 @@ def test_a_killed_main_job_leaves_no_process_and_the_next_one_runs_to_its_end(tm
     for round_, delay in enumerate((0.0, 0.7, 1.5), start=1):
         job = MainJob(env, tmp_path / f"stderr-{round_}.log")
         job.wait_for(TRAINED)
+        held_slot(env, monkeypatch)  # a partition's step holds a gpu slot: the kill lands mid-partition
         time.sleep(delay)
         job.kill(group=True)
         assert not survivors(job.pid, within_s=10)

@@ -51,8 +51,7 @@ def test_a_setting_of_one_experiment_marks_only_its_own_assets_unsynced(main_job
     edited.write_text((REPO / "experiments.toml").read_text().replace("alpha = 0.1", "alpha = 0.05"))
     with serve(REPO, {**env, "PRISM_EXPERIMENTS_FILE": str(edited)}) as url:
         status = staleness(url, PARTITION)
-    stale = [
-        "v2/ordered_logit_fit",
+    stale = [  # α picks the splits from the fit: the fit itself stays
         "v2/significant_splits",
         "v2/group_dpo_run",
         "correspondence_table",
@@ -130,7 +129,9 @@ def test_the_ui_shows_every_asset_and_the_correspondence_table_with_its_plot(ser
         page.goto(f"{served}/assets/correspondence_table")
         page.get_by_text("[Show Markdown]").first.click()  # metadata "v3": v3's table
         dialog = page.get_by_role("dialog")
-        expect(dialog.get_by_text("primary metric", exact=False).first).to_be_visible(timeout=30_000)
+        expect(dialog.get_by_text("held-out accuracy (tail mean), primary", exact=False).first).to_be_visible(
+            timeout=30_000
+        )
         for text in ("S1_age", "S8_region", "A≈B", "mean A−B [95% CI]", "verdict"):
             expect(dialog.get_by_text(text).first).to_be_visible()
         page.wait_for_timeout(500)  # the dialog's fade-in
