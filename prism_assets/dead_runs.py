@@ -24,13 +24,19 @@ UNFINISHED = [
 ]
 
 
-def process_start(pid: int) -> str | None:
-    """When the process started, in clock ticks since boot (Linux), or None where that cannot be read."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces): [0] the state, [19] the start
+    time in clock ticks since boot (Linux); None where that cannot be read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name (which may hold spaces)
+
+
+def process_start(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (Linux), or None where that cannot be read."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def process_tags() -> dict[str, str]:
@@ -49,13 +55,12 @@ def alive(pid: int, start: str) -> bool:
         pass
     except OverflowError:
         return False
-    now = process_start(pid)
-    if start and now is not None and now != start:  # the pid is another process's now
-        return False
-    try:  # a zombie has ended: only its parent has not read its status yet
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return True
+    if start and fields[19] != start:  # the pid is another process's now
+        return False
+    return fields[0] != "Z"  # a zombie has ended: only its parent has not read its status yet
 
 
 def free_dead_runs(instance: dg.DagsterInstance) -> list[str]:

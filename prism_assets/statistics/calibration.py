@@ -326,8 +326,7 @@ def power_lines(table: pd.DataFrame, min_effect: float, heldout_share: float, al
     held-out share and K, the held-out share at these seeds, the random splits at these seeds — or why no number of
     seeds can. Projected with the variance of mean d over n seeds: τ²/n + v/min(n, F) + ω² (after F = 1 / share seeds
     every user has been held out once; ω², what the random splits vary by beyond se, does not average over seeds)."""
-    tau2, v, n = (table[c].to_numpy(float) for c in ("tau2", "v", "n"))
-    omega2 = table["omega2"].to_numpy(float) if "omega2" in table else np.zeros(len(table))
+    tau2, v, n, omega2 = (table[c].to_numpy(float) for c in ("tau2", "v", "n", "omega2"))
     crit = table["crit"].to_numpy(float)
     folds = max(1, math.floor(1 / heldout_share + 1e-9))
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -132,8 +132,7 @@ def _projected(table, splits, min_effect, heldout_share, alpha, completeness) ->
             "crit": calibration.critical_shift(int(first["null_df"]), int(first["family_size"]), alpha),
         }
     )
-    rows["seed_var"] = rows["tau2"] + rows["v"]
-    rows["se"] = np.sqrt(rows["seed_var"] / rows["n"])
+    rows["se"] = np.sqrt((rows["tau2"] + rows["v"]) / rows["n"])
     lines = calibration.power_lines(rows, min_effect, heldout_share, alpha).set_index("split")
     table = table.set_index("split")
     for column in lines.columns:
