@@ -18,6 +18,8 @@ import dagster as dg
 import pytest
 from conftest import REPO
 
+from prism_assets import dead_runs
+
 TRAINED = re.compile(r"^\[\d+/\d+\] group_dpo_run \S+: trained \(")
 
 
@@ -128,10 +130,10 @@ def survivors(group: int, within_s: float) -> set[int]:
 
 
 def unfinished_runs(env: dict[str, str], monkeypatch) -> list[dg.DagsterRun]:
+    """Every run a kill can leave unfinished, NOT_STARTED included (created, its process killed before it began)."""
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     with dg.DagsterInstance.get() as instance:
-        statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-        return list(instance.get_runs(filters=dg.RunsFilter(statuses=statuses)))
+        return list(instance.get_runs(filters=dg.RunsFilter(statuses=dead_runs.UNFINISHED)))
 
 
 def claimed_gpu_slots(env: dict[str, str], monkeypatch) -> int:
