@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -264,3 +267,22 @@ def run_dirs(runs: Path, cell: str, seed: int = 0, experiment: str | None = None
         if label["cell"] == cell and experiment in (None, label["experiment"]):
             found.append(config.parent)
     return found
+
+
+def stop_session(process: subprocess.Popen, grace_s: float = 60) -> None:
+    """Stop a process started with `start_new_session=True` and everything of its session (a daemon's code server,
+    the runs it launched): SIGTERM to the group, then SIGKILL to whatever of it is left after `grace_s`, the leader
+    gone or not, so that a failed test leaves no server behind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)

@@ -3,7 +3,6 @@
 import datetime
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from builders import stop_session
 
 from prism_assets import automation, keys, partitions
 from prism_assets.definitions import ASSETS, RESOURCES
@@ -225,8 +225,7 @@ def test_the_daemon_runs_the_new_cells_sensor_and_launches_dpo_runs(tmp_path):
         assert any(r.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS) for r in runs), log
         assert sorted((r.job_name, r.tags["dagster/partition"]) for r in runs) == expected  # each once
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)  # the daemon, its code server and the runs it launched
-        daemon.wait(timeout=60)
+        stop_session(daemon)  # the daemon, its code server and the runs it launched
         if previous is None:
             del os.environ["DAGSTER_HOME"]
         else:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from typing import IO, TypedDict
 import psycopg2
 import pytest
 import yaml
+from builders import stop_session
 from webserver import graphql, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,17 +134,6 @@ def _wait(what: str, condition, timeout: float, log: Path):
         if time.time() > deadline:
             raise AssertionError(f"{what} within {timeout:.0f} s; the daemon's log:\n{log.read_text()[-4000:]}")
         time.sleep(2)
-
-
-def _stop(process: subprocess.Popen):
-    """A process started in its own session, with what it started (a code server, run workers)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 RUNS_QUERY = """query($job: String!) { runsOrError(filter: {pipelineName: $job}) { ... on Runs {
@@ -282,7 +271,7 @@ def test_a_team_deployment_on_postgres_runs_the_seed_schedule_through_the_daemon
             assert pool == {"limit": 1, "slotCount": 1, "usingDefaultLimit": False}
     finally:
         for process in processes:
-            _stop(process)
+            stop_session(process)
 
     # Nothing went to sqlite beside the instance.
     assert not list(home.rglob("*.db")), sorted(home.rglob("*"))
