@@ -628,12 +628,12 @@ def experiment_observations(name: str, table: pd.DataFrame, basis: dict) -> list
     for row in primary[primary["null_control"]].itertuples():
         if row.verdict == correspondence.NULL_OK:
             lines.append(
-                f"{name}: the null control {row.split} looks like a random split (two-sided p {row.p_two:.3g}): "
+                f"{name}: the null control {row.split} looks like a random split (Holm p {row.p_adjusted:.3g}): "
                 "the null holds."
             )
         elif row.verdict == correspondence.NULL_NOT_OK:
             lines.append(
-                f"{name}: the null control {row.split} is **{row.verdict}** (two-sided p {row.p_two:.3g}): it "
+                f"{name}: the null control {row.split} is **{row.verdict}** (Holm p {row.p_adjusted:.3g}): it "
                 "stands out from the random splits, so every other verdict deserves suspicion."
             )
     untrained = predicted[predicted["verdict"] == correspondence.calibration.NOT_TRAINED]

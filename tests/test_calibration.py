@@ -85,11 +85,13 @@ def _rate(hits: int, n: int) -> tuple[float, float, float]:
 
 
 def _null_rates(table: pd.DataFrame) -> tuple[tuple, tuple]:
-    """(family-wise rate of any predicted split MATCH or MISMATCH, rate of the null control NOT OK), with CIs."""
+    """(family-wise rate of any false flag: a predicted split MATCH or MISMATCH or the null control NOT OK; rate of
+    the null control NOT OK), with CIs."""
     verdicts = table.pivot(index="trial", columns="split", values="verdict")
-    flagged = int(verdicts[list(PREDICTED)].isin([calibration.MATCH, calibration.MISMATCH]).any(axis=1).sum())
-    control = int((verdicts[CONTROL[0]] == calibration.NULL_NOT_OK).sum())
-    return _rate(flagged, len(verdicts)), _rate(control, len(verdicts))
+    predicted = verdicts[list(PREDICTED)].isin([calibration.MATCH, calibration.MISMATCH])
+    control = verdicts[CONTROL[0]] == calibration.NULL_NOT_OK
+    flagged = int((predicted.any(axis=1) | control).sum())
+    return _rate(flagged, len(verdicts)), _rate(int(control.sum()), len(verdicts))
 
 
 @pytest.mark.parametrize(
@@ -108,10 +110,11 @@ def test_under_the_null_the_false_positive_rates_are_alpha(k, settings):
         (rate, low, high) for rate, low, high in _null_rates(_verdicts(_experiments(rng, k, trials, **settings), k))
     )
     print(f"K={k} {settings}: family-wise {family:.4f} [{f_low:.4f}, {f_high:.4f}], control {control:.4f}")
-    # Holm over seven splits holds the family-wise rate at α or just under (a shared σ₀ makes the tests dependent)
+    # Holm over the seven predicted splits and the null control holds the family-wise rate at α or just under (a
+    # shared σ₀ makes the tests dependent); the control tested alone beside them would bring it near 2α
     assert 0.03 <= f_low and f_high <= 0.062 and f_low <= 0.05
-    # the null control alone is one two-sided test at α: its rate is α, not below (no conservatism) nor above
-    assert c_low <= 0.05 <= c_high
+    # the null control is one of the family: flagged at most α of the time, and not never (it is tested)
+    assert c_high <= 0.05 and control > 0
 
 
 def test_a_planted_effect_at_the_stated_mde_is_found_with_the_stated_power():

@@ -102,10 +102,11 @@ def test_verdicts_follow_the_documented_rule():
     z = table.loc["S1", "mean_d"] / se / scale
     assert table.loc["S1", "p_two"] == pytest.approx(2 * stats.t.sf(abs(z), 4))
     assert table.loc["S1", "p_predicted"] == pytest.approx(stats.t.sf(z, 4))
-    # Holm over the four predicted splits (S1..S4), the null control and the random splits outside the family
-    p = table.loc[["S1", "S2", "S3", "S4"], "p_two"].to_numpy()
-    assert table.loc[["S1", "S2", "S3", "S4"], "p_adjusted"].to_numpy() == pytest.approx(calibration.holm(p))
-    assert table.loc[["NULL", *RANDOM], "p_adjusted"].isna().all()
+    # Holm over the four predicted splits (S1..S4) and the null control, the random splits outside the family
+    family = ["S1", "S2", "S3", "S4", "NULL"]
+    p = table.loc[family, "p_two"].to_numpy()
+    assert table.loc[family, "p_adjusted"].to_numpy() == pytest.approx(calibration.holm(p))
+    assert table.loc[list(RANDOM), "p_adjusted"].isna().all() and (table.loc[family, "family_size"] == 5).all()
     # the 95% CI on the null's scale, and a bootstrap interval around the mean
     half = stats.t.ppf(0.975, 4) * scale * se
     assert table.loc["S1", "ci_low"] == pytest.approx(table.loc["S1", "mean_d"] - half)

@@ -6,9 +6,10 @@ acc(B's model, B's held-out pairs), and v_s its sampling variance over those use
 are not independent). Over seeds (different folds), d̄ = mean d_s with se² = (τ² + mean v_s) / n, τ² the training
 variance beyond v, pooled over every split of the experiment. t = d̄ / se; the K random splits' t give the null's scale
 σ₀ (σ₀² = mean t_r²), z = t / σ₀ follows Student's t with K df under the null; two-sided p-values, Holm over the
-predicted splits; with K ≥ 19 also a rank p-value that assumes no distribution. A verdict is given only over a complete
-grid with a calibrated null (`Completeness`). The power line says what the seeds can detect, and what it takes to
-detect `min_effect`. Also: the 2×2 of models × pairs per split, and a bootstrap interval over seeds and users.
+predicted splits and the null control; with K ≥ 19 also a rank p-value that assumes no distribution. A verdict is
+given only over a complete grid with a calibrated null (`Completeness`). The power line says what the seeds can
+detect, and what it takes to detect `min_effect`. Also: the 2×2 of models × pairs per split, and a bootstrap interval
+over seeds and users.
 """
 
 import functools
@@ -268,9 +269,11 @@ def calibrated_verdicts(
 
     z = table["t"].to_numpy(dtype=float) / scale
     p_two = 2 * sf(np.abs(z))
-    predicted = ~np.isnan(sign) & ~np.isnan(p_two)
-    p_adjusted = pd.Series(np.where(predicted, p_two, np.nan)).groupby(table[family], sort=False).transform(holm)
-    size = pd.Series(predicted).groupby(table[family], sort=False).transform("sum").to_numpy()
+    # Holm's family: every split without a planted difference may be flagged, the null control too, so it is one of
+    # them (alone at α beside the predicted splits', any false flag would come ~2α of the time)
+    tested = (~np.isnan(sign) | control) & ~np.isnan(p_two)
+    p_adjusted = pd.Series(np.where(tested, p_two, np.nan)).groupby(table[family], sort=False).transform(holm)
+    size = pd.Series(tested).groupby(table[family], sort=False).transform("sum").to_numpy()
     # the rank p-value: the share of the K random splits (and the split itself) at least as far from 0
     z_random = pd.Series(np.abs(z)).where(random)
     rank_p = np.full(len(table), np.nan)
@@ -295,7 +298,7 @@ def calibrated_verdicts(
         [
             random,
             control & np.isnan(p_two),
-            control & (p_two < alpha),
+            control & (table["p_adjusted"].to_numpy() < alpha),
             control,
             ~(table["p_adjusted"].to_numpy() < alpha),  # NaN: not significant
             np.sign(z) == sign,
