@@ -277,7 +277,7 @@ def stop_session(process: subprocess.Popen, grace_s: float = 60) -> None:
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        process.poll()
+        process.poll()  # reaps the leader: unreaped, it stays in its group as a zombie
         try:
             os.killpg(process.pid, 0)  # raises once no process of the group is left
         except ProcessLookupError:

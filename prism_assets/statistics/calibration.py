@@ -269,8 +269,8 @@ def calibrated_verdicts(
 
     z = table["t"].to_numpy(dtype=float) / scale
     p_two = 2 * sf(np.abs(z))
-    # Holm's family: every split without a planted difference may be flagged, the null control too, so it is one of
-    # them (alone at α beside the predicted splits', any false flag would come ~2α of the time)
+    # Holm's family: every split whose verdict can be a false flag, the null control too (tested alone at α beside
+    # the predicted splits, any false flag would come ~2α of the time)
     tested = (~np.isnan(sign) | control) & ~np.isnan(p_two)
     p_adjusted = pd.Series(np.where(tested, p_two, np.nan)).groupby(table[family], sort=False).transform(holm)
     size = pd.Series(tested).groupby(table[family], sort=False).transform("sum").to_numpy()
